@@ -1,0 +1,37 @@
+# Two commands set everything up: `make demo` and `make test`. Each bootstraps .venv itself.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# Pin torch and install it first: a bare `torch` lets pip pull several GB of CUDA packages.
+TORCH := torch==2.13.0
+
+.PHONY: all test demo bench lint clean
+
+all: test
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[test]'
+	@command -v dot >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq >/dev/null 2>&1; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq graphviz >/dev/null 2>&1) ; } || \
+	  echo "warning: graphviz 'dot' not installed; pictures are written as .dot files only"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m ruff check pipeshift tests benchmarks repro
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m pipeshift demo
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run_all
+
+lint: $(STAMP)
+	$(PY) -m ruff check pipeshift tests benchmarks repro
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,5 @@
+import sys
+
+from pipeshift.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""codegen step (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""launch step (see DESIGN.md)."""

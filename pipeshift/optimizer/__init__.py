@@ -1,0 +1,1 @@
+"""optimizer step (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""profiler step (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""runtime step (see DESIGN.md)."""
