@@ -9,12 +9,20 @@ as ``add``/``cat``/``flatten``, a method such as ``view``, a ``getitem`` on a tu
 non-tensor fx nodes that only serve it (``x.size(0)``, shape arithmetic). Those small helpers are
 copied into every group that needs them, so each edge of the graph is a real tensor and a stage
 boundary never has to carry a Python int.
+
+Where torch.fx cannot trace a model (Python that needs concrete shapes, such as a loop over
+``range(x.size(1))``), :mod:`pipeshift.graph.export_fallback` captures it with torch.export and
+folds the ATen graph back to the same leaf-module granularity. A model neither can trace (control
+flow on tensor values) gets a :class:`TraceError` naming the first untraceable op, its source
+line, and the ``--leaf`` flag that makes its module opaque.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import traceback
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -88,6 +96,17 @@ def _current_module_hint(tracer: _Tracer) -> str:
     return ""
 
 
+def _user_frame(error: BaseException) -> str:
+    """``file.py:12 `code``` of the innermost traceback frame outside torch and pipeshift."""
+    skip = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
+    found = ""
+    for frame in traceback.extract_tb(error.__traceback__):
+        if not frame.filename.startswith(skip) and not frame.filename.startswith("<"):
+            code = f" `{frame.line.strip()}`" if frame.line else ""
+            found = f" at {os.path.basename(frame.filename)}:{frame.lineno}{code}"
+    return found
+
+
 def trace(model: nn.Module, policy: LeafPolicy | None = None) -> torch.fx.GraphModule:
     """Symbolically trace ``model``; an untraceable op raises :class:`TraceError` with advice."""
     policy = policy or LeafPolicy()
@@ -102,7 +121,8 @@ def trace(model: nn.Module, policy: LeafPolicy | None = None) -> torch.fx.GraphM
             f"mark it as a leaf: --leaf {where}" if where else "mark the module containing it as a leaf (--leaf FQN or --leaf-type ClassName)"
         )
         raise TraceError(
-            f"cannot trace {type(model).__name__}: first untraceable op in {owner}: {type(e).__name__}: {first}; {fix}"
+            f"cannot trace {type(model).__name__}: first untraceable op in {owner}{_user_frame(e)}: "
+            f"{type(e).__name__}: {first}; {fix}"
         ) from None
     gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
     # Drop pure ops whose results nobody uses (e.g. the unused cell state of an LSTM), so every
@@ -110,6 +130,31 @@ def trace(model: nn.Module, policy: LeafPolicy | None = None) -> torch.fx.GraphM
     if gm.graph.eliminate_dead_code():
         gm.recompile()
     return gm
+
+
+def trace_with_fallback(
+    model: nn.Module, example_inputs: Sequence[Any], policy: LeafPolicy | None = None
+) -> tuple[torch.fx.GraphModule, str]:
+    """torch.fx first; where it fails, torch.export folded back to the same leaf granularity.
+
+    Returns the graph module and the tracer that made it (``"torch.fx"`` or ``"torch.export"``).
+    When both fail, the :class:`TraceError` is torch.fx's (it names the op, the module and the
+    ``--leaf`` fix) with the fallback's reason appended.
+    """
+    policy = policy or LeafPolicy()
+    try:
+        return trace(model, policy), "torch.fx"
+    except TraceError as fx_error:
+        from pipeshift.graph.export_fallback import export_trace
+
+        try:
+            gm = export_trace(model, example_inputs, _Tracer(policy).is_leaf_module)
+        except Exception as e:  # export raises many types; the fx message is the useful one
+            why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise TraceError(f"{fx_error} (the torch.export fallback failed too: {type(e).__name__}: {why[:200]})") from None
+        if gm.graph.eliminate_dead_code():
+            gm.recompile()
+        return gm, "torch.export"
 
 
 # -- grouping --------------------------------------------------------------------------
@@ -161,6 +206,7 @@ class CapturedGraph:
     groups: list[NodeGroup]
     output_ids: list[str]  # groups whose tensors the model returns, in output order
     policy: LeafPolicy
+    tracer: str = "torch.fx"  # which tracer made ``gm``: "torch.fx", or "torch.export" as the fallback
 
     def by_id(self) -> dict[str, NodeGroup]:
         return {g.node_id: g for g in self.groups}
@@ -300,10 +346,16 @@ def _flatten_args(a: Any) -> Iterable[Any]:
 
 
 def capture(model: nn.Module, example_inputs: Sequence[Any], policy: LeafPolicy | None = None) -> CapturedGraph:
-    """Trace ``model`` and group its fx graph into graph nodes (see module docstring)."""
+    """Trace ``model`` and group its fx graph into graph nodes (see module docstring).
+
+    torch.fx tracing comes first; only a model it cannot trace goes through the torch.export
+    fallback (:func:`trace_with_fallback`), so graphs torch.fx can capture keep their node ids.
+    """
     policy = policy or LeafPolicy()
-    gm = trace(model, policy)
-    return group_graph(gm, example_inputs, policy)
+    gm, tracer = trace_with_fallback(model, example_inputs, policy)
+    captured = group_graph(gm, example_inputs, policy)
+    captured.tracer = tracer
+    return captured
 
 
 def to_graph(captured: CapturedGraph) -> "Graph":  # noqa: F821 - imported lazily below
