@@ -25,6 +25,20 @@ def check_int(name: str, value: Any, minimum: int = 1) -> int:
     return value
 
 
+_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """A flag; ``--model-arg flag=true`` arrives as the string ``'true'``, so spellings are accepted."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+        return value.lower() in _TRUE
+    raise PipeshiftError(f"{name}={value!r}: expected true or false")
+
+
 def check_prob(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise PipeshiftError(f"{name}={value!r}: expected a probability in [0, 1)")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeshift.errors import PipeshiftError
-from pipeshift.models.common import check_int, check_prob
+from pipeshift.models.common import check_bool, check_int, check_prob
 from pipeshift.models.data import next_token_batches
 from pipeshift.models.sequences import default_vocab, sequence_bundle
 from pipeshift.spec import ModelBundle
@@ -124,5 +124,5 @@ def gpt(*, vocab_size: int | None = None, width: int = 768, depth: int = 12, hea
     if length > block_size:
         raise PipeshiftError(f"seq_len={length} exceeds block_size={block_size} (no position embedding beyond it)")
     model = GPT(vocab_size=vocab, block_size=block_size, width=width, depth=depth, heads=heads,
-                dropout=check_prob("dropout", dropout), tie_weights=bool(tie_weights))
+                dropout=check_prob("dropout", dropout), tie_weights=check_bool("tie_weights", tie_weights))
     return sequence_bundle(model, task=next_token_batches, window=length + 1, vocab_size=vocab, data=data)

@@ -23,11 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeshift.models.common import check_int, check_prob, scaled
+from pipeshift.models.common import check_bool, check_int, check_prob, scaled
 from pipeshift.models.images import check_image_size, image_bundle
 from pipeshift.spec import ModelBundle
 
 MIN_IMAGE_SIZE = 75
+MIN_IMAGE_SIZE_AUX = 299  # the aux head's 5x5/3 pool and 5x5 conv need the full 17x17 grid
 AUX_WEIGHT = 0.4
 
 
@@ -264,8 +265,10 @@ def inception_v3(*, num_classes: int = 1000, width: int = 64, image_size: int = 
     """Inception-v3 (torchvision layout); ``data`` is ``"synthetic"`` or ``"digits"``."""
     check_int("num_classes", num_classes)
     check_int("width", width)
-    check_image_size("inception_v3", image_size, MIN_IMAGE_SIZE)
-    model = Inception3(num_classes=num_classes, aux_logits=bool(aux_logits), transform_input=bool(transform_input),
+    aux_logits = check_bool("aux_logits", aux_logits)
+    check_image_size("inception_v3" + (" with aux_logits" if aux_logits else ""), image_size,
+                     MIN_IMAGE_SIZE_AUX if aux_logits else MIN_IMAGE_SIZE)
+    model = Inception3(num_classes=num_classes, aux_logits=aux_logits, transform_input=check_bool("transform_input", transform_input),
                        dropout=check_prob("dropout", dropout), width=width)
     criterion = AuxCrossEntropy if aux_logits else nn.CrossEntropyLoss
     return image_bundle(model, in_channels=3, image_size=image_size, num_classes=num_classes, data=data,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeshift.models.common import check_int, check_prob, scaled
+from pipeshift.models.common import check_bool, check_int, check_prob, scaled
 from pipeshift.models.images import check_image_size, image_bundle
 from pipeshift.spec import ModelBundle
 
@@ -80,7 +80,7 @@ def vgg16(*, num_classes: int = 1000, width: int = 64, hidden: int = 4096, image
     check_int("width", width)
     check_int("hidden", hidden)
     check_image_size("vgg16", image_size, MIN_IMAGE_SIZE)
-    features = vgg_features(VGG16_LAYERS, width, bool(batch_norm))
+    features = vgg_features(VGG16_LAYERS, width, check_bool("batch_norm", batch_norm))
     model = VGG(features, scaled(512, width), num_classes=num_classes, hidden=hidden,
                 dropout=check_prob("dropout", dropout))
     return image_bundle(model, in_channels=3, image_size=image_size, num_classes=num_classes, data=data)
