@@ -244,8 +244,19 @@ def _run_and_record(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> 
             values[n.name] = out
             return out
 
-    with torch.no_grad():
-        Recorder(gm).run(*example_inputs)
+    # The recording pass must leave no trace: BatchNorm running statistics (and their batch
+    # counters) and the RNG would otherwise differ from a model that was never captured, and
+    # every exactness check downstream compares against such a model.
+    buffers = {name: b.detach().clone() for name, b in gm.named_buffers()}
+    rng = torch.get_rng_state()
+    try:
+        with torch.no_grad():
+            Recorder(gm).run(*example_inputs)
+    finally:
+        torch.set_rng_state(rng)
+        with torch.no_grad():
+            for name, b in gm.named_buffers():
+                b.copy_(buffers[name])
     return values
 
 
