@@ -26,11 +26,12 @@ class SizeViewNet(nn.Module):
 def test_capture_leaves_model_and_rng_untouched() -> None:
     torch.manual_seed(0)
     model = SizeViewNet().train()
+    x = torch.randn(2, 3, 8, 8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(7)
     expected = torch.rand(3)
     torch.manual_seed(7)
-    capture(model, (torch.randn(2, 3, 8, 8),))
+    capture(model, (x,))
     assert torch.equal(torch.rand(3), expected)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
