@@ -1,0 +1,534 @@
+"""The control-plane master: who is alive, how fast each stage runs, and which plan comes next.
+
+Workers and operators connect over TCP (:mod:`pipeshift.launch.protocol`). Workers register,
+heartbeat, report per-stage times and poll for commands; operators ask for status, queue a
+repartition or switch the automatic policy on and off. The master only ever sees small JSON
+messages — tensors and weights move between ranks over torch.distributed, never through here —
+so it is a single asyncio loop with no locks.
+
+Liveness is judged from the last message of any kind: a worker silent for longer than the
+heartbeat timeout, or whose connection dropped without a goodbye, is reported dead. Nothing
+secret is written to disk; the optional decisions log (JSON lines) records registrations,
+deaths, commands and every policy decision with its numbers, never the token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+from pipeshift.errors import PipeshiftError
+from pipeshift.launch import protocol
+from pipeshift.launch.protocol import ProtocolError
+from pipeshift.runtime.policy import (
+    Chain,
+    Decision,
+    PolicyConfig,
+    RepartitionPolicy,
+    Replanner,
+    replace_stages,
+    stages_of,
+)
+
+
+class MessageError(PipeshiftError):
+    """A well-framed message whose fields are wrong; answered with an error, connection kept."""
+
+
+def _field(message: dict[str, Any], name: str, kind: type | tuple[type, ...], required: bool = True) -> Any:
+    value = message.get(name)
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise MessageError(f"'{name}' must be a number")
+    if not isinstance(value, kind):
+        raise MessageError(f"'{message.get('type')}' needs '{name}' of type {getattr(kind, '__name__', kind)}")
+    return value
+
+
+def _stage_times(value: Any) -> dict[int, dict[str, float]]:
+    """Validate ``{"<stage>": {"compute_s": f, "wait_s": f, "comm_s": f}}``."""
+    if not isinstance(value, dict) or not value:
+        raise MessageError("'stage_times' must map stage ids to {compute_s, wait_s, comm_s}")
+    out: dict[int, dict[str, float]] = {}
+    for key, times in value.items():
+        try:
+            stage = int(key)
+        except (TypeError, ValueError):
+            raise MessageError(f"stage id {key!r} is not an integer") from None
+        if not isinstance(times, dict):
+            raise MessageError(f"stage {stage}: times must be an object")
+        clean = {}
+        for name, t in times.items():
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0 or t == float("inf"):
+                raise MessageError(f"stage {stage}: {name} must be a finite non-negative number")
+            clean[str(name)] = float(t)
+        if "compute_s" not in clean:
+            raise MessageError(f"stage {stage}: 'compute_s' is required")
+        out[stage] = clean
+    return out
+
+
+# -- what the master knows about each worker --------------------------------------------
+@dataclasses.dataclass
+class WorkerRecord:
+    rank: int
+    stage: int
+    host: str
+    pid: int
+    registered_at: float  # wall clock
+    last_seen: float  # monotonic
+    connected: bool = True
+    left: bool = False  # said goodbye
+    step: int | None = None
+    last_report: dict[str, Any] | None = None
+    cursor: int = 0  # id of the last command delivered to this rank
+    reported_dead: bool = False
+
+    def state(self, now: float, timeout_s: float) -> tuple[str, str]:
+        if self.left:
+            return "left", "said goodbye"
+        if not self.connected:
+            return "dead", "connection closed"
+        silent = now - self.last_seen
+        if silent > timeout_s:
+            return "dead", f"no heartbeat for {silent:.1f} s"
+        return "alive", ""
+
+
+# -- the automatic policy, fed by worker reports ----------------------------------------
+class PolicyDriver:
+    """Turns per-rank reports into per-stage windows and runs :class:`RepartitionPolicy` on them.
+
+    A window is complete once every stage has reported since the last evaluation; a stage with
+    several ranks (replicas) contributes the mean of their compute times.
+    """
+
+    def __init__(
+        self, plan: dict[str, Any], chain: Chain, config: PolicyConfig | None = None,
+        total_steps: int | None = None, replan: Replanner | None = None,
+    ) -> None:
+        self.plan = plan
+        self.chain = chain
+        self.total_steps = total_steps
+        self.policy = RepartitionPolicy(chain, plan, config, replan)
+        self._pending: dict[int, dict[int, float]] = {}
+        self.last_decision: Decision | None = None
+
+    def adopt_plan(self, plan: dict[str, Any]) -> None:
+        self.policy.adopt(plan)  # raises if the plan does not cover the master's graph
+        self.policy.cooldown_left = self.policy.config.cooldown_windows  # the switch disturbs timings
+        self.plan = plan
+        self._pending.clear()
+
+    def check_plan(self, plan: dict[str, Any]) -> None:
+        self.chain.assignment(stages_of(plan))
+
+    def on_report(self, rank: int, step: int, stage_times: dict[int, dict[str, float]],
+                  total_steps: int | None) -> tuple[Decision, dict[str, Any] | None] | None:
+        """Record a report; when a window completes, return the decision and a new plan if any."""
+        if total_steps is not None:
+            self.total_steps = total_steps
+        num_stages = self.policy.num_stages
+        for stage, times in stage_times.items():
+            if 0 <= stage < num_stages:
+                self._pending.setdefault(stage, {})[rank] = times["compute_s"]
+        if len(self._pending) < num_stages:
+            return None
+        measured = [sum(by_rank.values()) / len(by_rank) for _, by_rank in sorted(self._pending.items())]
+        self._pending.clear()
+        remaining = None if self.total_steps is None else max(self.total_steps - step, 0)
+        decision = self.policy.observe(measured, step=step, remaining_steps=remaining)
+        self.last_decision = decision
+        if not decision.repartition:
+            return decision, None
+        self.plan = replace_stages(self.plan, decision.new_stages, decision.new_predicted_s, self.chain.node_fqns)
+        return decision, self.plan
+
+    def summary(self) -> dict[str, Any]:
+        d = self.last_decision
+        return {
+            "window": self.policy.window,
+            "streak": self.policy.streak,
+            "cooldown_left": self.policy.cooldown_left,
+            "num_stages": self.policy.num_stages,
+            "last_decision": None if d is None else {
+                "window": d.window, "step": d.step, "repartition": d.repartition, "reason": d.reason,
+                "imbalance": d.imbalance, "speed_factors": d.speed_factors,
+            },
+        }
+
+
+# -- the server -------------------------------------------------------------------------
+class Master:
+    """The control-plane server. :meth:`serve_forever` in a CLI; :meth:`start_in_thread` in tests."""
+
+    def __init__(
+        self, token: str, host: str = "127.0.0.1", port: int = protocol.DEFAULT_PORT,
+        heartbeat_timeout_s: float = 10.0, max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
+        handshake_timeout_s: float = 5.0, log: TextIO | None = None, policy: PolicyDriver | None = None,
+        policy_enabled: bool = True, clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not token:
+            raise PipeshiftError("the master needs a non-empty token")
+        if heartbeat_timeout_s <= 0:
+            raise PipeshiftError("the heartbeat timeout must be positive")
+        self.token = token
+        self.host, self.port = host, port
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.max_message_bytes = max_message_bytes
+        self.handshake_timeout_s = handshake_timeout_s
+        self.log_file = log
+        self.policy = policy
+        self.policy_enabled = policy_enabled
+        self.clock = clock
+        self.started = clock()
+        self.workers: dict[int, WorkerRecord] = {}
+        self.commands: list[dict[str, Any]] = []
+        self.acks: dict[int, dict[int, str]] = {}
+        self.address: tuple[str, int] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task] = set()
+        self._error: BaseException | None = None
+
+    # -- running ------------------------------------------------------------------------
+    async def serve_forever(self, on_listening: Callable[[tuple[str, int]], None] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        try:
+            server = await asyncio.start_server(self._handle, self.host, self.port)
+        except OSError as e:
+            raise PipeshiftError(f"cannot listen on {self.host}:{self.port}: {e.strerror or e}") from None
+        self.address = server.sockets[0].getsockname()[:2]
+        self._event("master_started", address=f"{self.address[0]}:{self.address[1]}")
+        if on_listening:
+            on_listening(self.address)
+        self._ready.set()
+        sweeper = asyncio.create_task(self._sweep())
+        async with server:
+            await self._stop.wait()
+            server.close()
+            # Close every open connection so each handler ends by itself instead of being cancelled.
+            for writer in list(self._writers):
+                writer.close()
+            if self._handlers:
+                await asyncio.wait(list(self._handlers), timeout=5)
+        sweeper.cancel()
+        self._event("master_stopped")
+
+    def start_in_thread(self) -> tuple[str, int]:
+        """Serve on a daemon thread; returns the bound address (useful with ``port=0``)."""
+
+        def run() -> None:
+            try:
+                asyncio.run(self.serve_forever())
+            except BaseException as e:  # surfaced to the caller of start_in_thread
+                self._error = e
+                self._ready.set()
+
+        self._thread = threading.Thread(target=run, name="pipeshift-master", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout=30) or self._error is not None:
+            raise PipeshiftError(f"master failed to start: {self._error}")
+        assert self.address is not None
+        return self.address
+
+    def request_stop(self) -> None:
+        """Stop serving; call from the master's own event loop (e.g. a signal handler)."""
+        if self._stop is not None:
+            self._stop.set()
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # -- logging ------------------------------------------------------------------------
+    def _event(self, event: str, **fields: Any) -> None:
+        self._log({"event": event, **fields})
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.log_file is None:
+            return
+        line = json.dumps({"time": time.time(), **record}, default=str)
+        self.log_file.write(line + "\n")
+        self.log_file.flush()
+
+    # -- connections --------------------------------------------------------------------
+    async def _send(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
+        writer.write(protocol.encode(message, self.max_message_bytes))
+        await writer.drain()
+
+    async def _recv(self, reader: asyncio.StreamReader) -> dict[str, Any]:
+        (length,) = protocol.HEADER.unpack(await reader.readexactly(protocol.HEADER.size))
+        protocol.check_length(length, self.max_message_bytes)
+        return protocol.decode_body(await reader.readexactly(length))
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        session: dict[str, Any] | None = None
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+        self._writers.add(writer)
+        try:
+            nonce = protocol.new_nonce()
+            await self._send(writer, {"type": "challenge", "version": protocol.PROTOCOL_VERSION, "nonce": nonce})
+            hello = await asyncio.wait_for(self._recv(reader), self.handshake_timeout_s)
+            if hello.get("type") != "hello" or not protocol.verify(self.token, nonce, hello.get("auth")):
+                self._event("auth_rejected", peer=str(peer))
+                await self._send(writer, {"type": "error", "error": "authentication failed (wrong token)"})
+                return
+            try:
+                session = self._register(hello)
+            except MessageError as e:
+                await self._send(writer, {"type": "error", "error": str(e)})
+                return
+            await self._send(writer, {
+                "type": "welcome", "version": protocol.PROTOCOL_VERSION,
+                "heartbeat_timeout_s": self.heartbeat_timeout_s,
+                "heartbeat_interval_s": self.heartbeat_timeout_s / 3,
+            })
+            while True:
+                message = await self._recv(reader)
+                try:
+                    reply = self._dispatch(session, message)
+                except MessageError as e:
+                    reply = {"type": "error", "error": str(e)}
+                except PipeshiftError as e:
+                    reply = {"type": "error", "error": str(e)}
+                await self._send(writer, reply)
+                if message.get("type") == "bye":
+                    return
+        except ProtocolError as e:
+            self._event("bad_frame", peer=str(peer), error=str(e))
+            try:
+                await self._send(writer, {"type": "error", "error": str(e)})
+            except (ConnectionError, OSError):
+                pass
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, OSError):
+            pass
+        except Exception as e:  # a bug: keep serving everyone else, drop this connection
+            print(f"pipeshift master: internal error with {peer}: {e!r}", file=sys.stderr)
+            self._event("internal_error", peer=str(peer), error=repr(e))
+        finally:
+            if session is not None and session["role"] == "worker":
+                record = self.workers.get(session["rank"])
+                if record is not None and record is session["record"]:
+                    record.connected = False
+            self._writers.discard(writer)
+            self._handlers.discard(task)
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass
+
+    def _register(self, hello: dict[str, Any]) -> dict[str, Any]:
+        role = hello.get("role")
+        if role == "ctl":
+            return {"role": "ctl"}
+        if role != "worker":
+            raise MessageError("'role' must be 'worker' or 'ctl'")
+        rank = _field(hello, "rank", int)
+        stage = _field(hello, "stage", int)
+        if rank < 0 or stage < 0:
+            raise MessageError("rank and stage must be non-negative")
+        host = str(_field(hello, "host", str, required=False) or "?")[:255]
+        pid = _field(hello, "pid", int, required=False) or 0
+        previous = self.workers.get(rank)
+        record = WorkerRecord(
+            rank=rank, stage=stage, host=host, pid=pid, registered_at=time.time(), last_seen=self.clock(),
+            cursor=previous.cursor if previous is not None else self._last_command_id(),
+            step=previous.step if previous is not None else None,
+            last_report=previous.last_report if previous is not None else None,
+        )
+        self.workers[rank] = record
+        self._event("worker_registered", rank=rank, stage=stage, host=host, pid=pid, rejoined=previous is not None)
+        return {"role": "worker", "rank": rank, "record": record}
+
+    # -- requests -----------------------------------------------------------------------
+    def _dispatch(self, session: dict[str, Any], message: dict[str, Any]) -> dict[str, Any]:
+        kind = message["type"]
+        if session["role"] == "worker":
+            record: WorkerRecord = session["record"]
+            record.last_seen = self.clock()
+            record.connected = True
+            handlers = {"heartbeat": self._on_heartbeat, "report": self._on_report, "poll": self._on_poll,
+                        "ack": self._on_ack, "bye": self._on_bye}
+            if kind not in handlers:
+                raise MessageError(f"unknown worker request {kind!r}")
+            return handlers[kind](record, message)
+        handlers = {"status": self._on_status, "repartition": self._on_repartition, "policy": self._on_policy}
+        if kind not in handlers:
+            raise MessageError(f"unknown ctl request {kind!r}")
+        return handlers[kind](message)
+
+    def _pending_for(self, record: WorkerRecord) -> int:
+        return sum(1 for c in self.commands if c["id"] > record.cursor)
+
+    def _on_heartbeat(self, record: WorkerRecord, message: dict[str, Any]) -> dict[str, Any]:
+        step = _field(message, "step", int, required=False)
+        if step is not None:
+            record.step = step
+        return {"type": "ok", "commands_pending": self._pending_for(record)}
+
+    def _on_report(self, record: WorkerRecord, message: dict[str, Any]) -> dict[str, Any]:
+        step = _field(message, "step", int)
+        window = _field(message, "window_steps", int, required=False)
+        total = _field(message, "total_steps", int, required=False)
+        times = _stage_times(message.get("stage_times"))
+        record.step = step
+        record.last_report = {"step": step, "window_steps": window, "time": time.time(),
+                              "stage_times": {str(k): v for k, v in times.items()}}
+        self._log({"event": "report", "rank": record.rank, **record.last_report})
+        if self.policy is not None and self.policy_enabled:
+            outcome = self.policy.on_report(record.rank, step, times, total)
+            if outcome is not None:
+                decision, new_plan = outcome
+                self._log(decision.to_json())
+                if new_plan is not None:
+                    self._queue_repartition(new_plan, step + 1, "policy", decision=decision.window)
+        return {"type": "ok", "commands_pending": self._pending_for(record)}
+
+    def _on_poll(self, record: WorkerRecord, message: dict[str, Any]) -> dict[str, Any]:
+        for command in self.commands:
+            if command["id"] > record.cursor:
+                record.cursor = command["id"]
+                command["delivered_to"].append(record.rank)
+                self._event("command_delivered", id=command["id"], rank=record.rank)
+                return {"type": "command", "command": {k: v for k, v in command.items() if k != "delivered_to"}}
+        return {"type": "command", "command": None}
+
+    def _on_ack(self, record: WorkerRecord, message: dict[str, Any]) -> dict[str, Any]:
+        command_id = _field(message, "id", int)
+        status = str(_field(message, "status", str))[:200]
+        if not any(c["id"] == command_id for c in self.commands):
+            raise MessageError(f"no command with id {command_id}")
+        self.acks.setdefault(command_id, {})[record.rank] = status
+        self._event("command_ack", id=command_id, rank=record.rank, status=status)
+        return {"type": "ok"}
+
+    def _on_bye(self, record: WorkerRecord, message: dict[str, Any]) -> dict[str, Any]:
+        record.left = True
+        self._event("worker_left", rank=record.rank)
+        return {"type": "ok"}
+
+    def _on_status(self, message: dict[str, Any]) -> dict[str, Any]:
+        now = self.clock()
+        workers = []
+        for rank in sorted(self.workers):
+            w = self.workers[rank]
+            state, reason = w.state(now, self.heartbeat_timeout_s)
+            workers.append({
+                "rank": w.rank, "stage": w.stage, "host": w.host, "pid": w.pid, "state": state, "reason": reason,
+                "last_seen_s": round(now - w.last_seen, 3), "step": w.step, "last_report": w.last_report,
+            })
+        commands = [
+            {"id": c["id"], "type": c["type"], "source": c["source"], "at_step": c["at_step"],
+             "stages": len(c["plan"]["stages"]), "delivered_to": list(c["delivered_to"]),
+             "acks": {str(r): s for r, s in self.acks.get(c["id"], {}).items()}}
+            for c in self.commands
+        ]
+        policy: dict[str, Any] = {"enabled": self.policy_enabled, "active": self.policy is not None}
+        if self.policy is not None:
+            policy.update(self.policy.summary())
+        return {"type": "ok", "uptime_s": round(now - self.started, 3), "heartbeat_timeout_s": self.heartbeat_timeout_s,
+                "workers": workers, "policy": policy, "commands": commands}
+
+    def _on_repartition(self, message: dict[str, Any]) -> dict[str, Any]:
+        plan = _field(message, "plan", dict)
+        at_step = _field(message, "at_step", int, required=False)
+        try:
+            stages_of(plan)
+            if self.policy is not None:
+                self.policy.check_plan(plan)
+        except PipeshiftError as e:
+            raise MessageError(f"invalid plan: {e}") from None
+        if at_step is None:
+            steps = [w.step for w in self.workers.values() if w.step is not None and not w.left]
+            at_step = max(steps) + 1 if steps else 0
+        if self.policy is not None:
+            self.policy.adopt_plan(plan)
+        command = self._queue_repartition(plan, at_step, "operator")
+        return {"type": "ok", "id": command["id"], "at_step": at_step}
+
+    def _on_policy(self, message: dict[str, Any]) -> dict[str, Any]:
+        enabled = message.get("enabled")
+        if not isinstance(enabled, bool):
+            raise MessageError("'policy' needs 'enabled': true or false")
+        self.policy_enabled = enabled
+        self._event("policy_switched", enabled=enabled)
+        return {"type": "ok", "enabled": enabled, "active": self.policy is not None}
+
+    # -- commands -----------------------------------------------------------------------
+    def _last_command_id(self) -> int:
+        return self.commands[-1]["id"] if self.commands else 0
+
+    def _queue_repartition(self, plan: dict[str, Any], at_step: int, source: str, **extra: Any) -> dict[str, Any]:
+        command = {"id": self._last_command_id() + 1, "type": "repartition", "plan": plan, "at_step": at_step,
+                   "source": source, "issued_at": time.time(), "delivered_to": []}
+        self.commands.append(command)
+        self._event("repartition_queued", id=command["id"], source=source, at_step=at_step,
+                    stages=stages_of(plan), **extra)
+        return command
+
+    # -- liveness -----------------------------------------------------------------------
+    async def _sweep(self) -> None:
+        """Log each worker's death once, when it happens (status computes liveness itself)."""
+        while True:
+            await asyncio.sleep(min(self.heartbeat_timeout_s / 4, 1.0))
+            now = self.clock()
+            for w in self.workers.values():
+                state, reason = w.state(now, self.heartbeat_timeout_s)
+                if state == "dead" and not w.reported_dead:
+                    w.reported_dead = True
+                    self._event("worker_dead", rank=w.rank, stage=w.stage, reason=reason)
+                elif state == "alive":
+                    w.reported_dead = False
+
+
+# -- building a policy driver from files -------------------------------------------------
+def load_policy_driver(plan_path: str, graph_path: str | None, config: PolicyConfig, optimizer: str,
+                       total_steps: int | None) -> PolicyDriver:
+    """The automatic policy for a running job: its plan.json and the profiled graph.txt."""
+    from pipeshift.errors import InputFileError
+    from pipeshift.graph.graphtxt import read_graph_txt
+    from pipeshift.runtime.policy import chain_from_graph
+
+    path = Path(plan_path)
+    try:
+        plan = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputFileError(str(path), None, "no such file") from None
+    except json.JSONDecodeError as e:
+        raise InputFileError(str(path), e.lineno, f"invalid JSON: {e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputFileError(str(path), None, f"cannot read: {e}") from None
+    try:
+        stages_of(plan)
+    except PipeshiftError as e:
+        raise InputFileError(str(path), None, str(e)) from None
+    if graph_path is None:
+        named = plan.get("graph")
+        if not isinstance(named, str):
+            raise InputFileError(str(path), None, "plan names no 'graph'; pass --graph")
+        candidates = [path.parent / named, Path(named), path.parent / Path(named).name]
+        graph_path = str(next((c for c in candidates if c.is_file()), candidates[0]))
+    chain = chain_from_graph(read_graph_txt(graph_path), optimizer=optimizer)
+    try:
+        return PolicyDriver(plan, chain, config, total_steps)
+    except PipeshiftError as e:
+        raise InputFileError(str(path), None, f"does not match {graph_path}: {e}") from None

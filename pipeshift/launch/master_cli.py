@@ -1,0 +1,102 @@
+"""Run the control-plane master that training ranks report to and operators talk to.
+
+``pipeshift master [--port P] [--plan plan.json [--graph graph.txt]] [--log decisions.jsonl]``.
+With ``--plan`` the master also runs the automatic repartitioning policy on the workers'
+reports; without it, it only relays operators' ``pipeshift ctl repartition`` commands.
+The token comes from ``--token``, else ``$PIPESHIFT_TOKEN``, else a fresh one is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from contextlib import ExitStack
+
+from pipeshift.errors import PipeshiftError
+from pipeshift.launch import protocol
+from pipeshift.launch.master import Master, load_policy_driver
+from pipeshift.runtime.policy import OPTIMIZER_STATE_FACTOR, PolicyConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for all; default %(default)s)")
+    parser.add_argument("--port", type=int, default=protocol.DEFAULT_PORT, help="TCP port, 0 for any free one (default %(default)s)")
+    parser.add_argument("--token", default=None, help=f"shared secret (default ${protocol.TOKEN_ENV}, else generated and printed)")
+    parser.add_argument("--heartbeat-timeout", type=float, default=10.0, metavar="S",
+                        help="seconds of silence after which a worker is reported dead (default %(default)s)")
+    parser.add_argument("--max-message-bytes", type=int, default=protocol.DEFAULT_MAX_MESSAGE_BYTES,
+                        help="largest message accepted (default %(default)s)")
+    parser.add_argument("--log", default=None, metavar="FILE", help="append every event and decision as JSON lines")
+    policy = parser.add_argument_group("automatic repartitioning policy")
+    policy.add_argument("--plan", default=None, metavar="PLAN_JSON", help="the plan the job starts with (enables the policy)")
+    policy.add_argument("--graph", default=None, metavar="GRAPH_TXT", help="the profiled graph (default: the plan's 'graph')")
+    policy.add_argument("--policy", choices=["on", "off"], default="on", help="start with the policy on or off (default %(default)s)")
+    policy.add_argument("--optimizer", choices=sorted(OPTIMIZER_STATE_FACTOR), default="adam",
+                        help="optimizer whose state migrates with the parameters (default %(default)s)")
+    policy.add_argument("--total-steps", type=int, default=None, help="the job's length, if reports do not say")
+    defaults = PolicyConfig()
+    policy.add_argument("--threshold", type=float, default=defaults.threshold,
+                        help="relative deviation of a stage that counts as imbalance (default %(default)s)")
+    policy.add_argument("--clear-threshold", type=float, default=defaults.clear_threshold,
+                        help="deviation below which the imbalance streak resets (default %(default)s)")
+    policy.add_argument("--persist-windows", type=int, default=defaults.persist_windows,
+                        help="windows the imbalance must persist (default %(default)s)")
+    policy.add_argument("--cooldown-windows", type=int, default=defaults.cooldown_windows,
+                        help="windows ignored after a repartition (default %(default)s)")
+    policy.add_argument("--bandwidth", type=float, default=defaults.bandwidth_bytes_per_s, metavar="BYTES_PER_S",
+                        help="link bandwidth for activations and migration (default %(default)s)")
+    policy.add_argument("--fixed-pause", type=float, default=defaults.fixed_pause_s, metavar="S",
+                        help="cost of a migration beyond its bytes (default %(default)s)")
+    policy.add_argument("--horizon-steps", type=int, default=defaults.default_horizon_steps,
+                        help="remaining steps assumed when the job length is unknown (default %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    token = args.token or os.environ.get(protocol.TOKEN_ENV)
+    generated = not token
+    token = token or protocol.new_token()
+    driver = None
+    if args.plan:
+        config = PolicyConfig(
+            threshold=args.threshold, clear_threshold=args.clear_threshold, persist_windows=args.persist_windows,
+            cooldown_windows=args.cooldown_windows, bandwidth_bytes_per_s=args.bandwidth,
+            fixed_pause_s=args.fixed_pause, default_horizon_steps=args.horizon_steps,
+        )
+        driver = load_policy_driver(args.plan, args.graph, config, args.optimizer, args.total_steps)
+    elif args.graph:
+        raise PipeshiftError("--graph needs --plan (the policy needs the plan the job runs)")
+    with ExitStack() as stack:
+        log = None
+        if args.log:
+            try:
+                log = stack.enter_context(open(args.log, "a", encoding="utf-8"))
+            except OSError as e:
+                raise PipeshiftError(f"cannot open the log {args.log}: {e.strerror or e}") from None
+        master = Master(
+            token, host=args.host, port=args.port, heartbeat_timeout_s=args.heartbeat_timeout,
+            max_message_bytes=args.max_message_bytes, log=log, policy=driver, policy_enabled=args.policy == "on",
+        )
+
+        def on_listening(address: tuple[str, int]) -> None:
+            where = f"{address[0]}:{address[1]}"
+            print(f"pipeshift master: listening on {where}", flush=True)
+            if generated:
+                print(f"pipeshift master: token {token}  (export {protocol.TOKEN_ENV}={token} "
+                      f"{protocol.MASTER_ENV}={where} for workers and ctl)", flush=True)
+            state = "off" if args.policy == "off" else ("on" if driver else "on, inactive (no --plan)")
+            print(f"pipeshift master: policy {state}", flush=True)
+
+        async def serve() -> None:
+            loop = asyncio.get_running_loop()
+            try:
+                loop.add_signal_handler(signal.SIGTERM, master.request_stop)
+            except (NotImplementedError, RuntimeError):  # not the main thread, or not POSIX
+                pass
+            await master.serve_forever(on_listening)
+
+        asyncio.run(serve())
+    print("pipeshift master: stopped", file=sys.stderr)
+    return 0
