@@ -1,0 +1,118 @@
+"""Profile a model layer by layer into graph.txt + profile.json (one set per batch size).
+
+    pipeshift profile pipeshift.models:resnet50 -b 32 -o prof/
+    pipeshift profile mypkg.nets:make_net --input-shape 3,64,64 -b 16 -b 64 -o prof/ --threads 4
+
+With one ``-b`` the files go straight into the output directory; with several, into ``b16/``,
+``b64/``, … beneath it. Each set is graph.txt (PipeDream's format), profile.json, a picture
+(graph.svg, or graph.dot without graphviz) and, on the terminal, a table of the heaviest nodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeshift.errors import PipeshiftError
+from pipeshift.graph.capture import LeafPolicy
+from pipeshift.profiler.profile import profile_model
+from pipeshift.profiler.report import format_table, write_picture, write_profile
+from pipeshift.spec import ModelSpec, add_spec_arguments, spec_from_args
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_spec_arguments(p)
+    p.add_argument("-b", "--batch-size", dest="batch_sizes", type=int, action="append", required=True,
+                   metavar="B", help="minibatch size to profile at (repeat for several)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="directory for graph.txt, profile.json, picture")
+    leaves = p.add_argument_group("graph granularity (which modules become one graph node)")
+    leaves.add_argument("--leaf", action="append", default=[], metavar="FQN",
+                        help="keep this submodule whole, e.g. layer1.0 (repeatable)")
+    leaves.add_argument("--leaf-type", action="append", default=[], metavar="CLASS",
+                        help="keep every module of this class whole, e.g. Bottleneck (repeatable)")
+    leaves.add_argument("--depth", type=int, default=None, metavar="N",
+                        help="keep modules N levels below the root whole (1 = the root's children)")
+    timing = p.add_argument_group("timing")
+    timing.add_argument("--threads", type=int, default=None,
+                        help=f"torch intra-op threads, fixed for the run (default: torch's, here {torch.get_num_threads()})")
+    timing.add_argument("--iterations", type=int, default=20, help="measured steps (default 20)")
+    timing.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (default 3)")
+    timing.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--top", type=int, default=15, metavar="N", help="rows in the heaviest-nodes table (0: none)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no table")
+
+
+def leaf_policy_from_args(args: argparse.Namespace) -> LeafPolicy:
+    if args.depth is not None and args.depth < 1:
+        raise PipeshiftError(f"--depth must be at least 1, got {args.depth}")
+    return LeafPolicy(leaf_types=tuple(args.leaf_type), leaf_modules=tuple(args.leaf), max_depth=args.depth)
+
+
+def check_policy(policy: LeafPolicy, model: torch.nn.Module) -> None:
+    """A ``--leaf`` that names no submodule is a typo; say so instead of silently ignoring it."""
+    names = dict(model.named_modules())
+    for fqn in policy.leaf_modules:
+        if fqn not in names or not fqn:
+            raise PipeshiftError(f"--leaf {fqn!r}: the model has no submodule of that name")
+    classes = {type(m).__name__ for m in names.values()} | {
+        f"{type(m).__module__}.{type(m).__qualname__}" for m in names.values()
+    }
+    for cls in policy.leaf_types:
+        if cls not in classes:
+            raise PipeshiftError(f"--leaf-type {cls!r}: the model has no module of that class")
+
+
+def _batch_sizes(values: list[int]) -> list[int]:
+    out: list[int] = []
+    for b in values:
+        if b < 1:
+            raise PipeshiftError(f"-b {b}: a batch size must be at least 1")
+        if b not in out:
+            out.append(b)
+    return out
+
+
+def profile_to_directory(spec: ModelSpec, args: argparse.Namespace, batch_size: int, directory: Path,
+                         policy: LeafPolicy) -> tuple[list[Path], str | None]:
+    bundle = spec.build()  # fresh weights and statistics for every batch size
+    check_policy(policy, bundle.model)
+    profile = profile_model(
+        bundle.model,
+        bundle.example_inputs(batch_size),
+        batch_size=batch_size,
+        policy=policy,
+        threads=args.threads,
+        iterations=args.iterations,
+        warmup=args.warmup,
+        device=args.device,
+        spec=spec,
+        progress=not args.quiet,
+    )
+    written = write_profile(profile, directory)
+    picture, warning = write_picture(profile, directory)
+    if not args.quiet and args.top > 0:
+        print(format_table(profile, args.top))
+    return [*written, picture], warning
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = spec_from_args(args)
+    policy = leaf_policy_from_args(args)
+    batch_sizes = _batch_sizes(args.batch_sizes)
+    if args.iterations < 1 or args.warmup < 0:
+        raise PipeshiftError("--iterations must be at least 1 and --warmup at least 0")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise PipeshiftError(f"-o {out}: exists and is not a directory")
+    warned = False
+    for b in batch_sizes:
+        directory = out if len(batch_sizes) == 1 else out / f"b{b}"
+        paths, warning = profile_to_directory(spec, args, b, directory, policy)
+        if warning and not warned:
+            print(f"pipeshift profile: warning: {warning}", file=sys.stderr)
+            warned = True
+        print(f"wrote {', '.join(str(p) for p in paths)}")
+    return 0
