@@ -19,7 +19,7 @@ import pytest
 from pipeshift.cli import main
 from pipeshift.errors import PipeshiftError
 from pipeshift.launch import protocol
-from pipeshift.launch.client import CtlClient, MasterClient, MasterUnavailable, RequestRefused
+from pipeshift.launch.client import CtlClient, MasterClient, MasterUnavailable, RequestRefused, connect
 from pipeshift.launch.master import Master, PolicyDriver
 from pipeshift.launch.protocol import AuthError, ProtocolError
 from pipeshift.runtime.policy import Chain, PolicyConfig
@@ -91,7 +91,8 @@ def test_oversized_frames_are_refused_both_ways():
             protocol.recv_message(b, max_bytes=1024)
 
 
-@pytest.mark.parametrize("body", [b"not json", b"[1, 2]", b'{"no_type": 1}', b'{"type": 5}', b"\xff\xfe{}"])
+@pytest.mark.parametrize("body", [b"not json", b"[1, 2]", b'{"no_type": 1}', b'{"type": 5}', b"\xff\xfe{}",
+                                  b'{"type": "x", "v": NaN}', b'{"type": "x", "v": -Infinity}', b"[" * 100_000])
 def test_malformed_bodies_are_refused(body):
     with pytest.raises(ProtocolError):
         protocol.decode_body(body)
@@ -157,11 +158,20 @@ def test_oversized_and_malformed_frames_do_not_stop_the_master(master):
     s.sendall(b"\x00\x00")  # half a header, then hang up
     s.close()
 
+    s, nonce = raw_connect(master)  # NaN smuggled into a plan is refused before it is queued
+    protocol.send_message(s, {"type": "hello", "role": "ctl", "auth": protocol.sign(TOKEN, nonce)})
+    protocol.recv_message(s)
+    body = b'{"type": "repartition", "plan": {"stages": [{"nodes": ["a"], "predicted": {"time_s": NaN}}]}}'
+    s.sendall(struct.pack(">I", len(body)) + body)
+    assert "not JSON" in protocol.recv_message(s)["error"]
+    s.close()
+
     s, _ = raw_connect(master)  # a peer that never says hello does not block others
-    with MasterClient.connect(master.address, TOKEN, rank=3, stage=1) as w:
+    with connect(master.address, TOKEN, rank=3, stage=1) as w:
         assert w.poll() is None
     s.close()
-    assert [w["rank"] for w in status_of(master)["workers"]] == [3]
+    status = status_of(master)
+    assert [w["rank"] for w in status["workers"]] == [3] and status["commands"] == []
 
 
 def test_bad_requests_are_answered_and_the_connection_survives(master):

@@ -8,7 +8,7 @@ request the master refuses (bad stage times).
 
 Typical use from a training loop (rank 0, or every rank)::
 
-    client = MasterClient.connect("10.0.0.1:29600", token, rank=0, stage=0)
+    client = connect("10.0.0.1:29600", token, rank=0, stage=0)   # MasterClient.connect
     client.start_heartbeat_thread()          # or call client.heartbeat(step) in the loop
     ...
     if step % K == 0:
@@ -250,6 +250,11 @@ class MasterClient:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def connect(address: str | tuple[str, int], token: str, rank: int, stage: int, **kwargs: Any) -> MasterClient:
+    """Shorthand for :meth:`MasterClient.connect`."""
+    return MasterClient.connect(address, token, rank, stage, **kwargs)
 
 
 class CtlClient:

@@ -400,7 +400,7 @@ class Master:
                 decision, new_plan = outcome
                 self._log(decision.to_json())
                 if new_plan is not None:
-                    self._queue_repartition(new_plan, step + 1, "policy", decision=decision.window)
+                    self._queue_repartition(new_plan, self._next_step(), "policy", decision=decision.window)
         return {"type": "ok", "commands_pending": self._pending_for(record)}
 
     def _on_poll(self, record: WorkerRecord, message: dict[str, Any]) -> dict[str, Any]:
@@ -458,8 +458,7 @@ class Master:
         except PipeshiftError as e:
             raise MessageError(f"invalid plan: {e}") from None
         if at_step is None:
-            steps = [w.step for w in self.workers.values() if w.step is not None and not w.left]
-            at_step = max(steps) + 1 if steps else 0
+            at_step = self._next_step()
         if self.policy is not None:
             self.policy.adopt_plan(plan)
         command = self._queue_repartition(plan, at_step, "operator")
@@ -474,6 +473,11 @@ class Master:
         return {"type": "ok", "enabled": enabled, "active": self.policy is not None}
 
     # -- commands -----------------------------------------------------------------------
+    def _next_step(self) -> int:
+        """The step after the latest any live worker has reached: the earliest a switch can happen."""
+        steps = [w.step for w in self.workers.values() if w.step is not None and not w.left]
+        return max(steps) + 1 if steps else 0
+
     def _last_command_id(self) -> int:
         return self.commands[-1]["id"] if self.commands else 0
 

@@ -23,6 +23,12 @@ reply (so a blocking client needs no reader thread)::
     ctl requests:    status {}, repartition {plan, at_step?}, policy {enabled: bool}
     any reply:       {"type": "ok", ...} or {"type": "error", "error": "..."}
 
+A repartition command (``poll``'s answer) is ``{"id": n, "type": "repartition", "plan": <plan.json>,
+"at_step": N, "source": "operator" | "policy", "issued_at": unix time}``. ``at_step`` is the
+earliest step at which to switch, not a rendezvous: ranks poll at different moments, so they
+agree on the exact flush boundary among themselves (rank 0 polls and broadcasts the decision
+over torch.distributed), then each acknowledges it (``ack``).
+
 ``stage_times`` maps a stage id (as a string, JSON keys are strings) to per-minibatch means over
 the reporting window: ``{"compute_s": f, "wait_s": f, "comm_s": f}``.
 """
@@ -72,12 +78,19 @@ def check_length(length: int, max_bytes: int) -> None:
 def decode_body(body: bytes) -> dict[str, Any]:
     """Parse a frame body; anything but a JSON object with a string ``type`` is an error."""
     try:
-        message = json.loads(body.decode("utf-8"))
+        message = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ProtocolError(f"frame is not UTF-8 JSON ({e})") from None
+    except RecursionError:
+        raise ProtocolError("frame nests JSON too deeply") from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise ProtocolError("frame is not a JSON object with a string 'type'")
     return message
+
+
+def _reject_constant(name: str) -> Any:
+    # Python's json accepts NaN and Infinity; JSON does not, and we could not send them on.
+    raise ProtocolError(f"frame contains {name}, which is not JSON")
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:
