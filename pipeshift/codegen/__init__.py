@@ -1,1 +1,28 @@
-"""codegen step (see DESIGN.md)."""
+"""codegen step: a plan → a package of readable per-stage ``nn.Module`` files (DESIGN.md).
+
+In-process API (the runtime uses it to regenerate stages when it repartitions):
+
+- :func:`generate_package` ``(plan, out_dir) -> Path`` — write ``stage0.py … stageK.py``,
+  ``__init__.py``, ``conf.json`` and a copy of ``plan.json``; ``plan`` is a plan.json dict, a
+  path to one (file or directory), or a validated :class:`Plan`.
+- :func:`load_package` ``(path) -> module`` — import a package from a directory under a fresh
+  unique module name, without touching ``sys.path``.
+- :func:`build_stages` ``(plan, model) -> [(stage_module, input_names, output_names), …]`` —
+  the same generated source, instantiated over a model the caller already holds.
+- :func:`render_package` ``(plan) -> Rendered`` — the files as text, and the layout behind them.
+"""
+
+from pipeshift.codegen.package import build_stages, generate_package, load_package, render_package
+from pipeshift.codegen.partition import CodegenError
+from pipeshift.codegen.planfile import Plan, parse_plan, read_plan
+
+__all__ = [
+    "CodegenError",
+    "Plan",
+    "build_stages",
+    "generate_package",
+    "load_package",
+    "parse_plan",
+    "read_plan",
+    "render_package",
+]

@@ -1,0 +1,108 @@
+"""Small models for the code generator's tests (importable as ``test_codegen_models:<name>``).
+
+Each one stresses something a stage cut must survive: skip connections and an in-place ReLU
+(``residual_cnn``), tuple-valued LSTM outputs and a state handed to a second LSTM
+(``lstm_tuples``), parallel branches joined by ``cat``, a bare parameter and buffer read through
+``get_attr``, a module called twice, and a layer that forward never uses (``branchy_cat``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pipeshift.spec import ModelBundle
+
+
+class _Block(nn.Module):
+    def __init__(self, channels: int, inplace: bool):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=inplace)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.conv2(out) + x)
+
+
+class ResidualCNN(nn.Module):
+    def __init__(self, channels: int = 4, classes: int = 5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, padding=1)
+        self.blocks = nn.Sequential(_Block(channels, inplace=True), _Block(channels, inplace=False))
+        self.head = nn.Linear(channels * 4 * 4, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.blocks(self.stem(x))
+        y = F.adaptive_avg_pool2d(y, 4)
+        return self.head(y.view(y.size(0), -1))
+
+
+def residual_cnn() -> ModelBundle:
+    return ModelBundle(
+        model=ResidualCNN(),
+        example_inputs=lambda bs: (torch.randn(bs, 3, 8, 8, generator=torch.Generator().manual_seed(1)),),
+        criterion=nn.CrossEntropyLoss,
+        example_target=lambda bs: torch.arange(bs) % 5,
+    )
+
+
+class LSTMTuples(nn.Module):
+    def __init__(self, vocab: int = 11, hidden: int = 6):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.encoder = nn.LSTM(hidden, hidden, batch_first=True)
+        self.decoder = nn.LSTM(hidden, hidden, batch_first=True)
+        self.proj = nn.Linear(2 * hidden, vocab)
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        enc = self.encoder(x)
+        out, state = enc
+        dec, _ = self.decoder(out.flip(1), state)
+        scale = lengths.float().unsqueeze(1).unsqueeze(2) / tokens.size(1)
+        return self.proj(torch.cat([dec, out * scale], dim=2))
+
+
+def lstm_tuples() -> ModelBundle:
+    def inputs(bs: int) -> tuple[torch.Tensor, ...]:
+        g = torch.Generator().manual_seed(2)
+        return torch.randint(0, 11, (bs, 5), generator=g), torch.randint(1, 6, (bs,), generator=g)
+
+    return ModelBundle(model=LSTMTuples(), example_inputs=inputs)
+
+
+class BranchyCat(nn.Module):
+    def __init__(self, channels: int = 3):
+        super().__init__()
+        c = channels
+        self.a = nn.Conv2d(c, 2, 1)
+        self.b1 = nn.Conv2d(c, 2, 1)
+        self.b2 = nn.Conv2d(2, 2, 3, padding=1)
+        self.c = nn.Conv2d(c, 2, 3, padding=1)
+        self.act = nn.Tanh()
+        self.mix1 = nn.Conv2d(6, 4, 1)
+        self.mix2 = nn.Conv2d(6, 4, 1)
+        self.unused = nn.Linear(3, 3)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 8))
+        self.register_buffer("offset", torch.full((8,), 0.25))
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.act(self.a(x))
+        b = self.act(self.b2(self.b1(x)))
+        c = F.max_pool2d(self.c(x), 3, stride=1, padding=1)
+        y = torch.cat([a, b, c], 1)
+        y = torch.cat([self.mix1(y), self.mix2(y)], dim=1)
+        y = y.mean(dim=(2, 3)) * self.scale + self.offset
+        return self.fc(y)
+
+
+def branchy_cat() -> ModelBundle:
+    return ModelBundle(
+        model=BranchyCat(),
+        example_inputs=lambda bs: (torch.randn(bs, 3, 6, 6, generator=torch.Generator().manual_seed(3)),),
+    )
