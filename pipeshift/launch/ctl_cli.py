@@ -1,4 +1,4 @@
-"""Talk to a running master: ``status``, ``repartition --plan FILE``, ``policy on|off``.
+"""Talk to a running master: status, repartition --plan FILE, policy on|off.
 
 The master's address comes from ``--master``, else ``$PIPESHIFT_MASTER``, else
 127.0.0.1 on the default port; the token from ``--token``, else ``$PIPESHIFT_TOKEN``.
