@@ -9,6 +9,7 @@ re-assemble into the original's.
 
 from __future__ import annotations
 
+import ast
 import json
 import py_compile
 import subprocess
@@ -22,7 +23,7 @@ from torch import nn
 
 from pipeshift.codegen import build_stages, generate_package, load_package, render_package
 from pipeshift.errors import PipeshiftError
-from pipeshift.graph.capture import capture
+from pipeshift.graph.capture import LeafPolicy, capture
 from pipeshift.spec import ModelSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,18 +47,19 @@ def spec_of(name: str, **kwargs: Any) -> ModelSpec:
 _node_cache: dict[str, list[str]] = {}
 
 
-def node_ids(spec: ModelSpec) -> list[str]:
+def node_ids(spec: ModelSpec, policy: LeafPolicy | None = None) -> list[str]:
     """The graph's node ids in topological (fx) order."""
-    key = json.dumps(spec.to_json(), sort_keys=True)
+    key = json.dumps([spec.to_json(), policy.to_json() if policy else None], sort_keys=True)
     if key not in _node_cache:
         bundle = spec.build()
-        _node_cache[key] = [g.node_id for g in capture(bundle.model, bundle.example_inputs(BATCH)).groups]
+        _node_cache[key] = [g.node_id for g in capture(bundle.model, bundle.example_inputs(BATCH), policy).groups]
     return _node_cache[key]
 
 
-def plan_for(spec: ModelSpec, cuts: list[int], replicas: list[int] | None = None) -> dict[str, Any]:
+def plan_for(spec: ModelSpec, cuts: list[int], replicas: list[int] | None = None,
+             policy: LeafPolicy | None = None) -> dict[str, Any]:
     """A plan.json dict: the topological order cut before the node indices in ``cuts``."""
-    ids = node_ids(spec)
+    ids = node_ids(spec, policy)
     bounds = [0, *cuts, len(ids)]
     stages, rank = [], 0
     for i in range(len(bounds) - 1):
@@ -65,7 +67,8 @@ def plan_for(spec: ModelSpec, cuts: list[int], replicas: list[int] | None = None
         stages.append({"stage_id": i, "nodes": ids[bounds[i]:bounds[i + 1]], "replicas": r,
                        "ranks": list(range(rank, rank + r))})
         rank += r
-    return {"version": 1, "graph": "graph.txt", "model": spec.to_json(), "leaf_policy": None,
+    return {"version": 1, "graph": "graph.txt", "model": spec.to_json(),
+            "leaf_policy": policy.to_json() if policy else None,
             "batch_size": BATCH, "stages": stages}
 
 
@@ -249,3 +252,208 @@ def test_stages_run_with_detached_boundaries(name: str, cuts: list[int]) -> None
         assert (p.grad is None) == (q.grad is None), pname
         if p.grad is not None:
             assert torch.equal(p.grad, q.grad), pname
+
+
+def test_leaf_policy_is_honoured(tmp_path: Path) -> None:
+    """Whole residual blocks as leaves: the stage calls ``self.layer1[0](...)`` and stays exact."""
+    spec = spec_of("resnet50")
+    policy = LeafPolicy(max_depth=2)
+    plan = plan_for(spec, [4, 9], policy=policy)
+    assert_exact(spec, plan, tmp_path / "pkg")
+    text = (tmp_path / "pkg" / "stage0.py").read_text() + (tmp_path / "pkg" / "stage1.py").read_text()
+    assert "self.layer1[0](" in text and "self.layer1[0].conv1" not in text
+
+
+# -- hostile inputs ----------------------------------------------------------------------------
+def _import_fresh(pkg_dir: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Import the package and build its stages in a child process whose cwd is ``cwd``."""
+    code = (
+        "import sys; from pipeshift.codegen import load_package; "
+        f"pkg = load_package({str(pkg_dir)!r}); print(len(pkg.model(None)))"
+    )
+    env = {"PYTHONPATH": f"{TESTS}", "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_hostile_strings_are_escaped_and_never_run(tmp_path: Path) -> None:
+    """A module repr with newlines and code, a string argument full of quotes, and spec kwargs with
+    the same text: the package compiles, passes ruff, and importing it executes none of it."""
+    from test_codegen_models import HOSTILE_TEXT
+
+    spec = spec_of("hostile_strings", note=HOSTILE_TEXT)
+    plan = plan_for(spec, [2], policy=LeafPolicy(leaf_types=("Tagged",)))
+    pkg_dir = tmp_path / "pkg"
+    assert_exact(spec, plan, pkg_dir)
+    stage0 = (pkg_dir / "stage0.py").read_text()
+    assert "self.tagged(input0, tag=" in stage0
+    for f in pkg_dir.glob("*.py"):
+        tree = ast.parse(f.read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert imported <= {"torch", "pipeshift.codegen.support", "pipeshift.spec", "stage0", "stage1"}, imported
+        assert not {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} & {"os", "exec", "eval", "system"}
+    result = _import_fresh(pkg_dir, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "PWNED").exists()
+    pkg = load_package(pkg_dir)
+    assert pkg.MODEL_SPEC["kwargs"]["note"] == HOSTILE_TEXT
+    stage = pkg.model(None)[0][0]
+    assert stage.tagged is not None  # the leaf kept its original FQN
+
+
+def test_hostile_module_name_is_refused(tmp_path: Path) -> None:
+    spec = spec_of("hostile_name")
+    with pytest.raises(PipeshiftError, match="not a dotted module"):
+        generate_package(plan_for(spec, [2]), tmp_path / "pkg")
+    assert not (tmp_path / "pkg").exists()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda p: p["stages"][0]["nodes"].append('node1"; import os'), "is not a node id"),
+        (lambda p: p["stages"][0].__setitem__("fqns", ["x; import os; os.system('touch PWNED')"]), "not a dotted module"),
+        (lambda p: p["stages"][1]["nodes"].append("node999"), "lists node999"),
+        (lambda p: p["stages"][1]["nodes"].pop(), "in no stage"),
+        (lambda p: p["stages"][1]["nodes"].append(p["stages"][0]["nodes"][-1]), "exactly one stage"),
+        (lambda p: p["stages"].reverse(), "pipeline order"),
+        (lambda p: p.__setitem__("model", None), "no 'model' spec"),
+        (lambda p: p["stages"][0].__setitem__("ranks", ["0"]), "ranks must be"),
+        (lambda p: p["stages"][0].__setitem__("replicas", 2), "replicas=2 but 1 ranks"),
+        (lambda p: p["stages"][1].__setitem__("ranks", [0]), "rank 0 is in stage 0 and stage 1"),
+        (lambda p: p.__setitem__("batch_size", "32"), "batch_size"),
+        (lambda p: p["stages"].append({"stage_id": 2, "nodes": []}), "no stage may be empty"),
+        (lambda p: p["model"].__setitem__("callable", "os:system; x"), "pkg.module:callable"),
+    ],
+)
+def test_bad_plans_give_one_clear_error(tmp_path: Path, mutate: Any, message: str) -> None:
+    spec = spec_of("residual_cnn")
+    plan = json.loads(json.dumps(plan_for(spec, [5])))
+    mutate(plan)
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(PipeshiftError, match=message) as err:
+        generate_package(tmp_path, tmp_path / "pkg")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_stage_reading_a_later_stage_is_refused(tmp_path: Path) -> None:
+    spec = spec_of("residual_cnn")
+    plan = plan_for(spec, [5])
+    first, second = plan["stages"][0]["nodes"], plan["stages"][1]["nodes"]
+    first.append(second.pop(0))  # node6 moves back; fine
+    second.insert(0, first.pop(2))  # node3 moves forward: node4 (stage 0) would read it from stage 1
+    with pytest.raises(PipeshiftError, match="reads node3 from the later stage 1"):
+        render_package(plan)
+
+
+def test_stage_of_only_inputs_is_refused() -> None:
+    spec = spec_of("residual_cnn")
+    with pytest.raises(PipeshiftError, match="holds only model inputs"):
+        render_package(plan_for(spec, [1]))
+
+
+def test_malformed_json_names_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "plan.json").write_text('{\n  "version": 1,\n  "stages": [,]\n}\n')
+    with pytest.raises(PipeshiftError, match=r"plan.json:3: invalid JSON"):
+        render_package(tmp_path)
+
+
+def test_profile_mismatch_means_the_model_changed(tmp_path: Path) -> None:
+    spec = spec_of("residual_cnn")
+    plan = plan_for(spec, [5])
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    profile = {"version": 1, "model": plan["model"], "nodes": {"node3": {"fx_name": "blocks_0_conv1"}}}
+    (tmp_path / "profile.json").write_text(json.dumps(profile))
+    render_package(tmp_path)  # matches today's capture
+    profile["nodes"]["node3"]["fx_name"] = "stem"
+    (tmp_path / "profile.json").write_text(json.dumps(profile))
+    with pytest.raises(PipeshiftError, match="changed since profiling"):
+        render_package(tmp_path)
+
+
+# -- package behaviour ---------------------------------------------------------------------------
+def test_output_is_deterministic_and_regeneration_replaces_stale_stages(tmp_path: Path) -> None:
+    spec = spec_of("branchy_cat")
+    five = render_package(plan_for(spec, [2, 5, 9, 14])).files
+    assert render_package(plan_for(spec, [2, 5, 9, 14])).files == five
+    pkg_dir = tmp_path / "pkg"
+    generate_package(plan_for(spec, [2, 5, 9, 14]), pkg_dir)
+    assert sorted(p.name for p in pkg_dir.glob("stage*.py")) == [f"stage{i}.py" for i in range(5)]
+    load_package(pkg_dir)
+    generate_package(plan_for(spec, [9]), pkg_dir)
+    assert sorted(p.name for p in pkg_dir.glob("stage*.py")) == ["stage0.py", "stage1.py"]
+    pkg = load_package(pkg_dir)
+    assert len(pkg.model(None)) == 3
+
+
+def test_refuses_to_overwrite_a_foreign_directory(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(PipeshiftError, match="refusing to overwrite"):
+        generate_package(plan_for(spec_of("residual_cnn"), [5]), tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_load_package_leaves_sys_path_alone_and_loads_afresh(tmp_path: Path) -> None:
+    generate_package(plan_for(spec_of("residual_cnn"), [5]), tmp_path / "pkg")
+    before = list(sys.path)
+    a, b = load_package(tmp_path / "pkg"), load_package(tmp_path / "pkg")
+    assert sys.path == before
+    assert a is not b and a.Stage0 is not b.Stage0
+    assert a.arch() == "residual_cnn"
+    assert isinstance(a.full_model(), nn.Module)
+
+
+def test_tied_weights_across_stages_are_recorded(tmp_path: Path) -> None:
+    spec = spec_of("gpt", tie_weights=True)
+    n = len(node_ids(spec))
+    plan = plan_for(spec, [n // 2])
+    assert_exact(spec, plan, tmp_path / "pkg")
+    conf = json.loads((tmp_path / "pkg" / "conf.json").read_text())
+    assert conf["shared_parameters"] == {"lm_head.weight": [0, 1], "wte.weight": [0, 1]}
+
+
+def test_replicas_go_to_the_rank_map(tmp_path: Path) -> None:
+    spec = spec_of("residual_cnn")
+    generate_package(plan_for(spec, [5, 10], replicas=[2, 1, 3]), tmp_path / "pkg")
+    conf = json.loads((tmp_path / "pkg" / "conf.json").read_text())
+    assert conf == {"module_to_stage_map": [0, 1, 2, 2], "stage_to_rank_map": {"0": [0, 1], "1": [2], "2": [3, 4, 5]}}
+
+
+def test_build_stages_adopts_the_callers_weights() -> None:
+    """In-process repartitioning: stages share the running model's tensors, nothing is copied."""
+    spec = spec_of("residual_cnn")
+    model = spec.build().model
+    with torch.no_grad():
+        model.head.weight.fill_(0.5)
+    rng = torch.get_rng_state()
+    stages = build_stages(plan_for(spec, [5, 10]), model)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert stages[-1][0].head.weight is model.head.weight
+    assert [s[1] for s in stages][0] == ["input0"]
+
+
+# -- command line ----------------------------------------------------------------------------------
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {"PYTHONPATH": f"{TESTS}", "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, "-m", "pipeshift", "codegen", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_writes_the_package(tmp_path: Path) -> None:
+    plan_dir = tmp_path / "plan"
+    plan_dir.mkdir()
+    (plan_dir / "plan.json").write_text(json.dumps(plan_for(spec_of("lstm_tuples"), [4, 8])))
+    result = _cli(str(plan_dir), "-o", str(tmp_path / "stages"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "3 stages" in result.stdout
+    assert {p.name for p in (tmp_path / "stages").iterdir()} >= {"stage0.py", "stage1.py", "stage2.py", "__init__.py",
+                                                                 "conf.json", "plan.json"}
+
+
+def test_cli_error_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "plan.json").write_text('{"version": 1, "model": null}')
+    result = _cli(str(tmp_path), "-o", str(tmp_path / "stages"), cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "plan.json" in result.stderr and "model" in result.stderr

@@ -106,3 +106,50 @@ def branchy_cat() -> ModelBundle:
         model=BranchyCat(),
         example_inputs=lambda bs: (torch.randn(bs, 3, 6, 6, generator=torch.Generator().manual_seed(3)),),
     )
+
+
+HOSTILE_TEXT = "x\"\"\"\n'''\nimport os; os.system('touch PWNED')  # \\\n"
+HOSTILE_NAME = "evil; exec(chr(49)) #"
+
+
+class Tagged(nn.Module):
+    """A leaf that takes a string keyword and describes itself with hostile text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def extra_repr(self) -> str:
+        return HOSTILE_TEXT
+
+    def forward(self, x: torch.Tensor, tag: str = "") -> torch.Tensor:
+        return self.lin(x) * (1.0 + len(tag) * 0.0)
+
+
+class HostileStrings(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tagged = Tagged()
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.tagged(x, tag=HOSTILE_TEXT)))
+
+
+def hostile_strings(note: str = "") -> ModelBundle:
+    """``note`` is ignored: it only carries text into the recorded spec."""
+    del note
+    return ModelBundle(model=HostileStrings(), example_inputs=lambda bs: (torch.ones(bs, 4),))
+
+
+class HostileName(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self._modules[HOSTILE_NAME] = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self._modules[HOSTILE_NAME](x))
+
+
+def hostile_name() -> ModelBundle:
+    return ModelBundle(model=HostileName(), example_inputs=lambda bs: (torch.ones(bs, 4),))
