@@ -24,6 +24,8 @@ from pipeshift.graph import read_graph_txt
 from pipeshift.graph.capture import TraceError, capture
 from pipeshift.profiler import profile_model
 from pipeshift.profiler import report
+from pipeshift.profiler.runner import GroupRunner
+from pipeshift.profiler.validate import backward_execution_order, collapse_runs
 from pipeshift.spec import ModelSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -204,6 +206,15 @@ def test_node_times_sum_to_the_whole_step(zoo_profile):
         for key in ("forward_ms", "backward_ms"):
             stats = n[key]
             assert stats["n"] == 15 and stats["p10"] <= stats["median"] <= stats["p90"]
+
+
+def test_each_nodes_backward_runs_back_to_back(zoo_profile):
+    """The premise of the hook timeline: no node's backward functions interleave with another's."""
+    runner = GroupRunner(capture(zoo_profile["model"], zoo_profile["inputs"]))
+    order = backward_execution_order(runner, zoo_profile["inputs"])
+    runs = collapse_runs(order)
+    assert len(order) > len(runner) // 2
+    assert len(runs) == len(set(runs)), [i for i in runs if runs.count(i) > 1]
 
 
 def test_profile_json_schema(zoo_profile):
