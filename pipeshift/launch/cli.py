@@ -1,0 +1,207 @@
+"""Launch ranks: ``pipeshift launch --local N PKG …`` or ``pipeshift launch --hosts hosts.txt [--ssh] PKG …``.
+
+Everything after the launcher's own flags is passed to ``pipeshift train`` unchanged.
+
+* ``--local N`` runs N ranks on this machine through torchrun
+  (``python -m torch.distributed.run --standalone --nproc-per-node N -m pipeshift train …``):
+  torchrun starts, watches and stops the processes; pipeshift adds no process manager of its own.
+* ``--hosts FILE`` prints the command for each machine — torchrun with its c10d rendezvous on
+  the first host — and the explicit-rank alternative (``--rank R --world-size W --dist-addr``,
+  one process per rank, for fixed rank placement). With ``--ssh`` it runs the torchrun commands
+  over ssh, prefixing every output line with its host, and fails if any machine fails.
+
+hosts.txt: one machine per line, ``HOST [SLOTS]`` or ``HOST slots=SLOTS`` (processes to start
+there, default 1); ``#`` starts a comment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+from pipeshift.errors import InputFileError, PipeshiftError
+
+_HOST_RE = re.compile(r"^[A-Za-z0-9_.:\[\]@-]+$")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--local", type=int, metavar="N", help="run N ranks on this machine (torchrun)")
+    where.add_argument("--hosts", metavar="FILE", help="machines, one per line: HOST [SLOTS]")
+    p.add_argument("--ssh", action="store_true", help="with --hosts: run the commands over ssh instead of printing")
+    p.add_argument("--ssh-program", default="ssh", help="ssh client to use (default: ssh)")
+    p.add_argument("--port", type=int, default=29500, help="rendezvous port on the first host (default 29500)")
+    p.add_argument("--workdir", default=None, help="with --hosts: directory to cd into on each machine "
+                                                    "(default: this one)")
+    p.add_argument("--python", default=None, help="python on the machines (default: this interpreter)")
+    p.add_argument("--dry-run", action="store_true", help="with --local: print the torchrun command, do not run it")
+    p.add_argument("train_args", nargs=argparse.REMAINDER, help="PKG and `pipeshift train` flags")
+
+
+def run(args: argparse.Namespace) -> int:
+    train_args = list(args.train_args)
+    if train_args and train_args[0] == "--":
+        train_args = train_args[1:]
+    if train_args and train_args[0] == "train":
+        train_args = train_args[1:]
+    if not train_args:
+        raise PipeshiftError("give the stage package and train flags, e.g. `pipeshift launch --local 2 stages/ --steps 10`")
+    python = args.python or sys.executable
+    if args.local is not None:
+        if args.local < 1:
+            raise PipeshiftError("--local N needs N >= 1")
+        cmd = local_command(python, args.local, train_args)
+        if args.dry_run:
+            print(shlex.join(cmd))
+            return 0
+        return _run_local(cmd)
+    hosts = read_hosts(args.hosts)
+    if not 0 < args.port < 65536:
+        raise PipeshiftError(f"--port {args.port}: not a port number")
+    workdir = args.workdir or os.getcwd()
+    plans = host_commands(python, hosts, args.port, train_args)
+    if not args.ssh:
+        print(describe(plans, hosts, args.port, workdir, python, train_args))
+        return 0
+    return _run_ssh(args.ssh_program, plans, workdir)
+
+
+def local_command(python: str, n: int, train_args: list[str]) -> list[str]:
+    return [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
+            "-m", "pipeshift", "train", *train_args]
+
+
+def _run_local(cmd: list[str]) -> int:
+    proc = subprocess.Popen(cmd)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # torchrun forwards the signal to its workers and exits
+        proc.wait()
+        return 130
+
+
+def read_hosts(path: str) -> list[tuple[str, int]]:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise InputFileError(p, None, "file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputFileError(p, None, f"unreadable: {e}") from None
+    hosts: list[tuple[str, int]] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        host = fields[0]
+        if not _HOST_RE.match(host) or host.startswith("-"):
+            raise InputFileError(p, lineno, f"{host!r} is not a host name")
+        slots = 1
+        if len(fields) > 2:
+            raise InputFileError(p, lineno, "expected HOST [SLOTS]")
+        if len(fields) == 2:
+            value = fields[1].removeprefix("slots=")
+            if not value.isdigit() or int(value) < 1:
+                raise InputFileError(p, lineno, f"slots {fields[1]!r}: expected a positive integer")
+            slots = int(value)
+        if any(h == host for h, _ in hosts):
+            raise InputFileError(p, lineno, f"host {host!r} listed twice (give it more slots instead)")
+        hosts.append((host, slots))
+    if not hosts:
+        raise InputFileError(p, None, "no hosts listed")
+    return hosts
+
+
+def host_commands(python: str, hosts: list[tuple[str, int]], port: int, train_args: list[str]) -> list[tuple[str, list[str]]]:
+    """The torchrun command for each machine (c10d rendezvous on the first host)."""
+    master = hosts[0][0]
+    job = "pipeshift-" + uuid.uuid4().hex[:8]
+    out = []
+    for host, slots in hosts:
+        cmd = [python, "-m", "torch.distributed.run", "--nnodes", str(len(hosts)), "--nproc-per-node", str(slots),
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{_bracket(master)}:{port}", "--rdzv-id", job,
+               "--max-restarts", "0", "-m", "pipeshift", "train", *train_args]
+        out.append((host, cmd))
+    return out
+
+
+def explicit_commands(python: str, hosts: list[tuple[str, int]], port: int,
+                      train_args: list[str]) -> list[tuple[str, list[str]]]:
+    """One command per rank, ranks numbered host by host in file order."""
+    world = sum(s for _, s in hosts)
+    addr = f"{_bracket(hosts[0][0])}:{port}"
+    out, rank = [], 0
+    for host, slots in hosts:
+        for _ in range(slots):
+            out.append((host, [python, "-m", "pipeshift", "train", *train_args, "--rank", str(rank),
+                               "--world-size", str(world), "--dist-addr", addr]))
+            rank += 1
+    return out
+
+
+def describe(plans, hosts, port: int, workdir: str, python: str, train_args: list[str]) -> str:
+    world = sum(s for _, s in hosts)
+    lines = [f"# {world} ranks on {len(hosts)} machines. Run on each machine (torchrun, c10d rendezvous at "
+             f"{hosts[0][0]}:{port}):", ""]
+    for host, cmd in plans:
+        lines.append(f"[{host}] cd {shlex.quote(workdir)} && {shlex.join(cmd)}")
+    lines += ["", "# Or, to fix which ranks run where (stage_to_rank_map), one process per rank:", ""]
+    for host, cmd in explicit_commands(python, hosts, port, train_args):
+        lines.append(f"[{host}] cd {shlex.quote(workdir)} && {shlex.join(cmd)} &")
+    return "\n".join(lines)
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _run_ssh(ssh: str, plans: list[tuple[str, list[str]]], workdir: str) -> int:
+    """Run every machine's command over ssh; stop the rest as soon as one fails."""
+    procs = []
+    lock = threading.Lock()
+
+    def pump(host: str, stream) -> None:  # one reader per machine, not per tensor
+        for line in iter(stream.readline, ""):
+            with lock:
+                sys.stdout.write(f"[{host}] {line}")
+                sys.stdout.flush()
+
+    readers = []
+    for host, cmd in plans:
+        remote = f"cd {shlex.quote(workdir)} && {shlex.join(cmd)}"
+        proc = subprocess.Popen([*shlex.split(ssh), host, remote], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, stdin=subprocess.DEVNULL)
+        procs.append((host, proc))
+        t = threading.Thread(target=pump, args=(host, proc.stdout), daemon=True)
+        t.start()
+        readers.append(t)
+    worst = 0
+    try:
+        pending = list(procs)
+        while pending:
+            for item in list(pending):
+                host, proc = item
+                try:
+                    code = proc.wait(timeout=0.2)
+                except subprocess.TimeoutExpired:
+                    continue
+                pending.remove(item)
+                if code != 0 and worst == 0:
+                    worst = code
+                    print(f"pipeshift launch: {host} exited with {code}; stopping the others", file=sys.stderr)
+                    for _, other in pending:
+                        other.terminate()
+    except KeyboardInterrupt:
+        for _, proc in procs:
+            proc.terminate()
+        worst = 130
+    for t in readers:
+        t.join(timeout=5)
+    return worst

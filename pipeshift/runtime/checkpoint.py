@@ -1,0 +1,144 @@
+"""Checkpoints: one file per stage, keyed by original FQNs, so they outlive the partition.
+
+Layout of ``--checkpoint-dir D``::
+
+    D/latest                  the name of the newest complete checkpoint ("step-00000010")
+    D/step-00000010/meta.json step, schedule, microbatches, ranks, package, data position
+    D/step-00000010/stage0.pt {"model": FQN -> tensor, "optimizer": FQN-keyed state, "lr_scheduler": …}
+    D/step-00000010/rank0.pt  this rank's RNG states
+
+A stage file is written by the stage's first replica (replicas hold identical weights after
+their all-reduced steps). ``latest`` moves only after every rank has written (a barrier), so a
+crash mid-write leaves the previous checkpoint in charge. Because everything is keyed by FQN,
+loading takes each FQN from whichever stage file holds it: a run can resume on a different
+partition, and :func:`assemble_state_dict` (``pipeshift export``) rebuilds the original model's
+state_dict.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeshift.errors import InputFileError, PipeshiftError
+
+FORMAT = "pipeshift-checkpoint"
+LATEST = "latest"
+
+
+def step_dir(root: str | os.PathLike, step: int) -> Path:
+    return Path(root) / f"step-{step:08d}"
+
+
+def to_cpu(obj: Any) -> Any:
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def save_file(obj: Any, path: Path) -> None:
+    """Write atomically: a reader sees the old file or the complete new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def mark_latest(root: str | os.PathLike, step: int) -> None:
+    root = Path(root)
+    tmp = root / (LATEST + ".tmp")
+    tmp.write_text(step_dir(root, step).name + "\n")
+    os.replace(tmp, root / LATEST)
+
+
+def resolve(root: str | os.PathLike) -> Path:
+    """The checkpoint directory ``root`` names: itself, or the one its ``latest`` points to."""
+    root = Path(root)
+    if (root / "meta.json").is_file():
+        return root
+    latest = root / LATEST
+    if latest.is_file():
+        name = latest.read_text().strip()
+        if not name.startswith("step-") or "/" in name or not (root / name / "meta.json").is_file():
+            raise InputFileError(latest, 1, f"points to {name!r}, which is not a complete checkpoint")
+        return root / name
+    if not root.exists():
+        raise PipeshiftError(f"{root}: no such checkpoint directory")
+    raise PipeshiftError(f"{root}: no checkpoint here (neither meta.json nor a '{LATEST}' file)")
+
+
+def read_meta(ckpt: Path) -> dict[str, Any]:
+    path = ckpt / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputFileError(path, None, f"unreadable: {e}") from None
+    except json.JSONDecodeError as e:
+        raise InputFileError(path, e.lineno, f"invalid JSON: {e.msg}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise InputFileError(path, None, f"not a pipeshift checkpoint (format should be {FORMAT!r})")
+    for key in ("step", "num_stages"):
+        if not isinstance(meta.get(key), int) or meta[key] < 0:
+            raise InputFileError(path, None, f"'{key}' must be a non-negative integer")
+    return meta
+
+
+def load_file(path: Path) -> Any:
+    if not path.is_file():
+        raise InputFileError(path, None, "file not found: the checkpoint is incomplete")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # hostile or truncated input: one clear line
+        raise InputFileError(path, None, f"cannot be read as a checkpoint ({type(e).__name__}: {e})") from None
+
+
+def stage_files(ckpt: Path, meta: Mapping[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for s in range(meta["num_stages"]):
+        data = load_file(ckpt / f"stage{s}.pt")
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+            raise InputFileError(ckpt / f"stage{s}.pt", None, "no 'model' state_dict inside")
+        out.append(data)
+    return out
+
+
+def assemble_state_dict(stages: list[dict[str, Any]], ckpt: Path | None = None) -> dict[str, torch.Tensor]:
+    """One state_dict for the original model: the union of the stages' (disjoint) FQNs."""
+    merged: dict[str, torch.Tensor] = {}
+    owner: dict[str, int] = {}
+    for s, data in enumerate(stages):
+        for fqn, tensor in data["model"].items():
+            if fqn in merged:
+                raise PipeshiftError(f"{ckpt or 'checkpoint'}: {fqn!r} is held by stage {owner[fqn]} and stage {s}")
+            if not torch.is_tensor(tensor):
+                raise PipeshiftError(f"{ckpt or 'checkpoint'}: stage {s} entry {fqn!r} is not a tensor")
+            merged[fqn] = tensor
+            owner[fqn] = s
+    return merged
+
+
+def merged_optimizer_state(stages: list[dict[str, Any]]) -> dict[str, Any]:
+    """The stages' FQN-keyed optimizer states as one (each FQN keeps its group's hyper-parameters)."""
+    state: dict[str, Any] = {}
+    groups: list[dict[str, Any]] = []
+    for data in stages:
+        opt = data.get("optimizer") or {}
+        state.update(opt.get("state", {}))
+        groups.extend(opt.get("param_groups", []))
+    return {"state": state, "param_groups": groups}

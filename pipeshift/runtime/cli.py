@@ -1,0 +1,257 @@
+"""Train a stage package on this rank: ``pipeshift train PKG --schedule flush --microbatches 8 --steps N``.
+
+Run one process per rank: under torchrun (``pipeshift launch --local N PKG …`` does that for
+this machine), or on each machine with ``--rank R --world-size W --dist-addr HOST:PORT``. A
+single-rank package also runs alone. Every rank writes ``OUTPUT_DIR/rankR/metrics.csv`` and
+``trace.json``; ``--checkpoint-dir`` gets per-stage checkpoints (``pipeshift export`` turns them
+into one state_dict). A dead or silent peer ends every rank within ``--timeout`` seconds with one
+line naming the rank, stage, schedule action and tensor it was waiting for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import socket
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeshift.errors import PipeshiftError
+from pipeshift.runtime.schedule import SCHEDULES
+from pipeshift.spec import parse_model_args
+
+# per-process settings that may legitimately differ between ranks
+_LOCAL_ARGS = ("command", "rank", "world_size", "dist_addr", "package", "no_progress", "threads", "device",
+               "backend", "output_dir", "timeout")
+_SCHEDULER_ALIASES = {"step": "StepLR", "cosine": "CosineAnnealingLR", "exponential": "ExponentialLR",
+                      "linear": "LinearLR", "multistep": "MultiStepLR", "constant": "ConstantLR"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("package", help="stage package directory (pipeshift codegen's output)")
+    g = p.add_argument_group("pipeline")
+    g.add_argument("--schedule", choices=SCHEDULES, default="flush",
+                   help="flush (PipeDream-Flush), gpipe, 1f1b (PipeDream, weight stashing), 2bw (PipeDream-2BW)")
+    g.add_argument("--microbatches", "-m", type=int, default=None,
+                   help="microbatches per minibatch (default: 2 x stages)")
+    g.add_argument("--batch-size", "-b", type=int, default=None,
+                   help="samples per microbatch (default: the plan's profiled batch size)")
+    g.add_argument("--steps", type=int, default=10, help="minibatches to train (total, counting resumed ones)")
+    g.add_argument("--sync-every", type=int, default=0,
+                   help="1f1b/2bw: drain the pipeline every K minibatches (0: only where needed)")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--optimizer", default="sgd", help="sgd, adam, adamw, or any torch.optim class name")
+    g.add_argument("--lr", type=float, default=0.01)
+    g.add_argument("--momentum", type=float, default=None)
+    g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--optim-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="further optimizer keyword, e.g. betas=(0.9,0.95)")
+    g.add_argument("--lr-scheduler", default="none",
+                   help="none, step, cosine, exponential, linear, or a torch.optim.lr_scheduler class name "
+                        "(stepped once per minibatch)")
+    g.add_argument("--lr-scheduler-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="scheduler keyword, e.g. step_size=10")
+    g.add_argument("--seed", type=int, default=0, help="seed of the data stream and of dropout")
+    g = p.add_argument_group("evaluation, checkpoints and outputs")
+    g.add_argument("--eval-steps", type=int, default=0, help="forward-only minibatches of the val split")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate every K steps (default: at the end)")
+    g.add_argument("--checkpoint-dir", default=None)
+    g.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every K steps (always at the end)")
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
+    g.add_argument("--output-dir", default="pipeshift_run", help="where rankR/metrics.csv and trace.json go")
+    g.add_argument("--trace-steps", type=int, default=20, help="trace the first K steps (0: none)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("processes")
+    g.add_argument("--rank", type=int, default=None, help="explicit launch: this process's rank")
+    g.add_argument("--world-size", type=int, default=None, help="explicit launch: number of ranks")
+    g.add_argument("--dist-addr", default=None, help="explicit launch: HOST:PORT where rank 0 listens")
+    g.add_argument("--backend", default="auto", help="auto (nccl on GPUs, gloo on CPUs), gloo or nccl")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds to wait for a peer before giving up (default 60)")
+    g.add_argument("--threads", type=int, default=None, help="torch intra-op threads per rank")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_numbers(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from pipeshift.runtime.distributed import init_distributed
+    from pipeshift.runtime.package import parse_conf, read_json
+
+    # Before the group exists a mistake is an ordinary error; afterwards every rank must exit
+    # even if peers are stuck, so errors end the process directly (see _exit).
+    expected = None
+    try:
+        conf = Path(args.package) / "conf.json"
+        expected = sum(len(r) for r in parse_conf(read_json(conf), conf)[1].values())
+    except PipeshiftError:
+        pass  # reported by the start-up agreement, on every rank
+    info = init_distributed(rank=args.rank, world_size=args.world_size, dist_addr=args.dist_addr,
+                            backend=args.backend, device=args.device, timeout_s=args.timeout,
+                            expected_world=expected)
+    try:
+        return _train(args, info)
+    except PipeshiftError as e:
+        _exit(f"pipeshift train: error: {e}", 1)
+    except KeyboardInterrupt:
+        _exit("pipeshift train: interrupted", 130)
+    except BaseException:
+        traceback.print_exc()
+        _exit(f"pipeshift train: internal error on rank {info.rank} (a pipeshift bug; traceback above)", 1)
+    return 1
+
+
+def _exit(message: str, code: int) -> None:
+    """Print one line and leave now: a process group with a dead peer can hang a normal exit."""
+    sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)
+    os._exit(code)
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    for name in ("steps", "eval_steps", "eval_every", "checkpoint_every", "trace_steps", "sync_every"):
+        if getattr(args, name) < 0:
+            raise PipeshiftError(f"--{name.replace('_', '-')} must be >= 0")
+    for name in ("microbatches", "batch_size", "threads"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise PipeshiftError(f"--{name.replace('_', '-')} must be >= 1")
+    if not args.timeout > 0:
+        raise PipeshiftError("--timeout must be positive")
+    if args.resume and not args.checkpoint_dir:
+        raise PipeshiftError("--resume needs --checkpoint-dir")
+
+
+def _train(args: argparse.Namespace, info) -> int:
+    from pipeshift.runtime.comm import Communicator
+    from pipeshift.runtime.metrics import Tracer
+    from pipeshift.runtime.package import load_stage_package
+    from pipeshift.runtime.pipeline import Pipeline
+    from pipeshift.runtime.trainer import TrainConfig, Trainer, agree, check_partition
+
+    # Load everything, but report a local failure through the agreement so every rank says it.
+    error, pkg, bundle, entries, config = None, None, None, None, {}
+    try:
+        pkg = load_stage_package(args.package)
+        optimizer = optimizer_factory(args)
+        scheduler = scheduler_factory(args)
+        bundle = pkg.bundle()
+        microbatches = args.microbatches or 2 * pkg.num_stages
+        batch_size = args.batch_size or pkg.batch_size or 32
+        torch.manual_seed(args.seed)
+        entries = pkg.entries(bundle.criterion())
+        config = {"package": pkg.digest(), "conf": {"module_to_stage_map": pkg.module_to_stage,
+                                                    "stage_to_rank_map": {str(k): v for k, v in pkg.stage_to_rank.items()}},
+                  "world_size": info.world_size, "backend": info.backend,
+                  **{k: v for k, v in vars(args).items() if k not in _LOCAL_ARGS},
+                  "microbatches": microbatches, "batch_size": batch_size}
+    except PipeshiftError as e:
+        error = str(e)
+    comm = Communicator(info.rank, stage_of=lambda r: _stage_of(pkg, r), tags={}, device=info.device,
+                        timeout_s=args.timeout)
+    hosts = agree(comm, info.rank, config, error, info=socket.gethostname())
+    _set_threads(args, info, hosts)
+
+    cfg = TrainConfig(schedule=args.schedule, microbatches=microbatches, batch_size=batch_size, steps=args.steps,
+                      seed=args.seed, eval_steps=args.eval_steps, eval_every=args.eval_every,
+                      checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                      resume=args.resume, output_dir=args.output_dir, trace_steps=args.trace_steps,
+                      progress=not args.no_progress, sync_every=args.sync_every)
+    tracer = Tracer(info.rank, enabled=cfg.trace_steps > 0)
+    pipeline = Pipeline(info.rank, entries, pkg.module_to_stage, pkg.stage_to_rank, schedule=cfg.schedule,
+                        microbatches=cfg.microbatches, optimizer=optimizer, lr_scheduler=scheduler,
+                        device=info.device, timeout_s=args.timeout, tracer=tracer,
+                        source=str(pkg.path / "conf.json"))
+    del entries  # other stages' modules are not needed on this rank
+    check_partition(pipeline, cfg)
+    data = bundle.data or (lambda b, split, seed: bundle.synthetic_data(b, seed + (split != "train")))
+    trainer = Trainer(pipeline, cfg, data=data, meta={
+        "package": str(pkg.path), "model": pkg.spec.to_json() if pkg.spec else None,
+        "world_size": info.world_size,
+    })
+    trainer.fit()
+    pipeline.comm.barrier("finishing")
+    if trainer.reporter:
+        print(f"rank {info.rank}: {trainer.summary()}", flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _destroy()
+    return 0
+
+
+def _set_threads(args: argparse.Namespace, info, hosts: list[str]) -> None:
+    """Share this machine's cores among the ranks on it, unless told otherwise.
+
+    Several ranks each using every core (torch's default) slow each other down many times over.
+    """
+    if args.threads or "OMP_NUM_THREADS" in os.environ or info.device.type != "cpu":
+        return
+    here = max(1, hosts.count(hosts[info.rank]))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // here))
+
+
+def _stage_of(pkg, rank: int) -> int:
+    if pkg is None:
+        raise PipeshiftError("unknown")
+    for s, ranks in pkg.stage_to_rank.items():
+        if rank in ranks:
+            return s
+    raise PipeshiftError("unknown")
+
+
+def _destroy() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _find_class(module, name: str, base: type) -> type:
+    wanted = name.replace("_", "").lower()
+    for attr in dir(module):
+        obj = getattr(module, attr)
+        if isinstance(obj, type) and issubclass(obj, base) and obj is not base and attr.lower() == wanted:
+            return obj
+    choices = sorted(a for a in dir(module) if isinstance(getattr(module, a), type)
+                     and issubclass(getattr(module, a), base) and getattr(module, a) is not base
+                     and not a.startswith("_"))
+    raise PipeshiftError(f"{name!r} is not in {module.__name__}: one of {', '.join(choices)}")
+
+
+def optimizer_factory(args: argparse.Namespace):
+    """``params -> optimizer`` from the command line; checked once here on a dummy parameter."""
+    cls = _find_class(torch.optim, args.optimizer, torch.optim.Optimizer)
+    kwargs: dict[str, Any] = {"lr": args.lr, **parse_model_args(args.optim_arg)}
+    accepted = inspect.signature(cls.__init__).parameters
+    for flag in ("momentum", "weight_decay"):
+        value = getattr(args, flag)
+        if value is not None:
+            if flag not in accepted:
+                raise PipeshiftError(f"--{flag.replace('_', '-')}: {cls.__name__} has no {flag}")
+            kwargs[flag] = value
+    try:
+        cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+    except (TypeError, ValueError) as e:
+        raise PipeshiftError(f"{cls.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}): {e}") from None
+    return lambda params: cls(params, **kwargs)
+
+
+def scheduler_factory(args: argparse.Namespace):
+    name = args.lr_scheduler
+    if name in ("none", "", None):
+        if args.lr_scheduler_arg:
+            raise PipeshiftError("--lr-scheduler-arg given without --lr-scheduler")
+        return None
+    cls = _find_class(torch.optim.lr_scheduler, _SCHEDULER_ALIASES.get(name, name), torch.optim.lr_scheduler.LRScheduler)
+    kwargs = parse_model_args(args.lr_scheduler_arg)
+    try:
+        cls(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), **kwargs)
+    except (TypeError, ValueError, KeyError) as e:
+        raise PipeshiftError(f"{cls.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}): {e}") from None
+    return lambda opt: cls(opt, **kwargs)

@@ -1,0 +1,111 @@
+"""Joining the process group: under torchrun, with explicit ranks, or alone.
+
+* **torchrun** (``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` in the environment,
+  single node or multi-node through its c10d rendezvous): ``env://``.
+* **explicit** (``--rank R --world-size W --dist-addr HOST:PORT``, the seed's per-machine
+  launch): ``tcp://HOST:PORT``; rank 0 hosts the store there.
+* **alone**: a one-rank group on a free local port, for single-stage packages.
+
+The backend is NCCL when the ranks use CUDA devices and gloo otherwise (``--backend``
+overrides). The group's timeout is the run's ``--timeout``, so even a collective the runtime
+does not poll itself gives up on a dead peer in bounded time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from pipeshift.errors import PipeshiftError
+
+
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    device: torch.device
+    how: str  # "torchrun", "explicit" or "alone"
+
+
+def parse_addr(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6addr]:PORT`` for IPv6)."""
+    host, sep, port = str(text).rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise PipeshiftError(f"--dist-addr {text!r}: expected HOST:PORT, e.g. 10.0.0.1:29500")
+    return host, int(port)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def choose_device(device: str, local_rank: int) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise PipeshiftError("--device cuda: no CUDA device is available")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if device == "cpu":
+        return torch.device("cpu")
+    raise PipeshiftError(f"--device {device!r}: one of auto, cpu, cuda")
+
+
+def init_distributed(*, rank: int | None, world_size: int | None, dist_addr: str | None, backend: str = "auto",
+                     device: str = "auto", timeout_s: float = 60.0, expected_world: int | None = None) -> DistInfo:
+    explicit = [x is not None for x in (rank, world_size, dist_addr)]
+    if any(explicit):
+        if not all(explicit):
+            raise PipeshiftError("explicit launch needs all of --rank, --world-size and --dist-addr")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise PipeshiftError(f"--rank {rank} --world-size {world_size}: need 0 <= rank < world size")
+        host, port = parse_addr(dist_addr)
+        init_method, how, local_rank = f"tcp://{host}:{port}", "explicit", int(os.environ.get("LOCAL_RANK", 0))
+        where = f"{host}:{port}"
+    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        try:
+            rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        except ValueError:
+            raise PipeshiftError("RANK/WORLD_SIZE/LOCAL_RANK in the environment are not integers") from None
+        init_method, how = "env://", "torchrun"
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    else:
+        if expected_world not in (None, 1):
+            raise PipeshiftError(
+                f"this package needs {expected_world} ranks: run it with `pipeshift launch --local {expected_world} …`, "
+                "under torchrun, or with --rank/--world-size/--dist-addr on each rank"
+            )
+        rank, world_size, local_rank, how = 0, 1, 0, "alone"
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        where = init_method
+    dev = choose_device(device, local_rank)
+    if backend == "auto":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    if backend not in ("gloo", "nccl", "mpi", "ucc"):
+        raise PipeshiftError(f"--backend {backend!r}: one of auto, gloo, nccl")
+    if backend == "nccl" and dev.type != "cuda":
+        raise PipeshiftError("--backend nccl needs CUDA devices (use gloo on CPU)")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    kwargs = {"device_id": dev} if backend == "nccl" else {}
+    try:
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout_s), **kwargs)
+    except (RuntimeError, ValueError, dist.DistError) as e:
+        text = " ".join(str(e).split())[:300]
+        raise PipeshiftError(
+            f"rank {rank} of {world_size} could not join the process group at {where} within {timeout_s:g} s "
+            f"({text})"
+        ) from None
+    return DistInfo(rank, world_size, local_rank, backend, dev, how)

@@ -1,0 +1,74 @@
+"""What a rank writes about itself: ``metrics.csv`` (one row per minibatch) and ``trace.json``.
+
+The trace is Chrome's trace-event format (opens in Perfetto and ``chrome://tracing``): complete
+events (``"ph": "X"``) with ``pid`` = rank and ``tid`` = ``"compute"`` or ``"comm"``, times in
+microseconds — the simulator writes the same, so predicted and measured timelines can be laid
+side by side.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+COLUMNS = ["step", "split", "stage", "rank", "loss", "samples_per_s", "compute_s", "wait_s", "comm_s", "lr", "time_s"]
+
+
+class Tracer:
+    """Collects complete events; stops collecting (silently) past ``max_events``."""
+
+    def __init__(self, rank: int, enabled: bool = True, max_events: int = 200_000):
+        self.rank = rank
+        self.enabled = enabled
+        self.max_events = max_events
+        self.origin = time.perf_counter()
+        self.events: list[dict[str, Any]] = []
+
+    def add(self, name: str, tid: str, start: float, end: float, **args: Any) -> None:
+        if not self.enabled or len(self.events) >= self.max_events:
+            return
+        event = {"name": name, "ph": "X", "pid": self.rank, "tid": tid,
+                 "ts": round((start - self.origin) * 1e6, 3), "dur": round(max(end - start, 0.0) * 1e6, 3)}
+        if args:
+            event["args"] = args
+        self.events.append(event)
+
+    def write(self, path: str | os.PathLike, process_name: str) -> None:
+        meta = [{"name": "process_name", "ph": "M", "pid": self.rank, "tid": "compute",
+                 "args": {"name": process_name}},
+                {"name": "process_sort_index", "ph": "M", "pid": self.rank, "tid": "compute",
+                 "args": {"sort_index": self.rank}}]
+        _atomic_write(Path(path), json.dumps({"traceEvents": meta + self.events, "displayTimeUnit": "ms"}))
+
+
+class MetricsLog:
+    """Appends rows to ``metrics.csv``, flushing each so a crashed run keeps what it measured."""
+
+    def __init__(self, path: str | os.PathLike, append: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not (append and self.path.exists())
+        self._file = open(self.path, "w" if fresh else "a", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS, extrasaction="ignore")
+        if fresh:
+            self._writer.writeheader()
+            self._file.flush()
+
+    def row(self, **values: Any) -> None:
+        clean = {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in values.items() if v is not None}
+        self._writer.writerow(clean)
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

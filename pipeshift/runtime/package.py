@@ -1,0 +1,167 @@
+"""Loading a stage package (CONTRIBUTING.md, "Stage package") without touching ``sys.path``.
+
+The package directory is imported with :mod:`importlib` under a name derived from its absolute
+path, registered in ``sys.modules`` so its ``from .stage0 import Stage0`` lines resolve, and
+nothing is added to the import path. ``conf.json`` and ``plan.json`` are input files: every
+field the runtime uses is checked and a bad one is an :class:`~pipeshift.errors.InputFileError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from torch import nn
+
+from pipeshift.errors import InputFileError, PipeshiftError
+from pipeshift.runtime.stage import StageEntry
+from pipeshift.spec import ModelBundle, ModelSpec
+
+MAX_JSON_BYTES = 64 * 1024 * 1024
+
+
+@dataclasses.dataclass
+class StagePackage:
+    path: Path
+    module: ModuleType
+    module_to_stage: list[int]
+    stage_to_rank: dict[int, list[int]]
+    plan: dict[str, Any]
+    spec: ModelSpec | None
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stage_to_rank)
+
+    @property
+    def world_size(self) -> int:
+        return sum(len(r) for r in self.stage_to_rank.values())
+
+    @property
+    def batch_size(self) -> int | None:
+        b = self.plan.get("batch_size")
+        return b if isinstance(b, int) and not isinstance(b, bool) and b > 0 else None
+
+    def bundle(self) -> ModelBundle:
+        if self.spec is None:
+            raise InputFileError(self.path / "plan.json", None,
+                                 "no 'model' spec: the runtime needs it for the data and the loss")
+        return self.spec.build()
+
+    def entries(self, criterion: nn.Module) -> list[StageEntry]:
+        """``model(criterion)`` with every entry checked against the contract."""
+        made = self.module.model(criterion)
+        if not isinstance(made, (list, tuple)) or not made:
+            raise PipeshiftError(f"{self.path}/__init__.py: model(criterion) must return a non-empty list")
+        out: list[StageEntry] = []
+        for k, entry in enumerate(made):
+            ok = (isinstance(entry, (list, tuple)) and len(entry) == 3 and isinstance(entry[0], nn.Module)
+                  and all(isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)
+                          for names in entry[1:]))
+            if not ok:
+                raise PipeshiftError(
+                    f"{self.path}/__init__.py: model(criterion)[{k}] must be (module, input_names, output_names)"
+                )
+            out.append((entry[0], list(entry[1]), list(entry[2])))
+        return out
+
+    def full_model(self) -> nn.Module:
+        return self.module.full_model()
+
+    def digest(self) -> str:
+        """Hash of the package's files: ranks must all run the same package."""
+        h = hashlib.sha256()
+        for f in sorted(self.path.iterdir()):
+            if f.is_file() and (f.suffix in (".py", ".json")):
+                h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+        return h.hexdigest()
+
+
+def read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise InputFileError(path, None, "file not found")
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise InputFileError(path, None, f"larger than {MAX_JSON_BYTES} bytes")
+    try:
+        return json.loads(path.read_text())
+    except UnicodeDecodeError as e:
+        raise InputFileError(path, None, f"not UTF-8 text ({e.reason})") from None
+    except json.JSONDecodeError as e:
+        raise InputFileError(path, e.lineno, f"invalid JSON: {e.msg}") from None
+
+
+def parse_conf(data: Any, path: Path) -> tuple[list[int], dict[int, list[int]]]:
+    def bad(msg: str) -> InputFileError:
+        return InputFileError(path, None, msg)
+
+    if not isinstance(data, dict):
+        raise bad("expected a JSON object")
+    m2s = data.get("module_to_stage_map")
+    if not isinstance(m2s, list) or not m2s or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                         for s in m2s):
+        raise bad("'module_to_stage_map' must be a non-empty list of stage numbers")
+    s2r = data.get("stage_to_rank_map")
+    if not isinstance(s2r, dict) or not s2r:
+        raise bad("'stage_to_rank_map' must be an object {\"0\": [ranks], …}")
+    table: dict[int, list[int]] = {}
+    for key, ranks in s2r.items():
+        if not (isinstance(key, str) and key.isdigit()):
+            raise bad(f"stage_to_rank_map key {key!r} is not a stage number")
+        if not isinstance(ranks, list) or not ranks or not all(
+                isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in ranks):
+            raise bad(f"stage_to_rank_map[{key!r}] must be a non-empty list of ranks, got {ranks!r}")
+        table[int(key)] = ranks
+    return m2s, table
+
+
+def load_stage_package(path: str | Path) -> StagePackage:
+    path = Path(path).resolve()
+    if not path.is_dir():
+        raise PipeshiftError(f"{path}: not a stage package directory")
+    init = path / "__init__.py"
+    if not init.is_file():
+        raise InputFileError(init, None, "file not found: not a stage package")
+    conf_path = path / "conf.json"
+    m2s, s2r = parse_conf(read_json(conf_path), conf_path)
+    plan_path = path / "plan.json"
+    plan = read_json(plan_path) if plan_path.exists() else {}
+    if not isinstance(plan, dict):
+        raise InputFileError(plan_path, None, "expected a JSON object")
+    spec = None
+    if plan.get("model") is not None:
+        try:
+            spec = ModelSpec.from_json(plan["model"])
+        except PipeshiftError as e:
+            raise InputFileError(plan_path, None, f"'model': {e}") from None
+    module = import_package(path)
+    for fn in ("model", "full_model"):
+        if not callable(getattr(module, fn, None)):
+            raise InputFileError(init, None, f"defines no {fn}() function")
+    return StagePackage(path, module, m2s, s2r, plan, spec)
+
+
+def import_package(path: Path) -> ModuleType:
+    """Import the directory ``path`` as a package under a unique, path-derived name."""
+    name = "pipeshift_stages_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path / "__init__.py", submodule_search_locations=[str(path)])
+    if spec is None or spec.loader is None:
+        raise PipeshiftError(f"{path}: cannot be imported as a package")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except PipeshiftError:
+        del sys.modules[name]
+        raise
+    except Exception as e:  # the package is user input: report, do not crash with a traceback
+        del sys.modules[name]
+        raise PipeshiftError(f"{path}/__init__.py: import failed: {type(e).__name__}: {e}") from None
+    return module

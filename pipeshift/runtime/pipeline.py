@@ -1,0 +1,397 @@
+"""The executor: runs one rank's action list (see :mod:`pipeshift.runtime.schedule`) for one partition.
+
+A :class:`Pipeline` owns everything that depends on the partition — the routing
+(:class:`~pipeshift.runtime.topology.Topology`), this rank's :class:`~pipeshift.runtime.stage.Stage`,
+its optimizer and LR scheduler, the replica process groups and the communicator's shape cache —
+and nothing that does not (data position, step count, metrics: those live in the trainer). So a
+repartitioning at a synchronisation point (no microbatch in flight) is one call,
+:meth:`Pipeline.rebuild`, with the new module list and rank map, and the optimizer state keyed by
+parameter FQN so it can follow a layer to its new stage.
+
+Gradients are summed over a step's microbatches (and replicas) and divided by their number
+(``Action.grads``) just before the step, so the update equals single-process training on the
+concatenated minibatch with a mean-reduced loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeshift.errors import PipeshiftError
+from pipeshift.runtime import schedule as S
+from pipeshift.runtime.comm import ACT, GRAD, Communicator, PendingRecv, TensorMeta
+from pipeshift.runtime.metrics import Tracer
+from pipeshift.runtime.stage import Stage, StageEntry
+from pipeshift.runtime.topology import LOSS, TARGET, Topology, build_topology
+
+Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]
+OptimizerFactory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+
+@dataclasses.dataclass
+class _Microbatch:
+    """What one in-flight microbatch holds on this rank between its actions."""
+
+    env: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    recvs: list[tuple[str, PendingRecv]] = dataclasses.field(default_factory=list)
+    received: list[tuple[str, int, torch.Tensor]] = dataclasses.field(default_factory=list)  # name, src, leaf
+    outputs: list[tuple[str, int, torch.Tensor]] = dataclasses.field(default_factory=list)  # name, dst, tensor
+    grad_recvs: list[tuple[torch.Tensor, PendingRecv]] = dataclasses.field(default_factory=list)
+    loss: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
+class Counters:
+    """Time and work since the last :meth:`Pipeline.take_counters`."""
+
+    compute_s: float = 0.0
+    wait_s: float = 0.0
+    comm_s: float = 0.0
+    losses: list[torch.Tensor] = dataclasses.field(default_factory=list)
+
+
+class Pipeline:
+    """One rank's share of a partitioned model and the machinery to run its schedule."""
+
+    def __init__(self, rank: int, entries: Sequence[StageEntry], module_to_stage: Sequence[int],
+                 stage_ranks: Mapping[int, Sequence[int]] | Sequence[Sequence[int]], *,
+                 schedule: str, microbatches: int, optimizer: OptimizerFactory,
+                 lr_scheduler: SchedulerFactory | None = None, device: torch.device | str = "cpu",
+                 timeout_s: float = 60.0, tracer: Tracer | None = None, source: str = "conf.json"):
+        self.rank = rank
+        self.schedule = S.check_schedule(schedule)
+        self.microbatches = microbatches
+        self.device = torch.device(device)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.tracer = tracer or Tracer(rank, enabled=False)
+        self.counters = Counters()
+        self.comm = Communicator(rank, stage_of=lambda r: -1, tags={}, device=self.device, timeout_s=timeout_s)
+        self.where_prefix = ""
+        self._build(entries, module_to_stage, stage_ranks, source)
+
+    # -- building and rebuilding -------------------------------------------------------------
+
+    def _build(self, entries, module_to_stage, stage_ranks, source: str) -> None:
+        io = [(ins, outs) for _, ins, outs in entries]
+        topo = build_topology(io, module_to_stage, stage_ranks, source=source)
+        if dist.is_initialized() and topo.world_size != dist.get_world_size():
+            raise PipeshiftError(
+                f"{source}: stage_to_rank_map uses {topo.world_size} ranks but {dist.get_world_size()} were started"
+            )
+        self.topology: Topology = topo
+        self.stage_id = topo.stage_of(self.rank)
+        self.replica = topo.replica_of(self.rank)
+        self.replicas = topo.replicas(self.stage_id)
+        self.is_first = self.stage_id == 0
+        self.is_last = self.stage_id == topo.num_stages - 1
+        self.stage = Stage(self.stage_id, [entries[i] for i in topo.modules_of(self.stage_id)], self.device)
+        self.optimizer = self.optimizer_factory(list(self.stage.params.values()))
+        self.lr_scheduler = self.scheduler_factory(self.optimizer) if self.scheduler_factory else None
+        self.group = self._replica_groups(topo)
+        inbound, outbound = topo.inbound(self.stage_id), topo.outbound(self.stage_id)
+        self.role = S.Role(
+            loads_data=self.is_first,
+            receives_inputs=bool(inbound),
+            sends_outputs=bool(outbound),
+            receives_grads=any(not e.raw for e in outbound),
+            sends_grads=any(not e.raw for e in inbound),
+            replicated=self.replicas > 1,
+        )
+        self.comm.reset(topo.stage_of, dict(topo.tags))
+        self._inflight: dict[int, _Microbatch] = {}
+        self._actions: dict[tuple[str, int], list[S.Action]] = {}
+
+    def _replica_groups(self, topo: Topology):
+        """One process group per replicated stage; every rank creates all of them, in order."""
+        mine = None
+        if not dist.is_initialized():
+            if any(len(r) > 1 for r in topo.stage_ranks):
+                raise PipeshiftError("replicated stages need torch.distributed to be initialised")
+            return None
+        for s, ranks in enumerate(topo.stage_ranks):
+            if len(ranks) > 1:
+                group = dist.new_group(list(ranks), timeout=_timedelta(self.comm.timeout_s))
+                if s == self.stage_id:
+                    mine = group
+        return mine
+
+    def rebuild(self, entries: Sequence[StageEntry], module_to_stage: Sequence[int],
+                stage_ranks: Mapping[int, Sequence[int]] | Sequence[Sequence[int]], *,
+                optimizer_state: Mapping[str, Any] | None = None, source: str = "repartition") -> None:
+        """Switch to a new partition at a synchronisation point (no microbatch in flight).
+
+        ``entries`` are the new stage modules (all stages, or at least this rank's, with this
+        rank's weights already in place); ``optimizer_state`` is FQN-keyed
+        (:func:`optimizer_state_by_fqn`) and may hold other stages' entries too. The LR
+        scheduler keeps its position. Every rank must call this together (it creates groups).
+        """
+        if self._inflight:
+            raise RuntimeError(f"rebuild with microbatches in flight: {sorted(self._inflight)}")
+        self.comm.flush()
+        sched_state = self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None
+        lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.stage.versions.clear()
+        self._build(entries, module_to_stage, stage_ranks, source)
+        for g, lr in zip(self.optimizer.param_groups, lrs):
+            g["lr"] = lr
+        if optimizer_state is not None:
+            load_optimizer_state_by_fqn(self.optimizer, self.stage.params, optimizer_state)
+        if sched_state is not None and self.lr_scheduler is not None:
+            self.lr_scheduler.load_state_dict(sched_state)
+
+    # -- schedules ------------------------------------------------------------------------------
+
+    def actions(self, minibatches: int = 1) -> list[S.Action]:
+        """This rank's action list for a segment of ``minibatches`` minibatches (cached)."""
+        key = ("train", minibatches)
+        if key not in self._actions:
+            order = S.compute_order(self.schedule, self.topology.num_stages, self.stage_id, self.microbatches,
+                                    replicas=self.replicas, minibatches=minibatches)
+            lowered = S.lower(S.for_replica(order, self.replicas, self.replica), self.role)
+            self._actions[key] = S.plan_weight_versions(lowered, S.version_rule(self.schedule, self.microbatches))
+        return self._actions[key]
+
+    def eval_actions(self) -> list[S.Action]:
+        key = ("eval", 1)
+        if key not in self._actions:
+            self._actions[key] = S.forward_only(self.microbatches, self.replicas, self.replica, self.role)
+        return self._actions[key]
+
+    # -- running --------------------------------------------------------------------------------
+
+    def run(self, actions: Sequence[S.Action], fetch: Callable[[int], Batch] | None, *, train: bool = True,
+            on_minibatch_end: Callable[[], None] | None = None, label: str = "") -> None:
+        """Execute ``actions``; ``fetch(mb)`` gives the first stage its microbatches."""
+        mode = "train" if train else "eval"
+        self.stage.train(train)
+        handlers = {
+            S.LOAD: lambda a: self._load(a, fetch),
+            S.RECV_FWD: lambda a: self._recv_fwd(a, mode),
+            S.FWD: lambda a: self._fwd(a, train),
+            S.SEND_FWD: lambda a: self._send_fwd(a, mode, train),
+            S.RECV_BWD: self._recv_bwd,
+            S.BWD: self._bwd,
+            S.SEND_BWD: self._send_bwd,
+            S.ALLREDUCE: self._allreduce,
+            S.STEP: lambda a: self._step(a, on_minibatch_end),
+            S.FLUSH: self._flush,
+        }
+        self.where_prefix = label
+        for index, action in enumerate(actions):
+            self.comm.where = f"{self.where_prefix}action #{index} '{action}'"
+            handlers[action.kind](action)
+
+    def take_counters(self) -> Counters:
+        c = self.counters
+        c.wait_s, c.comm_s = self.comm.wait_s, self.comm.comm_s
+        self.comm.wait_s = self.comm.comm_s = 0.0
+        self.counters = Counters()
+        return c
+
+    def _mb(self, mb: int) -> _Microbatch:
+        state = self._inflight.get(mb)
+        if state is None:
+            state = self._inflight[mb] = _Microbatch()
+        return state
+
+    def _compute(self, name: str, start: float, **args: Any) -> None:
+        end = time.perf_counter()
+        self.counters.compute_s += end - start
+        self.tracer.add(name, "compute", start, end, **args)
+
+    def _load(self, a: S.Action, fetch: Callable[[int], Batch] | None) -> None:
+        if fetch is None:
+            raise RuntimeError("the first stage needs a data source")
+        t0 = time.perf_counter()
+        inputs, target = fetch(a.mb)
+        env = self._mb(a.mb).env
+        for i, t in enumerate(inputs):
+            env[f"input{i}"] = t.to(self.device, non_blocking=True)
+        env[TARGET] = target.to(self.device, non_blocking=True)
+        missing = [n for n in self.topology.raw_inputs if n not in env]
+        if missing:
+            raise PipeshiftError(f"the data gives {len(inputs)} inputs but the model reads {missing}")
+        self._compute(f"load {a.mb}", t0)
+
+    def _recv_fwd(self, a: S.Action, mode: str) -> None:
+        state = self._mb(a.mb)
+        for e in self.topology.inbound(self.stage_id):
+            src = self.topology.rank_for(e.src, a.mb)
+            state.recvs.append((e.name, self.comm.recv(e.name, src, ACT, a.mb, mode=mode)))
+
+    def _fwd(self, a: S.Action, train: bool) -> None:
+        state = self._mb(a.mb)
+        t0 = time.perf_counter()
+        for name, pending in state.recvs:
+            t = self.comm.wait(pending)
+            state.env[name] = t
+            if train and t.requires_grad:
+                state.received.append((name, pending.src, t))
+        state.recvs = []
+        t1 = time.perf_counter()
+        if t1 - t0 > 1e-5:
+            self.tracer.add(f"wait F{a.mb}", "comm", t0, t1)
+        weights = None
+        if train and a.stashed:
+            if a.snapshot:
+                self.stage.versions.snapshot(a.version)
+            weights = self.stage.versions.get(a.version)
+        with torch.set_grad_enabled(train):
+            self.stage.forward(state.env, weights)
+        if self.is_last:
+            state.loss = state.env[LOSS]
+            self.counters.losses.append(state.loss.detach())
+        self._compute(f"F{a.mb}", t1, version=a.version)
+        if not self.role.sends_outputs:
+            self._finish_forward(a.mb, state, train)
+
+    def _send_fwd(self, a: S.Action, mode: str, train: bool) -> None:
+        state = self._mb(a.mb)
+        for e in self.topology.outbound(self.stage_id):
+            t = state.env[e.name]
+            dst = self.topology.rank_for(e.dst, a.mb)
+            self.comm.send(t, e.name, dst, ACT, a.mb, mode=mode)
+            if train and not e.raw and t.requires_grad:
+                state.outputs.append((e.name, dst, t))
+        self._finish_forward(a.mb, state, train)
+
+    def _finish_forward(self, mb: int, state: _Microbatch, train: bool) -> None:
+        state.env = {}  # what backward needs is held by the autograd graph
+        if not train:
+            del self._inflight[mb]
+
+    def _recv_bwd(self, a: S.Action) -> None:
+        state = self._inflight[a.mb]
+        for name, dst, t in state.outputs:
+            pending = self.comm.recv(name, dst, GRAD, a.mb, like=TensorMeta.of(t))
+            state.grad_recvs.append((t, pending))
+
+    def _bwd(self, a: S.Action) -> None:
+        state = self._inflight[a.mb]
+        t0 = time.perf_counter()
+        grads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for t, pending in state.grad_recvs:
+            g = self.comm.wait(pending)
+            if id(t) in grads:  # one output read by several stages: sum their gradients
+                grads[id(t)] = (t, grads[id(t)][1] + g)
+            else:
+                grads[id(t)] = (t, g)
+        t1 = time.perf_counter()
+        if t1 - t0 > 1e-5:
+            self.tracer.add(f"wait B{a.mb}", "comm", t0, t1)
+        tensors = [t for t, _ in grads.values()]
+        grad_tensors = [g for _, g in grads.values()]
+        if state.loss is not None and state.loss.requires_grad:
+            tensors.append(state.loss)
+            grad_tensors.append(torch.ones_like(state.loss))
+        if tensors:
+            torch.autograd.backward(tensors, grad_tensors)
+        if a.stashed:
+            self.stage.versions.harvest_grads(a.version)
+        if a.release:
+            self.stage.versions.release(a.version)
+        state.outputs, state.grad_recvs, state.loss = [], [], None
+        self._compute(f"B{a.mb}", t1, version=a.version)
+        if not self.role.sends_grads:
+            del self._inflight[a.mb]
+
+    def _send_bwd(self, a: S.Action) -> None:
+        state = self._inflight.pop(a.mb)
+        for name, src, leaf in state.received:
+            g = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+            self.comm.send(g, name, src, GRAD, a.mb)
+
+    def _allreduce(self, a: S.Action) -> None:
+        grads = []
+        for p in self.stage.params.values():
+            if p.requires_grad:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad)
+        t0 = time.perf_counter()
+        ranks = list(self.topology.stage_ranks[self.stage_id])
+        self.comm.all_reduce(grads, self.group, f"summing gradients over the replicas of stage {self.stage_id} "
+                                                f"(ranks {ranks})")
+        self.tracer.add("allreduce", "comm", t0, time.perf_counter())
+
+    def _step(self, a: S.Action, on_minibatch_end: Callable[[], None] | None) -> None:
+        t0 = time.perf_counter()
+        if a.snapshot:
+            self.stage.versions.snapshot(a.version)
+        if a.grads > 1:
+            for p in self.stage.params.values():
+                if p.grad is not None:
+                    p.grad.div_(a.grads)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if a.minibatch_end and self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        self._compute("step", t0)
+        if a.minibatch_end and on_minibatch_end is not None:
+            on_minibatch_end()
+
+    def _flush(self, a: S.Action) -> None:
+        t0 = time.perf_counter()
+        self.comm.flush()
+        self.tracer.add("flush", "comm", t0, time.perf_counter())
+        if self._inflight:
+            raise RuntimeError(f"schedule ended with microbatches in flight: {sorted(self._inflight)}")
+
+
+# -- optimizer state by FQN --------------------------------------------------------------------
+
+
+def optimizer_state_by_fqn(optimizer: torch.optim.Optimizer, params: Mapping[str, torch.nn.Parameter]) -> dict:
+    """``optimizer.state_dict()`` with parameters named by FQN instead of position.
+
+    A layer that moves to another stage takes its entry with it; the receiving stage's
+    optimizer loads it with :func:`load_optimizer_state_by_fqn`.
+    """
+    name_of = {id(p): n for n, p in params.items()}
+    sd = optimizer.state_dict()
+    index_to_name: dict[int, str] = {}
+    groups = []
+    for group, saved in zip(optimizer.param_groups, sd["param_groups"]):
+        names = [name_of[id(p)] for p in group["params"]]
+        index_to_name.update(zip(saved["params"], names))
+        groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": names})
+    state = {index_to_name[i]: s for i, s in sd["state"].items()}
+    return {"state": state, "param_groups": groups}
+
+
+def load_optimizer_state_by_fqn(optimizer: torch.optim.Optimizer, params: Mapping[str, torch.nn.Parameter],
+                                saved: Mapping[str, Any]) -> None:
+    """Load the entries of ``saved`` (FQN-keyed) that name this optimizer's parameters.
+
+    Hyper-parameters (``lr`` …) come from the saved group holding the first such parameter, so a
+    scheduler-modified learning rate survives.
+    """
+    name_of = {id(p): n for n, p in params.items()}
+    saved_state = saved.get("state", {})
+    saved_groups = saved.get("param_groups", [])
+    group_of_name = {n: g for g in saved_groups for n in g.get("params", [])}
+    current = optimizer.state_dict()
+    state: dict[int, Any] = {}
+    groups = []
+    for group, cur in zip(optimizer.param_groups, current["param_groups"]):
+        names = [name_of[id(p)] for p in group["params"]]
+        for index, name in zip(cur["params"], names):
+            if name in saved_state:
+                state[index] = saved_state[name]
+        hyper = next((group_of_name[n] for n in names if n in group_of_name), cur)
+        groups.append({**{k: v for k, v in hyper.items() if k != "params"}, "params": cur["params"]})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _timedelta(seconds: float):
+    from datetime import timedelta
+
+    return timedelta(seconds=seconds)
