@@ -181,6 +181,10 @@ LOCAL_CASES = [
     ("branchy_cat", [4]),  # inside the first fan-out
     ("branchy_cat", [3, 8]),
     ("branchy_cat", [2, 5, 9, 14]),  # a bare parameter crosses a cut
+    ("traced_constant", [3]),  # tensors forward builds from literals travel inside the stage file
+    ("step_loop", [6]),  # captured by the torch.export fallback: ATen ops, one cell called in two stages
+    ("step_loop", [4, 8, 11]),
+    ("wrapped_function", [3]),  # a torch.fx.wrap'ed user function and math.sqrt, imported by the stage file
 ]
 
 
@@ -457,3 +461,10 @@ def test_cli_error_is_one_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert "plan.json" in result.stderr and "model" in result.stderr
+
+
+def test_module_called_in_two_stages_is_recorded_as_shared(tmp_path: Path) -> None:
+    spec = spec_of("step_loop")
+    generate_package(plan_for(spec, [6]), tmp_path / "pkg")
+    conf = json.loads((tmp_path / "pkg" / "conf.json").read_text())
+    assert conf["shared_parameters"] == {f"cell.{n}": [0, 1] for n in ("bias_hh", "bias_ih", "weight_hh", "weight_ih")}

@@ -8,6 +8,8 @@ Each one stresses something a stage cut must survive: skip connections and an in
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -153,3 +155,66 @@ class HostileName(nn.Module):
 
 def hostile_name() -> ModelBundle:
     return ModelBundle(model=HostileName(), example_inputs=lambda bs: (torch.ones(bs, 4),))
+
+
+class TracedConstant(nn.Module):
+    """``torch.tensor(...)`` inside forward: torch.fx stores it as ``_tensor_constant0`` on the root."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.lin(x) * torch.tensor([0.5, -1.25, 3.0]) + torch.tensor(0.1, dtype=torch.float64).float()
+        return self.out(torch.tanh(y))
+
+
+def traced_constant() -> ModelBundle:
+    return ModelBundle(model=TracedConstant(), example_inputs=lambda bs: (torch.randn(bs, 3, generator=torch.Generator().manual_seed(4)),))
+
+
+class StepLoop(nn.Module):
+    """A Python loop over ``range(x.size(1))``: torch.fx cannot trace it, the torch.export fallback can."""
+
+    def __init__(self, hidden: int = 5):
+        super().__init__()
+        self.hidden = hidden
+        self.cell = nn.GRUCell(3, hidden)
+        self.out = nn.Linear(hidden, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(x.size(0), self.hidden)
+        steps = []
+        for t in range(x.size(1)):
+            h = self.cell(x[:, t], h)
+            steps.append(h)
+        return self.out(torch.stack(steps, 1))
+
+
+def step_loop() -> ModelBundle:
+    return ModelBundle(model=StepLoop(), example_inputs=lambda bs: (torch.randn(bs, 4, 3, generator=torch.Generator().manual_seed(5)),))
+
+
+def scaled_softsign(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return x / (1 + x.abs()) * scale
+
+
+torch.fx.wrap("scaled_softsign")  # one opaque call in the graph; generated code imports it from here
+
+
+class WrappedFunction(nn.Module):
+    """A user function kept whole by ``torch.fx.wrap``, and ``math.sqrt`` on a shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = scaled_softsign(self.lin(x), 0.5) / math.sqrt(x.size(-1))
+        return self.out(y)
+
+
+def wrapped_function() -> ModelBundle:
+    return ModelBundle(model=WrappedFunction(), example_inputs=lambda bs: (torch.randn(bs, 4, generator=torch.Generator().manual_seed(6)),))

@@ -218,7 +218,8 @@ def mutated_input(n: torch.fx.Node, modules: dict[str, nn.Module]) -> torch.fx.N
 
 # -- one stage ---------------------------------------------------------------------------
 class _StageWriter:
-    def __init__(self, layout: Layout, stage: StageLayout):
+    def __init__(self, layout: Layout, stage: StageLayout, preset_roots: set[str] | None = None):
+        self.preset_roots = preset_roots or set()  # module names a first pass found the file imports
         self.layout = layout
         self.stage = stage
         self.gm = layout.captured.gm
@@ -240,7 +241,7 @@ class _StageWriter:
         base = fx_name if is_simple_name(fx_name) else re.sub(r"[^A-Za-z0-9_]", "_", fx_name).strip("_") or "value"
         if base[0].isdigit():
             base = f"v_{base}"
-        reserved = self.imports.roots() | {"self"}
+        reserved = self.imports.roots() | self.preset_roots | {"self", "adopt"}
         candidate, i = base, 0
         while (
             candidate in self.taken or candidate in reserved or hasattr(builtins, candidate)
@@ -459,9 +460,31 @@ def _flow_lines(label: str, tensors: list[Tensor], peer: str) -> list[str]:
     return textwrap.wrap(f"{label}: " + ", ".join(parts), width=96, subsequent_indent="    ")
 
 
+MAX_CONSTANT_ELEMENTS = 4096
+_LITERAL_DTYPES = {
+    torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128,
+    torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool,
+}
+
+
+def tensor_literal(t: torch.Tensor, writer: _StageWriter, where: str) -> str:
+    """``torch.tensor([...], dtype=...)`` with exactly ``t``'s values (a float's repr round-trips)."""
+    if t.dtype not in _LITERAL_DTYPES or t.numel() > MAX_CONSTANT_ELEMENTS or t.is_sparse:
+        raise CodegenError(
+            f"{where}: forward builds a {t.dtype} tensor constant of shape {list(t.shape)}, too big to write into "
+            "the stage file; register it as a buffer in the model's __init__ so stages can adopt it"
+        )
+    values = writer.literal(t.detach().cpu().tolist(), where)
+    return f"torch.tensor({values}, dtype={writer.literal(t.dtype, where)})"
+
+
 def render_stage(layout: Layout, stage: StageLayout, model: nn.Module, title: str) -> str:
     """The source of ``stage{K}.py``."""
-    writer = _StageWriter(layout, stage)
+    # Two passes: the first finds which modules the file imports, so that no helper variable
+    # of the second can shadow one of them.
+    first = _StageWriter(layout, stage)
+    first.forward_body()
+    writer = _StageWriter(layout, stage, first.imports.roots())
     body = writer.forward_body()
     n_stages = len(layout.stages)
     k = stage.index
@@ -505,7 +528,10 @@ def render_stage(layout: Layout, stage: StageLayout, model: nn.Module, title: st
             note = _describe_fqn(layout.captured.gm, model, fqn)
             out.append(f"            {string_literal(fqn)},  # {note}" if note else f"            {string_literal(fqn)},")
         out.append("        ])")
-    else:
+    for name in stage.constants:
+        value = tensor_literal(getattr(layout.captured.gm, name), writer, f"stage {k}, {name}")
+        out.append(f"        self.register_buffer({string_literal(name)}, {value}, persistent=False)  # a constant in forward")
+    if not adopted:
         out.append("        del model  # this stage has no parameters or modules of its own")
     sig = ", ".join(f"{name}: torch.Tensor" for name in stage.input_names)
     out += ["", f"    def forward(self{', ' if inputs else ''}{sig}) -> tuple[torch.Tensor, ...]:"]

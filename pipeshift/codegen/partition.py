@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import operator
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ class StageLayout:
     inputs: list[Tensor]
     outputs: list[Tensor]
     adopt: list[str]  # FQNs of modules / parameters / buffers the stage runs
+    constants: list[str] = dataclasses.field(default_factory=list)  # tensors fx made from literals in forward
     keep: list[str] = dataclasses.field(default_factory=list)  # state nobody runs, kept for a full state_dict
 
     @property
@@ -183,10 +185,23 @@ def check_profile(plan: Plan, captured: CapturedGraph) -> None:
 
 
 # -- layout ---------------------------------------------------------------------------------
-def _fqns_of(fx_nodes: list[torch.fx.Node]) -> list[str]:
+def is_trace_constant(model: nn.Module, target: str) -> bool:
+    """A tensor torch.fx made from a value forward computed from literals (``torch.tensor([0.5])``).
+
+    The tracer parks it on the traced root as ``_tensor_constantN``, which a freshly built model
+    does not have, so a stage carries it itself instead of adopting it.
+    """
+    if not re.match(r"^_tensor_constant[0-9]+$", target):
+        return False
+    return target not in model._parameters and target not in model._buffers and torch.is_tensor(getattr(model, target, None))
+
+
+def _fqns_of(fx_nodes: list[torch.fx.Node], model: nn.Module) -> list[str]:
     """Module / attribute targets the nodes use, outermost first, without ones nested in another."""
     found: list[str] = []
     for n in fx_nodes:
+        if n.op == "get_attr" and is_trace_constant(model, str(n.target)):
+            continue
         if n.op in ("call_module", "get_attr") and str(n.target) not in found:
             found.append(str(n.target))
     kept = [f for f in found if not any(f.startswith(o + ".") for o in found if o != f)]
@@ -349,7 +364,8 @@ def layout(plan: Plan, captured: CapturedGraph, structures: dict[str, Structure]
                 fx_nodes=fx_nodes,
                 inputs=[tensor(i, [k]) for i in in_ids],
                 outputs=[tensor(o, [c for c in sorted(consumers[o]) if c > k]) for o in out_ids],
-                adopt=_fqns_of(fx_nodes),
+                adopt=_fqns_of(fx_nodes, model),
+                constants=sorted({str(n.target) for n in fx_nodes if n.op == "get_attr" and is_trace_constant(model, str(n.target))}),
             )
         )
     _keep_unused(model, stages)
