@@ -197,6 +197,8 @@ def test_activation_sizes_are_real_output_bytes(zoo_profile):
 
 def test_node_times_sum_to_the_whole_step(zoo_profile):
     per_node, whole = zoo_profile["attempts"][-1]
+    print(f"{zoo_profile['name']}: sum of per-node medians {per_node:.2f} ms, eager step median {whole:.2f} ms, "
+          f"ratio {per_node / whole:.3f} (attempt {len(zoo_profile['attempts'])})")
     assert abs(per_node / whole - 1) <= 0.25, (
         f"{zoo_profile['name']}: (sum of per-node medians, median eager step) in ms per attempt: {zoo_profile['attempts']}"
     )

@@ -160,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = collapse_runs(backward_execution_order(runner, inputs))
     split = len(runs) - len(set(runs))
     summary["nodes whose backward is split"] = float(split)
-    heaviest = df.sort_values("bwd hooks", ascending=False).head(args.top)
-    print(heaviest.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if args.top > 0:
+        heaviest = df.sort_values("bwd hooks", ascending=False).head(args.top)
+        print(heaviest.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     for key, value in summary.items():
         print(f"{key}: {value:.3f}")
     return 0
