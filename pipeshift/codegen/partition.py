@@ -141,12 +141,17 @@ def leaf_ranges(structure: Structure) -> list[range]:
 
 # -- checks against the profile ----------------------------------------------------------
 def _profile_candidates(plan: Plan) -> list[Path]:
-    here = Path(plan.source).parent
-    found = [here / "profile.json"]
+    """profile.json beside the plan, or beside the graph.txt the plan was made from."""
+    found: list[Path] = []
+    here = None if plan.source.startswith("<") else Path(plan.source).parent  # "<plan>": a dict, no file
+    if here is not None:
+        found.append(here / "profile.json")
     graph = plan.raw.get("graph")
     if isinstance(graph, str) and graph and "\x00" not in graph:
         g = Path(graph)
-        found += [g.parent / "profile.json", here / g.parent / "profile.json"] if not g.is_absolute() else [g.parent / "profile.json"]
+        found.append(g.parent / "profile.json")
+        if here is not None and not g.is_absolute():
+            found.append(here / g.parent / "profile.json")
     return found
 
 
@@ -178,7 +183,7 @@ def check_profile(plan: Plan, captured: CapturedGraph) -> None:
             if now != fx_name:
                 raise InputFileError(
                     str(path), None,
-                    f"{node_id!s:.20} was fx node {fx_name!r:.80} when profiled but is {now!r} in the model today: "
+                    f"{node_id!r:.30} was fx node {fx_name!r:.80} when profiled but is {now!r} in the model today: "
                     "the model or its leaf policy changed since profiling; re-run profile and plan",
                 )
         return
