@@ -184,7 +184,8 @@ LOCAL_CASES = [
     ("traced_constant", [3]),  # tensors forward builds from literals travel inside the stage file
     ("step_loop", [6]),  # captured by the torch.export fallback: ATen ops, one cell called in two stages
     ("step_loop", [4, 8, 11]),
-    ("wrapped_function", [3]),  # a torch.fx.wrap'ed user function and math.sqrt, imported by the stage file
+    ("wrapped_function", [3]),
+    ("sequential_root", [3]),  # FQNs "0", "1", ...: the stage indexes itself like the nn.Sequential  # a torch.fx.wrap'ed user function and math.sqrt, imported by the stage file
 ]
 
 

@@ -218,3 +218,9 @@ class WrappedFunction(nn.Module):
 
 def wrapped_function() -> ModelBundle:
     return ModelBundle(model=WrappedFunction(), example_inputs=lambda bs: (torch.randn(bs, 4, generator=torch.Generator().manual_seed(6)),))
+
+
+def sequential_root() -> ModelBundle:
+    """The model itself is an ``nn.Sequential``: its FQNs are ``0``, ``1``, …"""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    return ModelBundle(model=model, example_inputs=lambda bs: (torch.randn(bs, 4, generator=torch.Generator().manual_seed(7)),))

@@ -111,7 +111,12 @@ def attr_path(fqn: str) -> str:
     if not FQN_RE.match(fqn):
         raise CodegenError(f"{fqn!r} is not a dotted module name; refusing to write it into code")
     first, *rest = fqn.split(".")
-    out = f"self.{first}" if is_simple_name(first) else f"getattr(self, {string_literal(first)})"
+    if is_simple_name(first):
+        out = f"self.{first}"
+    elif first.isdigit() and str(int(first)) == first:
+        out = f"self[{first}]"  # an nn.Sequential model: the stage class gets a __getitem__
+    else:
+        out = f"getattr(self, {string_literal(first)})"
     for part in rest:
         if is_simple_name(part):
             out += f".{part}"
@@ -533,6 +538,14 @@ def render_stage(layout: Layout, stage: StageLayout, model: nn.Module, title: st
         out.append(f"        self.register_buffer({string_literal(name)}, {value}, persistent=False)  # a constant in forward")
     if not adopted:
         out.append("        del model  # this stage has no parameters or modules of its own")
+    roots = {str(n.target).split(".")[0] for n in stage.fx_nodes if n.op in ("call_module", "get_attr")}
+    if any(r.isdigit() and str(int(r)) == r for r in roots):
+        out += [
+            "",
+            "    def __getitem__(self, index: int) -> torch.nn.Module:",
+            '        """``self[0]``: the original model is an ``nn.Sequential``; its layers keep their indices."""',
+            "        return self._modules[str(index)]",
+        ]
     sig = ", ".join(f"{name}: torch.Tensor" for name in stage.input_names)
     out += ["", f"    def forward(self{', ' if inputs else ''}{sig}) -> tuple[torch.Tensor, ...]:"]
     out += [f"        {line}" for line in body]

@@ -186,6 +186,7 @@ def write_package(rendered: Rendered, out_dir: str | os.PathLike[str]) -> Path:
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; other users and machines read the package too
         os.replace(tmp, out / name)
     return out
 
