@@ -1,0 +1,157 @@
+"""Split a profiled graph into pipeline stages: `pipeshift plan graph.txt -n 4 4 -b 10e9 1.25e9 -o plan/`.
+
+PipeDream's optimizer flags work unchanged (``-f``, ``-n/--all_num_machines``,
+``-b/--network_bandwidths``, ``-s/--memory_size``, ``--straight_pipeline``,
+``--use_memory_constraint``, ``--use_fewer_machines``, ``--activation_compression_ratio``,
+``-o/--output_directory``); ``--cost-model pipedream`` reproduces its optimum exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeshift.errors import InputFileError, PipeshiftError
+from pipeshift.graph import read_graph_txt
+from pipeshift.optimizer import cost as ps_cost
+from pipeshift.optimizer.planner import COST_MODELS, SEARCHES, PlanOptions, make_plan
+from pipeshift.optimizer.report import plan_document, summary, write_plan_dir
+from pipeshift.optimizer.topology import from_flags, read_topology, with_speeds
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("graph", nargs="?", help="graph.txt written by `pipeshift profile` (or PipeDream's profiler)")
+    p.add_argument("-f", "--profile_filename", "--profile-filename", dest="profile_filename", help="same as GRAPH (PipeDream's flag)")
+    p.add_argument("-o", "--output_directory", "--output-directory", dest="output", help="plan directory to write")
+    p.add_argument("-n", "--all_num_machines", "--num-workers", dest="num_workers", nargs="+", metavar="N",
+                   help="workers per level, innermost first (e.g. -n 4 4: 4 machines of 4 GPUs)")
+    p.add_argument("-b", "--network_bandwidths", "--bandwidths", dest="bandwidths", nargs="+", metavar="BYTES_PER_S",
+                   help="bandwidth of each level in bytes/s, innermost first (default 1e9 for one level)")
+    p.add_argument("--latencies", nargs="+", metavar="SECONDS", help="per-message latency of each level (default 0)")
+    p.add_argument("--topology", metavar="FILE", help="topology JSON (e.g. from `pipeshift netcheck`) instead of -n/-b")
+    p.add_argument("--worker-speeds", nargs="+", metavar="X", help="relative speed of each worker (1 = the profiled machine)")
+    p.add_argument("-s", "--memory_size", "--memory-size", dest="memory_size", metavar="BYTES",
+                   help="memory per worker; pipeshift's model enforces it when given, PipeDream's with --use_memory_constraint")
+    p.add_argument("--use_memory_constraint", "--use-memory-constraint", dest="use_memory_constraint", action="store_true")
+    p.add_argument("--straight_pipeline", "--straight-pipeline", dest="straight", action="store_true",
+                   help="no replication: one worker per stage")
+    p.add_argument("--use_fewer_machines", "--use-fewer-machines", dest="fewer", action="store_true",
+                   help="allow plans that leave workers idle when that is faster")
+    p.add_argument("--activation_compression_ratio", "--activation-compression-ratio", dest="compression",
+                   metavar="R", help="activations shrink by R on the wire (PipeDream counts transfers only when given)")
+    p.add_argument("--cost-model", choices=COST_MODELS, default="pipeshift")
+    p.add_argument("--schedule", choices=ps_cost.SCHEDULES, default="1f1b", help="pipeline schedule the plan is for")
+    p.add_argument("--microbatches", type=str, default="4", metavar="M", help="microbatches per minibatch (default 4)")
+    p.add_argument("--optimizer-states", default="2", metavar="K",
+                   help="optimizer state per weight, in weight copies (2 = Adam, 1 = SGD momentum, 0 = SGD)")
+    p.add_argument("--search", choices=SEARCHES, default="auto",
+                   help="exact: every downset; prefix: prefixes of topological orders; auto: exact while small")
+    p.add_argument("--max-states", default="2000", metavar="S", help="largest exact state space (auto/exact)")
+    p.add_argument("--batch-size", metavar="B", help="samples per profiled batch (default: profile.json's)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no summary table")
+
+
+def _numbers(values: list[str] | None, flag: str, kind=float) -> list[Any] | None:
+    if values is None:
+        return None
+    out = []
+    for v in values:
+        try:
+            x = kind(v) if kind is float else int(v)
+        except ValueError:
+            raise PipeshiftError(f"{flag}: {v!r} is not {'a number' if kind is float else 'an integer'}") from None
+        if kind is float and not math.isfinite(x):
+            raise PipeshiftError(f"{flag}: {v!r} is not a finite number")
+        out.append(x)
+    return out
+
+
+def _one(value: str | None, flag: str, kind=float, minimum: float = 0.0, strict: bool = True):
+    if value is None:
+        return None
+    [x] = _numbers([value], flag, kind)
+    if x < minimum or (strict and x == minimum):
+        raise PipeshiftError(f"{flag}: {value!r} must be {'>' if strict else '>='} {minimum:g}")
+    return x
+
+
+def read_profile_json(graph_path: Path) -> dict[str, Any]:
+    """The sibling profile.json's top-level fields the plan records (empty if there is none)."""
+    side = graph_path.with_name("profile.json")
+    if not side.is_file():
+        return {}
+    try:
+        data = json.loads(side.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputFileError(str(side), getattr(e, "lineno", None), f"invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise InputFileError(str(side), None, "expected a JSON object")
+    batch = data.get("batch_size")
+    if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
+        raise InputFileError(str(side), None, f"batch_size must be a positive integer, got {batch!r}")
+    return {k: data.get(k) for k in ("model", "leaf_policy", "batch_size")}
+
+
+def options_from_args(args: argparse.Namespace) -> PlanOptions:
+    microbatches = int(_one(args.microbatches, "--microbatches", int, 1, strict=False))
+    memory = _one(args.memory_size, "--memory_size")
+    if args.cost_model == "pipedream":
+        limit = (memory if memory is not None else 16e9) if args.use_memory_constraint else None
+    else:
+        limit = memory if memory is not None else (16e9 if args.use_memory_constraint else None)
+    return PlanOptions(
+        cost_model=args.cost_model,
+        straight=args.straight,
+        fewer_machines=args.fewer,
+        memory_limit=limit,
+        compression=_one(args.compression, "--activation_compression_ratio"),
+        schedule=ps_cost.Schedule(args.schedule, microbatches),
+        optimizer_states=float(_one(args.optimizer_states, "--optimizer-states", float, 0.0, strict=False)),
+        search=args.search,
+        max_states=int(_one(args.max_states, "--max-states", int, 1, strict=False)),
+    )
+
+
+def topology_from_args(args: argparse.Namespace):
+    speeds = _numbers(args.worker_speeds, "--worker-speeds")
+    if args.topology:
+        if args.num_workers or args.bandwidths or args.latencies:
+            raise PipeshiftError("give either --topology or -n/-b/--latencies, not both")
+        return with_speeds(read_topology(args.topology), speeds)
+    return from_flags(
+        _numbers(args.num_workers, "-n", int),
+        _numbers(args.bandwidths, "-b"),
+        _numbers(args.latencies, "--latencies"),
+        speeds,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.graph and args.profile_filename and args.graph != args.profile_filename:
+        raise PipeshiftError("give the graph once: as GRAPH or as -f, not both")
+    graph_arg = args.graph or args.profile_filename
+    if not graph_arg:
+        raise PipeshiftError("which graph? give GRAPH (graph.txt) or -f graph.txt")
+    opt = options_from_args(args)
+    topo = topology_from_args(args)
+    graph_path = Path(graph_arg)
+    graph = read_graph_txt(graph_path)
+    profile = read_profile_json(graph_path)
+    if args.batch_size is not None:
+        profile["batch_size"] = int(_one(args.batch_size, "--batch-size", int, 1, strict=False))
+    t0 = time.perf_counter()
+    result = make_plan(graph, topo, opt)
+    elapsed = time.perf_counter() - t0
+    doc = plan_document(graph, graph_arg, result, topo, opt, profile)
+    doc["search"]["planner_seconds"] = elapsed
+    if args.output:
+        write_plan_dir(Path(args.output), graph, doc)
+    if not args.quiet:
+        print(summary(doc))
+        if args.output:
+            print(f"wrote {Path(args.output) / 'plan.json'} (planned in {elapsed:.3f} s)")
+    return 0

@@ -1,0 +1,225 @@
+"""pipeshift's own cost model (the default, ``--cost-model pipeshift``).
+
+Units: one *microbatch* is one batch at the profiled batch size (graph.txt's times are per
+profiled batch); every time below is seconds per microbatch in steady state.
+
+* **Stage time** on m' replicas: the replicas take microbatches round-robin, so each does a
+  ``share`` of the work — 1/m' for the continuous schedules (1f1b, 2bw), ``ceil(M/m')/M`` for
+  the flushing ones (flush, gpipe: a minibatch of M microbatches cannot be split finer than
+  whole microbatches). Replicas synchronise gradients with a **ring all-reduce**,
+  ``2(m'-1)/m' · bytes / bandwidth + 2(m'-1) · latency``, once per ``sync`` microbatches:
+  per m' for 1f1b (PipeDream: each replica syncs after each of its microbatches), per M for the
+  others. Compute is divided by the slowest replica's speed (``--worker-speeds``).
+* **Cuts**: every microbatch sends its activations forward and its gradients back across each
+  cut — two messages of the bytes that cross it (every tensor produced before the cut and
+  consumed after it, skip connections included), each paying ``latency + bytes/bandwidth`` of the
+  level the cut lies on. The link is a resource of its own (transfers overlap compute), so a cut
+  bounds the pipeline's pace like a stage does; its traffic is spread over the m' replicas of the
+  stage that receives it.
+* **Memory** per worker: weights · versions + gradients + optimizer state (``--optimizer-states``
+  copies of the weights; 2 for Adam) + stashed activations · microbatches in flight. In flight
+  at a stage with D workers after it: ``ceil((D + m')/m')`` for 1f1b and 2bw, at most
+  ``ceil(M/m')`` for flush, exactly ``ceil(M/m')`` for gpipe. Weight versions: one per
+  microbatch in flight for 1f1b (weight stashing), two for 2bw, one otherwise. In a hierarchy the
+  memory check happens at the innermost level, where the workers after a stage outside its own
+  machine are not known yet: it assumes all of them (a safe over-estimate for the inner stages;
+  exact for one level).
+
+A level sees the level below as slots whose time for a range is the lower level's optimum; the
+slowest slot type in a replica group sets the group's pace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+INF = np.inf
+SCHEDULES = ("1f1b", "flush", "gpipe", "2bw")
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """The pipeline schedule and microbatch count, as far as the cost model cares."""
+
+    kind: str = "1f1b"
+    microbatches: int = 1
+
+    def share(self, replicas: np.ndarray | int) -> np.ndarray:
+        r = np.asarray(replicas, dtype=np.float64)
+        if self.kind in ("flush", "gpipe"):
+            return np.ceil(self.microbatches / r) / self.microbatches
+        return 1.0 / r
+
+    def sync(self, replicas: np.ndarray | int) -> np.ndarray:
+        r = np.asarray(replicas, dtype=np.float64)
+        return r if self.kind == "1f1b" else np.full_like(r, float(self.microbatches))
+
+    def in_flight(self, downstream: np.ndarray | int, replicas: np.ndarray | int) -> np.ndarray:
+        r = np.asarray(replicas, dtype=np.float64)
+        depth = np.ceil((np.asarray(downstream, dtype=np.float64) + r) / r)
+        per_replica = np.ceil(self.microbatches / r)
+        if self.kind == "flush":
+            return np.minimum(depth, per_replica)
+        if self.kind == "gpipe":
+            return per_replica + 0 * depth
+        return depth
+
+    def weight_versions(self, in_flight: np.ndarray) -> np.ndarray:
+        if self.kind == "1f1b":
+            return in_flight
+        return np.full_like(in_flight, 2.0 if self.kind == "2bw" else 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+    """Per-worker memory limit (None: unlimited) and what the optimizer keeps per weight."""
+
+    limit: float | None = None
+    optimizer_states: float = 2.0
+
+    def bytes(self, params, stash, in_flight, versions):
+        return params * (versions + 1.0 + self.optimizer_states) + in_flight * stash
+
+
+def ring_allreduce(params: np.ndarray, replicas: np.ndarray, bandwidth: float, latency: float) -> np.ndarray:
+    r = np.asarray(replicas, dtype=np.float64)
+    return np.where(r > 1, 2.0 * (r - 1) / r * params / bandwidth + 2.0 * (r - 1) * latency, 0.0)
+
+
+def _pairs(N: int, straight: bool) -> tuple[np.ndarray, np.ndarray]:
+    ms, mps = [], []
+    for m in range(1, N):
+        for mp in range(1, 2 if straight else m + 1):
+            ms.append(m)
+            mps.append(mp)
+    return np.array(ms, dtype=np.int64), np.array(mps, dtype=np.int64)
+
+
+class PipeshiftLevel:
+    """:class:`~pipeshift.optimizer.dp.LevelCosts` of one level under pipeshift's model.
+
+    ``times[t, r, j]``: seconds per microbatch of range (r, j) on one slot of type t (inf where
+    the range is illegal); ``slot_types[s]``: the type of slot s. ``params``/``stash`` are
+    (S+1, S) range sums; ``cut_bytes[k]`` the bytes crossing the cut after state k.
+    """
+
+    def __init__(
+        self,
+        times: np.ndarray,
+        slot_types: np.ndarray,
+        params: np.ndarray,
+        stash: np.ndarray,
+        cut_bytes: np.ndarray,
+        bandwidth: float,
+        latency: float,
+        schedule: Schedule,
+        straight: bool,
+        memory: Memory | None,
+        outer_downstream: int,
+    ):
+        self.times = times
+        self.slot_types = np.asarray(slot_types, dtype=np.int64)
+        self.params, self.stash, self.cut_bytes = params, stash, cut_bytes
+        self.bandwidth, self.latency = bandwidth, latency
+        self.schedule = schedule
+        self.straight = straight
+        self.memory = memory if memory is not None and memory.limit is not None else None
+        self.outer_downstream = outer_downstream
+        N = self.num_slots = len(self.slot_types)
+        self.pair_m, self.pair_mp = _pairs(N, straight)
+        n_types = times.shape[0]
+        onehot = np.eye(n_types, dtype=bool)[self.slot_types]  # (N, types)
+        cum = np.cumsum(onehot, axis=0)
+        self._single_member = cum > 0  # slots 0..m
+        lo = self.pair_m + 1 - self.pair_mp
+        before = np.where(lo[:, None] > 0, cum[np.maximum(lo - 1, 0)], 0)
+        self._pair_member = (cum[self.pair_m] - before) > 0  # slots m+1-m' .. m
+        self.homogeneous = n_types == 1
+
+    # -- pieces ---------------------------------------------------------------------------
+    def _stage_time(self, compute: np.ndarray, params: np.ndarray, replicas: np.ndarray) -> np.ndarray:
+        s = self.schedule
+        ar = ring_allreduce(params, replicas, self.bandwidth, self.latency)
+        return compute * s.share(replicas) + ar / s.sync(replicas)
+
+    def _fits(self, params, stash, downstream, replicas) -> np.ndarray | bool:
+        if self.memory is None:
+            return True
+        fl = self.schedule.in_flight(downstream + self.outer_downstream, replicas)
+        need = self.memory.bytes(params, stash, fl, self.schedule.weight_versions(fl))
+        return need <= self.memory.limit
+
+    def _group_time(self, times_t: np.ndarray, member: np.ndarray) -> np.ndarray:
+        """Max over the slot types in each group: times_t (types, ...) , member (G, types) → (..., G)."""
+        t = np.moveaxis(times_t, 0, -1)[..., None, :]  # (..., 1, types)
+        return np.where(member, t, -INF).max(axis=-1)
+
+    # -- LevelCosts -----------------------------------------------------------------------
+    def single(self, rows: np.ndarray) -> np.ndarray:
+        N = self.num_slots
+        m = np.arange(N)
+        replicas = (m + 1).astype(np.float64)
+        if self.homogeneous:
+            comp = self.times[0][rows][:, :, None]
+        else:
+            comp = self._group_time(self.times[:, rows], self._single_member)
+        par = self.params[rows][:, :, None]
+        t = self._stage_time(comp, par, replicas)
+        fits = self._fits(par, self.stash[rows][:, :, None], N - (m + 1), replicas)
+        t = np.where(fits, t, INF)
+        if self.straight:
+            t[:, :, 1:] = INF
+        return t
+
+    def last(self, ks: np.ndarray, js: np.ndarray) -> np.ndarray:
+        N = self.num_slots
+        rows = ks + 1
+        par = self.params[np.ix_(rows, js)][:, :, None]
+        if self.homogeneous:
+            mp = np.arange(1, (2 if self.straight else N), dtype=np.float64)
+            comp = self.times[0][np.ix_(rows, js)][:, :, None]
+            t = self._stage_time(comp, par, mp)
+            link = 2.0 * (self.latency + self.cut_bytes[ks] / self.bandwidth)[:, None, None] / mp
+            t = np.maximum(t, link)[:, :, self.pair_mp - 1]
+        else:
+            mp = self.pair_mp.astype(np.float64)
+            comp = self._group_time(self.times[:, rows][:, :, js], self._pair_member)
+            t = self._stage_time(comp, par, mp)
+            link = 2.0 * (self.latency + self.cut_bytes[ks] / self.bandwidth)[:, None, None] / mp
+            t = np.maximum(t, link)
+        if self.memory is not None:
+            stash = self.stash[np.ix_(rows, js)][:, :, None]
+            fits = self._fits(par, stash, N - (self.pair_m + 1), self.pair_mp.astype(np.float64))
+            t = np.where(fits, t, INF)
+        return t
+
+
+    def charge(self, value: float, row: int, end: int, slots: int, first: bool) -> float:
+        """What this level charges a range whose inner time is ``value`` (the DP's formula)."""
+        t = float(self._stage_time(np.float64(value), np.float64(self.params[row, end]), np.float64(slots)))
+        if not first:
+            t = max(t, 2.0 * (self.latency + float(self.cut_bytes[row - 1]) / self.bandwidth) / slots)
+        return t
+
+
+def data_parallel_time(
+    total_compute_s: float, total_params: float, levels: list[tuple[int, float, float]], schedule: Schedule
+) -> float:
+    """One stage replicated over every worker, level by level (slots of a level run the level below)."""
+    t = total_compute_s
+    for n, bw, lat in levels:
+        r = np.float64(n)
+        t = float(t * schedule.share(r) + ring_allreduce(np.float64(total_params), r, bw, lat) / schedule.sync(r))
+    return t
+
+
+def stage_memory(schedule: Schedule, memory: Memory, params: float, stash: float, downstream: int, replicas: int) -> float:
+    fl = schedule.in_flight(downstream, replicas)
+    return float(memory.bytes(params, stash, fl, schedule.weight_versions(fl)))
+
+
+def describe_in_flight(schedule: Schedule, downstream: int, replicas: int) -> int:
+    return int(math.ceil(float(schedule.in_flight(downstream, replicas))))

@@ -1,0 +1,411 @@
+"""The planner: profiled graph + topology → pipeline stages, replication and rank lists.
+
+:func:`make_plan` runs the hierarchical dynamic program of :mod:`pipeshift.optimizer.dp`
+level by level, innermost first: for every stage range the inner level's optimum becomes the
+range's compute time one level up, and the outermost level's optimum is the plan. It then walks
+the optimal choices back down and flattens them into one list of stages in pipeline order, each
+with its nodes, its replication factor (the product over levels) and the workers it runs on.
+
+Two cost models share this machinery: pipeshift's own (:mod:`pipeshift.optimizer.cost`) and
+PipeDream's, quirks included (:mod:`pipeshift.optimizer.pipedream_cost`). The state space is
+exact when it is small and prefixes of topological orders otherwise (:mod:`.states`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import numpy as np
+
+from pipeshift.errors import PipeshiftError
+from pipeshift.graph import Graph
+from pipeshift.optimizer import cost as ps_cost
+from pipeshift.optimizer import pipedream_cost as pd_cost
+from pipeshift.optimizer.dp import LevelSolution, solve_level, trace
+from pipeshift.optimizer.states import (
+    GraphArrays,
+    StateSpace,
+    TooManyStates,
+    all_downsets,
+    frontier_bytes,
+    pipedream_states,
+    prefix_orders,
+    prefix_states,
+)
+from pipeshift.optimizer.topology import Topology
+
+COST_MODELS = ("pipeshift", "pipedream")
+SEARCHES = ("auto", "exact", "prefix")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanOptions:
+    cost_model: str = "pipeshift"
+    straight: bool = False
+    fewer_machines: bool = False
+    memory_limit: float | None = None  # bytes per worker; None = unconstrained
+    compression: float | None = None  # activation compression ratio
+    schedule: ps_cost.Schedule = ps_cost.Schedule()
+    optimizer_states: float = 2.0
+    search: str = "auto"
+    max_states: int = 2000  # exact search only below this many states
+    work_budget: float = 4e8  # … and only while the DP's estimated element operations stay below this
+
+
+@dataclasses.dataclass
+class Stage:
+    """One stage of the flattened plan, in pipeline order."""
+
+    nodes: list[str]
+    replicas: int
+    workers: list[int]
+    slots: list[tuple[int, int]]  # (first slot, slot count) per level, outermost first
+    cut_level: int | None  # topology level of the cut before this stage
+    dp_value: float  # the stage's time per microbatch as the DP charged it (all levels applied)
+    row: int
+    end: int
+
+
+@dataclasses.dataclass
+class PlanResult:
+    optimum: float
+    stages: list[Stage]
+    states: StateSpace
+    arrays: GraphArrays
+    level_splits: list[list[tuple[int, int, float, int]]]  # PipeDream-style printout, outermost first
+    notes: list[str]
+    search_candidates: dict[str, float]
+
+
+# -- helpers ---------------------------------------------------------------------------
+def _valid_rows(states: StateSpace) -> np.ndarray:
+    """(S+1, S): range (row r, state j) is a legal stage (state r-1 ⊂ state j)."""
+    S = states.size
+    valid = np.zeros((S + 1, S), dtype=bool)
+    valid[0] = True
+    valid[1:] = states.pred
+    return valid
+
+
+def _range_sums(per_state: np.ndarray, valid: np.ndarray, fill: float) -> np.ndarray:
+    rows = pd_cost.range_rows(per_state, fill)
+    return np.where(valid, rows, fill)
+
+
+def _estimated_work(S: int, topology: Topology, straight: bool) -> float:
+    work = 0.0
+    for i, level in enumerate(topology.levels):
+        n = level.workers
+        pairs = (n - 1) if straight else n * (n - 1) / 2
+        rows = 1 if i == len(topology.levels) - 1 else S / 3
+        work += rows * S * S / 2 * max(pairs, 1)
+    return work
+
+
+# -- solving ---------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Solved:
+    """Per level: signature → (costs, solution); per level ≥ 1: signature → inner signature of each slot."""
+
+    levels: list[dict[int, tuple[object, LevelSolution]]]
+    slot_sigs: list[dict[int, tuple[int, ...]]]
+    final_sig: int
+
+    def optimum(self, S: int) -> float:
+        costs, sol = self.levels[-1][self.final_sig]
+        return float(sol.table[0, S - 1, costs.num_slots - 1])
+
+
+def _solve_pipedream(g: GraphArrays, states: StateSpace, topo: Topology, opt: PlanOptions, closure) -> _Solved:
+    members = states.members.astype(np.float64)
+    comp = members @ (g.compute_ms / 1000.0)
+    act = members @ g.activation
+    par = members @ g.parameter
+    out = pd_cost.augmented_output_bytes(g, states.members, closure)
+    C = pd_cost.range_rows(comp, np.inf)
+    Aa = pd_cost.range_rows(act, 0.0)
+    P = pd_cost.range_rows(par, 0.0)
+    if states.mode == "prefix":  # prefixes are always nested: no quirky pairs to keep
+        pass
+    succ = states.successors()
+    within = 1
+    levels: list[dict[int, tuple[object, LevelSolution]]] = []
+    slot_sigs: list[dict[int, tuple[int, ...]]] = []
+    for i, level in enumerate(topo.levels):
+        final = i == len(topo.levels) - 1
+        costs = pd_cost.PipeDreamLevel(
+            C, Aa, P, out, level.workers, level.bandwidth, within, opt.straight, opt.memory_limit, opt.compression
+        )
+        sol = solve_level(costs, succ, all_rows=not final, fewer=opt.fewer_machines)
+        levels.append({0: (costs, sol)})
+        slot_sigs.append({0: (0,) * level.workers})
+        C = np.ascontiguousarray(sol.table[:, :, -1])
+        within = level.workers
+    return _Solved(levels, slot_sigs, 0)
+
+
+def _solve_pipeshift(g: GraphArrays, states: StateSpace, topo: Topology, opt: PlanOptions) -> _Solved:
+    valid = _valid_rows(states)
+    members = states.members.astype(np.float64)
+    comp = _range_sums(members @ (g.compute_ms / 1000.0), valid, np.inf)
+    par = _range_sums(members @ g.parameter, valid, 0.0)
+    stash = _range_sums(members @ g.stash, valid, 0.0)
+    cut = frontier_bytes(g, states.members)
+    if opt.compression is not None:
+        cut = cut / opt.compression
+    memory = ps_cost.Memory(opt.memory_limit, opt.optimizer_states)
+    succ = states.successors()
+    speeds = np.array(topo.speeds if topo.speeds is not None else [1.0] * topo.num_workers)
+    n_levels = len(topo.levels)
+    # level 0 groups: signature = the speeds of their workers
+    g0 = topo.levels[0].workers
+    unit_sigs = [tuple(speeds[i : i + g0]) for i in range(0, topo.num_workers, g0)]
+    levels: list[dict[int, tuple[object, LevelSolution]]] = []
+    slot_sigs: list[dict[int, tuple[int, ...]]] = []
+    prev_tables: dict[int, np.ndarray] = {}
+    sig_ids: dict[tuple, int] = {}
+    group_sig: list[int] = []
+    for sig in unit_sigs:
+        group_sig.append(sig_ids.setdefault(sig, len(sig_ids)))
+    for i, level in enumerate(topo.levels):
+        final = i == n_levels - 1
+        solved_here: dict[int, tuple[object, LevelSolution]] = {}
+        slots_here: dict[int, tuple[int, ...]] = {}
+        for sig, sid in sig_ids.items():
+            if i == 0:
+                type_values = sorted(set(sig))
+                slot_types = np.array([type_values.index(s) for s in sig])
+                times = np.stack([comp / v for v in type_values])
+                slots_here[sid] = tuple(slot_types)
+            else:
+                type_values = sorted(set(sig))
+                slot_types = np.array([type_values.index(s) for s in sig])
+                times = np.stack([prev_tables[s] for s in type_values])
+                slots_here[sid] = tuple(sig)
+            costs = ps_cost.PipeshiftLevel(
+                times,
+                slot_types,
+                par,
+                stash,
+                cut,
+                level.bandwidth,
+                level.latency,
+                opt.schedule,
+                opt.straight,
+                memory if i == 0 else None,
+                topo.num_workers - g0 if (i == 0 and n_levels > 1) else 0,
+            )
+            sol = solve_level(costs, succ, all_rows=not final, fewer=opt.fewer_machines)
+            solved_here[sid] = (costs, sol)
+        levels.append(solved_here)
+        slot_sigs.append(slots_here)
+        if final:
+            break
+        prev_tables = {sid: np.ascontiguousarray(sol.table[:, :, -1]) for sid, (_, sol) in solved_here.items()}
+        # next level's groups: signature = the inner signatures of their slots
+        n_next = topo.levels[i + 1].workers
+        new_ids: dict[tuple, int] = {}
+        new_group_sig = []
+        for start in range(0, len(group_sig), n_next):
+            sig = tuple(group_sig[start : start + n_next])
+            new_group_sig.append(new_ids.setdefault(sig, len(new_ids)))
+        sig_ids, group_sig = new_ids, new_group_sig
+    return _Solved(levels, slot_sigs, 0)
+
+
+def _flatten(solved: _Solved, states: StateSpace, topo: Topology) -> list[Stage]:
+    """Walk the optimal choices from the outermost level down; one :class:`Stage` per innermost stage."""
+    pred = states.pred
+    S = states.size
+    out: list[Stage] = []
+
+    def walk(level: int, sig: int, r: int, j: int, m: int, chain: list, cut_first: int | None):
+        costs, sol = solved.levels[level][sig]
+        traced = trace(costs, pred, sol, r, j, m)
+        for idx, st in enumerate(traced):
+            here = chain + [(level, sig, st, idx == 0)]
+            cut = cut_first if idx == 0 else level
+            if level == 0:
+                # the stage's time as each enclosing level charges it, innermost first
+                t = st.value
+                for lv, sg, outer, first in reversed(chain):
+                    t = solved.levels[lv][sg][0].charge(t, outer.row, outer.end, outer.slots, first)
+                slots = [(x.slot_start, x.slots) for _, _, x, _ in here]
+                out.append(Stage([], 0, [], slots, cut, t, st.row, st.end))
+                continue
+            inner = solved.slot_sigs[level][sig][st.slot_start : st.slot_start + st.slots]
+            inner_n = topo.levels[level - 1].workers
+            # the slowest inner group type sets the pace; all replicas run its split
+            chosen = max(set(inner), key=lambda s: solved.levels[level - 1][s][1].table[st.row, st.end, inner_n - 1])
+            walk(level - 1, chosen, st.row, st.end, inner_n - 1, here, cut)
+
+    top = len(topo.levels) - 1
+    walk(top, solved.final_sig, 0, S - 1, topo.levels[top].workers - 1, [], None)
+    n_levels = len(topo.levels)
+    strides = [topo.stride(n_levels - 1 - i) for i in range(n_levels)]
+    for st in out:
+        ranges = [range(a, a + c) for a, c in st.slots]
+        st.workers = sorted(sum(s * k for s, k in zip(combo, strides)) for combo in itertools.product(*ranges))
+        st.replicas = len(st.workers)
+    return out
+
+
+def _level_splits(solved: _Solved, states: StateSpace, topo: Topology, comp_state: np.ndarray):
+    """PipeDream's printout: per level (outermost first), (start, end, compute_s, replicas)."""
+    result = []
+    S = states.size
+    spans = [(0, S - 1)]
+    for level in range(len(topo.levels) - 1, -1, -1):
+        rows = []
+        next_spans = []
+        n = topo.levels[level].workers
+        for r, j in spans:
+            costs, sol = solved.levels[level][0] if 0 in solved.levels[level] else next(iter(solved.levels[level].values()))
+            for st in trace(costs, states.pred, sol, r, j, n - 1):
+                before = comp_state[st.row - 1] if st.row > 0 else 0.0
+                rows.append((st.row, st.end + 1, float(comp_state[st.end] - before), st.slots))
+                next_spans.append((st.row, st.end))
+        result.append(rows)
+        spans = next_spans
+    return result
+
+
+# -- node assignment -------------------------------------------------------------------
+def _assign(graph: Graph, stages: list[Stage], states: StateSpace, g: GraphArrays, notes: list[str]) -> list[Stage]:
+    stage_of: dict[str, int] = {}
+    for i, st in enumerate(stages):
+        for idx in np.flatnonzero(states.members[st.end]):
+            nid = g.node_ids[idx]
+            if nid not in stage_of:
+                stage_of[nid] = i
+    order = graph.topological_order()
+    for nid in order:  # pinned inputs, dropped sinks, anything no state reached
+        if nid in stage_of:
+            continue
+        preds = [stage_of[p] for p in graph.predecessors(nid) if p in stage_of]
+        if graph[nid].is_input and not graph.predecessors(nid):
+            stage_of[nid] = 0
+        elif preds:
+            stage_of[nid] = max(preds)
+        else:
+            stage_of[nid] = 0
+    for nid in order:
+        stages[stage_of[nid]].nodes.append(nid)
+    kept = [st for st in stages if st.nodes]
+    if len(kept) < len(stages):
+        notes.append(
+            f"{len(stages) - len(kept)} stage(s) of the optimum were empty once nodes were assigned "
+            "(a PipeDream quirk: it solves inner levels over non-nested state pairs); their workers stay idle"
+        )
+    return kept
+
+
+# -- entry point -----------------------------------------------------------------------
+def _state_spaces(g: GraphArrays, topo: Topology, opt: PlanOptions, closure) -> list[StateSpace]:
+    """Candidate state spaces: the exact one if affordable, else prefixes of several orders."""
+    if opt.search in ("auto", "exact"):
+        try:
+            if opt.cost_model == "pipedream":
+                exact = pipedream_states(g, opt.max_states, closure)
+            else:
+                exact = all_downsets(g, opt.max_states)
+        except TooManyStates:
+            if opt.search == "exact":
+                raise PipeshiftError(
+                    f"exact search: more than {opt.max_states} states (branchy graph); "
+                    "use --search auto or prefix, or raise --max-states"
+                ) from None
+            exact = None
+        if exact is not None:
+            if opt.search == "exact" or _estimated_work(exact.size, topo, opt.straight) <= opt.work_budget:
+                return [exact]
+    spaces = []
+    cap = max(16, int(min(opt.max_states, _prefix_cap(topo, opt))))
+    for name, order in prefix_orders(g).items():
+        if opt.cost_model == "pipedream":
+            # PipeDream's states start from its first source alone
+            first = int(np.flatnonzero(g.adj.sum(axis=0) == 0)[0])
+            if order and order[0] != first:
+                continue
+        spaces.append(prefix_states(g, order, name, cap))
+    if not spaces:
+        spaces.append(prefix_states(g, next(iter(prefix_orders(g).values())), "profile", cap))
+    return spaces
+
+
+def _prefix_cap(topo: Topology, opt: PlanOptions) -> float:
+    """Largest state count whose DP fits the work budget."""
+    lo, hi = 16, 1 << 16
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _estimated_work(mid, topo, opt.straight) <= opt.work_budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def planning_graph(graph: Graph, cost_model: str) -> GraphArrays:
+    if cost_model == "pipedream":
+        nodes, _inputs, _dropped = pd_cost.planning_nodes(graph)
+        return GraphArrays.from_graph(graph, nodes)
+    inputs = [nid for nid in graph.sources() if graph[nid].is_input]
+    return GraphArrays.from_graph(graph, list(graph.nodes), base=inputs)
+
+
+def make_plan(graph: Graph, topo: Topology, opt: PlanOptions) -> PlanResult:
+    if opt.cost_model not in COST_MODELS:
+        raise PipeshiftError(f"unknown cost model {opt.cost_model!r}; choose from {', '.join(COST_MODELS)}")
+    if opt.search not in SEARCHES:
+        raise PipeshiftError(f"unknown search {opt.search!r}; choose from {', '.join(SEARCHES)}")
+    if opt.cost_model == "pipedream" and topo.speeds is not None and len(set(topo.speeds)) > 1:
+        raise PipeshiftError("--worker-speeds needs --cost-model pipeshift (PipeDream's model has no per-worker speeds)")
+    if len(graph) == 0:
+        raise PipeshiftError("the graph has no nodes")
+    g = planning_graph(graph, opt.cost_model)
+    if g.n == 0 or not (~g.base).any():
+        raise PipeshiftError("the graph has no layers to place (only raw inputs)")
+    closure = g.closure()
+    notes: list[str] = []
+    best: tuple[float, StateSpace, _Solved] | None = None
+    candidates: dict[str, float] = {}
+    for states in _state_spaces(g, topo, opt, closure):
+        if states.size == 0:
+            continue
+        if opt.cost_model == "pipedream":
+            solved = _solve_pipedream(g, states, topo, opt, closure)
+        else:
+            solved = _solve_pipeshift(g, states, topo, opt)
+        value = solved.optimum(states.size)
+        candidates[states.order_name or states.mode] = value
+        if best is None or value < best[0]:
+            best = (value, states, solved)
+    assert best is not None
+    value, states, solved = best
+    if not math.isfinite(value):
+        raise PipeshiftError(_why_infeasible(g, states, topo, opt))
+    stages = _flatten(solved, states, topo)
+    stages = _assign(graph, stages, states, g, notes)
+    comp_state = states.members.astype(np.float64) @ (g.compute_ms / 1000.0)
+    splits = _level_splits(solved, states, topo, comp_state) if len(solved.levels[0]) == 1 else []
+    return PlanResult(value, stages, states, g, splits, notes, candidates)
+
+
+def _why_infeasible(g: GraphArrays, states: StateSpace, topo: Topology, opt: PlanOptions) -> str:
+    n = topo.num_workers
+    if opt.straight and not opt.fewer_machines and states.size < n:
+        return (
+            f"a straight pipeline on {n} workers needs {n} stages but the graph has only {states.size} "
+            f"places to cut ({g.n} nodes); use fewer workers, --use_fewer_machines, or allow replication"
+        )
+    if opt.memory_limit is not None:
+        return (
+            f"no plan fits in {opt.memory_limit:.4g} bytes per worker "
+            f"(the model's parameters alone are {g.parameter.sum():.4g} bytes); "
+            "raise the memory size, add workers, or use a schedule with fewer microbatches in flight"
+        )
+    if opt.straight and not opt.fewer_machines:
+        return f"no straight pipeline of exactly {n} stages exists for this graph; try --use_fewer_machines"
+    return "no feasible plan for this graph and topology"

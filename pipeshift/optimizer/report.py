@@ -1,0 +1,270 @@
+"""Turning a :class:`~pipeshift.optimizer.planner.PlanResult` into the files of a plan directory.
+
+``plan.json`` (CONTRIBUTING.md's schema, plus per-stage ``costs`` the simulator reads),
+``gpus=N.txt`` (the graph with ``stage_id``, readable by PipeDream's tools), a graphviz picture
+coloured by stage, and the terminal summary table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeshift.graph import Graph, write_graph_txt
+from pipeshift.optimizer import cost as ps_cost
+from pipeshift.optimizer import pipedream_cost as pd_cost
+from pipeshift.optimizer.planner import PlanOptions, PlanResult
+from pipeshift.optimizer.topology import Topology
+
+COLORS = ["lightblue", "palegreen", "lightgrey", "salmon", "gold", "orange", "beige", "plum", "khaki", "cyan"]
+
+
+def _stash(node) -> float:
+    saved = node.meta.get("saved_bytes") if node.meta else None
+    if isinstance(saved, (int, float)) and not isinstance(saved, bool) and saved >= 0:
+        return float(saved)
+    return node.activation_bytes
+
+
+def _fqns(graph: Graph, nodes: list[str]) -> list[str]:
+    seen: dict[str, None] = {}
+    for nid in nodes:
+        fqn = graph[nid].meta.get("fqn") if graph[nid].meta else None
+        if isinstance(fqn, str) and fqn:
+            seen.setdefault(fqn, None)
+    return list(seen)
+
+
+def stage_table(graph: Graph, result: PlanResult, topo: Topology, opt: PlanOptions) -> list[dict[str, Any]]:
+    """Per-stage facts and predictions, in pipeline order (the ``stages`` of plan.json)."""
+    stage_of = {nid: i for i, st in enumerate(result.stages) for nid in st.nodes}
+    K = len(result.stages)
+    # bytes crossing the cut after each stage: produced at or before it, consumed after it
+    last_use = {nid: max((stage_of[s] for s in graph.successors(nid)), default=-1) for nid in graph.nodes}
+    cut_bytes = [0.0] * K
+    for nid, use in last_use.items():
+        for s in range(stage_of[nid], use):
+            cut_bytes[s] += graph[nid].activation_bytes / (opt.compression or 1.0)
+    n_levels = len(topo.levels)
+    rows: list[dict[str, Any]] = []
+    next_rank = 0
+    downstream = [sum(st.replicas for st in result.stages[i + 1 :]) for i in range(K)]
+    memory = ps_cost.Memory(opt.memory_limit, opt.optimizer_states)
+    for i, st in enumerate(result.stages):
+        nodes = [graph[n] for n in st.nodes]
+        fwd = sum(n.forward_ms for n in nodes) / 1000.0
+        bwd = sum(n.backward_ms for n in nodes) / 1000.0
+        params = float(sum(n.parameter_size for n in nodes))
+        stash = float(sum(_stash(n) for n in nodes))
+        activation = float(sum(n.activation_bytes for n in nodes))
+        speed = min(topo.speed_of(w) for w in st.workers)
+        per_level = {n_levels - 1 - pos: count for pos, (_, count) in enumerate(st.slots)}
+        if opt.cost_model == "pipedream":
+            allreduce = sum(
+                (4 * (per_level.get(lv, 1) - 1) * params) / (topo.levels[lv].bandwidth * per_level.get(lv, 1))
+                for lv in range(n_levels)
+            )
+            mem = pd_cost.stage_memory(activation, params, downstream[i], st.replicas)
+        else:
+            allreduce = float(
+                sum(
+                    ps_cost.ring_allreduce(np.float64(params), per_level.get(lv, 1), topo.levels[lv].bandwidth, topo.levels[lv].latency)
+                    for lv in range(n_levels)
+                )
+            )
+            sched = opt.schedule
+            mem = ps_cost.stage_memory(sched, memory, params, stash, downstream[i], st.replicas)
+        link = None
+        if i + 1 < K:
+            lv = result.stages[i + 1].cut_level
+            level = topo.levels[lv if lv is not None else 0]
+            link = {"level": lv, "bandwidth_bytes_per_s": level.bandwidth, "latency_s": level.latency}
+        ranks = list(range(next_rank, next_rank + st.replicas))
+        next_rank += st.replicas
+        rows.append(
+            {
+                "stage_id": i,
+                "nodes": list(st.nodes),
+                "fqns": _fqns(graph, st.nodes),
+                "replicas": st.replicas,
+                "ranks": ranks,
+                "workers": list(st.workers),
+                "predicted": {"compute_s": (fwd + bwd) / speed, "time_s": st.dp_value, "memory_bytes": float(mem)},
+                "costs": {
+                    "forward_s": fwd / speed,
+                    "backward_s": bwd / speed,
+                    "parameter_bytes": params,
+                    "stash_bytes_per_microbatch": stash,
+                    "output_bytes": cut_bytes[i] if i + 1 < K else 0.0,
+                    "output_link": link,
+                    "allreduce_s": allreduce,
+                },
+            }
+        )
+    return rows
+
+
+def plan_document(
+    graph: Graph,
+    graph_path: str,
+    result: PlanResult,
+    topo: Topology,
+    opt: PlanOptions,
+    profile: dict[str, Any],
+) -> dict[str, Any]:
+    stages = stage_table(graph, result, topo, opt)
+    total_compute = sum(n.forward_ms + n.backward_ms for n in graph) / 1000.0
+    total_params = float(sum(n.parameter_size for n in graph))
+    if opt.cost_model == "pipedream":
+        comp = result.arrays.compute_ms.sum() / 1000.0
+        dp = pd_cost.data_parallel_time(comp, float(result.arrays.parameter.sum()), [(lv.workers, lv.bandwidth) for lv in topo.levels])
+        one = comp
+    else:
+        slowest = min(topo.speed_of(w) for w in range(topo.num_workers))
+        fastest = max(topo.speed_of(w) for w in range(topo.num_workers))
+        dp = ps_cost.data_parallel_time(
+            total_compute / slowest, total_params, [(lv.workers, lv.bandwidth, lv.latency) for lv in topo.levels], opt.schedule
+        )
+        one = total_compute / fastest
+    t = result.optimum
+    batch = profile.get("batch_size")
+    memory_per_worker = [st["predicted"]["memory_bytes"] for st in stages for _ in st["ranks"]]
+    rank_to_worker = [w for st in stages for w in st["workers"]]
+    return {
+        "version": 1,
+        "graph": graph_path,
+        "model": profile.get("model"),
+        "leaf_policy": profile.get("leaf_policy"),
+        "batch_size": batch,
+        "cost_model": opt.cost_model,
+        "topology": topo.to_json(),
+        "num_workers": len(rank_to_worker),
+        "available_workers": topo.num_workers,
+        "schedule": {"kind": opt.schedule.kind, "microbatches": opt.schedule.microbatches},
+        "memory": {"limit_bytes": opt.memory_limit, "optimizer_states": opt.optimizer_states},
+        "search": {
+            "mode": result.states.mode,
+            "states": result.states.size,
+            "order": result.states.order_name,
+            "candidates": result.search_candidates,
+            "straight_pipeline": opt.straight,
+            "use_fewer_machines": opt.fewer_machines,
+            "activation_compression_ratio": opt.compression,
+            "level_splits": [[list(s) for s in level] for level in result.level_splits],
+        },
+        "stages": stages,
+        "predicted": {
+            "time_per_minibatch_s": t,
+            "throughput_samples_per_s": (batch / t) if isinstance(batch, (int, float)) and t > 0 else None,
+            "minibatches_per_s": 1.0 / t if t > 0 else None,
+            "one_worker_time_s": one,
+            "data_parallel_time_s": dp,
+            "speedup_over_data_parallel": dp / t if t > 0 else None,
+            "speedup_over_one_worker": one / t if t > 0 else None,
+        },
+        "memory_per_worker_bytes": memory_per_worker,
+        "rank_to_worker": rank_to_worker,
+        "notes": result.notes,
+    }
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return _json_safe(obj.item())
+    return obj
+
+
+def write_plan_dir(out_dir: Path, graph: Graph, doc: dict[str, Any]) -> list[Path]:
+    """Write plan.json, gpus=N.txt and the picture; returns the files written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    plan_file = out_dir / "plan.json"
+    plan_file.write_text(json.dumps(_json_safe(doc), indent=1) + "\n")
+    written.append(plan_file)
+    staged = graph.copy()
+    for st in doc["stages"]:
+        for nid in st["nodes"]:
+            staged[nid].stage_id = st["stage_id"]
+    n = doc["available_workers"]
+    txt = out_dir / f"gpus={n}.txt"
+    write_graph_txt(staged, txt)
+    written.append(txt)
+    written.extend(write_picture(staged, out_dir / f"gpus={n}"))
+    return written
+
+
+def write_picture(graph: Graph, stem: Path) -> list[Path]:
+    """The graph coloured by stage: ``stem.dot`` always, ``stem.svg`` when graphviz's dot exists."""
+    import graphviz
+
+    dot = graphviz.Digraph(name="plan", graph_attr={"rankdir": "TB"}, node_attr={"shape": "box", "style": "filled"})
+    for node in graph:
+        sid = node.stage_id if node.stage_id is not None else -1
+        label = f"{node.node_id} · stage {sid}\n{node.desc[:60]}\n{node.forward_ms + node.backward_ms:.3f} ms"
+        dot.node(node.node_id, label, fillcolor=COLORS[sid % len(COLORS)] if sid >= 0 else "white")
+    for a, b in graph.edges:
+        dot.edge(a, b)
+    src = stem.with_suffix(".dot")
+    src.write_text(dot.source)
+    out = [src]
+    if shutil.which("dot"):
+        try:
+            rendered = dot.render(outfile=str(stem.with_suffix(".svg")), format="svg", cleanup=True)
+            out.append(Path(rendered))
+            src.write_text(dot.source)  # render() may remove its own source copy
+        except Exception as e:  # noqa: BLE001 - a picture is optional; say why and go on
+            print(f"warning: could not render {src} with graphviz ({e}); the .dot file is there", file=sys.stderr)
+    else:
+        print(f"warning: graphviz 'dot' is not installed; wrote {src} only", file=sys.stderr)
+    return out
+
+
+def _ranks(r: list[int]) -> str:
+    return f"{r[0]}" if len(r) == 1 else f"{r[0]}-{r[-1]}" if r == list(range(r[0], r[-1] + 1)) else ",".join(map(str, r))
+
+
+def summary(doc: dict[str, Any]) -> str:
+    """The terminal table: one row per stage, then the predicted totals."""
+    rows = []
+    for st in doc["stages"]:
+        nodes = st["nodes"]
+        rows.append(
+            {
+                "stage": st["stage_id"],
+                "layers": len(nodes),
+                "first..last": f"{nodes[0]}..{nodes[-1]}" if len(nodes) > 1 else nodes[0],
+                "replicas": st["replicas"],
+                "ranks": _ranks(st["ranks"]),
+                "compute ms": round(st["predicted"]["compute_s"] * 1000, 3),
+                "time ms": round(st["predicted"]["time_s"] * 1000, 3),
+                "memory GB": round(st["predicted"]["memory_bytes"] / 1e9, 3),
+            }
+        )
+    table = pd.DataFrame(rows).to_string(index=False)
+    p = doc["predicted"]
+    tput = p["throughput_samples_per_s"]
+    lines = [
+        table,
+        "",
+        f"cost model {doc['cost_model']}, search {doc['search']['mode']} ({doc['search']['states']} states), "
+        f"{doc['num_workers']} of {doc['available_workers']} workers",
+        f"predicted time per minibatch: {p['time_per_minibatch_s'] * 1000:.4f} ms"
+        + (f"  ({tput:.1f} samples/s)" if tput else ""),
+        f"speed-up over data parallelism: {p['speedup_over_data_parallel']:.3f}x   "
+        f"over one worker: {p['speedup_over_one_worker']:.3f}x",
+    ]
+    lines += [f"note: {n}" for n in doc.get("notes", [])]
+    return "\n".join(lines)

@@ -1,0 +1,377 @@
+"""DP states: the places a pipeline may be cut.
+
+A legal split of a DAG into pipeline stages is a chain of *downsets* (sets of nodes closed
+under predecessors) ∅ ⊂ D1 ⊂ D2 ⊂ … ⊂ V: stage i runs ``D_i \\ D_{i-1}``, and every edge goes
+forward. The planner's dynamic program ranges over such states, so the state space decides both
+the quality of the answer and the cost of finding it.
+
+* **Exact** — every downset (for PipeDream's model: every antichain its optimizer visits, which
+  is a slightly smaller family, see :func:`pipedream_states`). The optimum over all legal
+  splits. On chain-like graphs (VGG, ResNet, GNMT) there are a few hundred states; on branchy
+  graphs the count multiplies across parallel branches (an Inception module with branches of
+  3, 6, 9 and 3 nodes alone has 4·7·10·4 = 1120 downsets, and an auxiliary head running beside
+  the rest of the network multiplies everything again), and the DP's O(S²)–O(S³) work and
+  memory explode.
+* **Prefix** — the prefixes of one topological order: exactly ``n`` states, O(n²) pairs. Every
+  prefix is a downset, so the prefix optimum is never better than the exact one, and it is
+  worse only when the best cut runs "diagonally" across parallel branches in a way the chosen
+  order never exposes. To keep that rare, :func:`prefix_orders` offers three orders (the
+  profiler's execution order, depth-first "finish the branch you started", and greedy "keep the
+  fewest bytes in flight") and the planner keeps the best. For compute-only costs on a straight
+  pipeline any single order is within one node's time of the exact optimum (a contiguous split
+  of a sequence can always balance to within its largest element); the benchmark measures the
+  real gap on graphs small enough to solve both ways.
+
+:func:`build_states` chooses: exact while the enumeration stays under ``max_states``, prefixes
+otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+from collections.abc import Iterable
+
+import numpy as np
+
+from pipeshift.graph import Graph
+
+
+@dataclasses.dataclass
+class GraphArrays:
+    """The graph as dense numpy arrays over the nodes the planner places.
+
+    ``adj[a, b]`` is an edge a→b; ``closure[b]`` marks b and all its ancestors. Times are
+    milliseconds per profiled batch, sizes bytes (graph.txt's units).
+    """
+
+    node_ids: list[str]
+    adj: np.ndarray
+    forward_ms: np.ndarray
+    backward_ms: np.ndarray
+    activation: np.ndarray
+    parameter: np.ndarray
+    stash: np.ndarray
+    base: np.ndarray  # nodes pinned before every cut (raw inputs)
+
+    @property
+    def n(self) -> int:
+        return len(self.node_ids)
+
+    @property
+    def compute_ms(self) -> np.ndarray:
+        return self.forward_ms + self.backward_ms
+
+    @classmethod
+    def from_graph(cls, graph: Graph, node_ids: list[str], base: Iterable[str] = (), zero: Iterable[str] = ()) -> GraphArrays:
+        """Arrays for ``node_ids`` (a subset of ``graph``); ``zero`` nodes get all-zero costs."""
+        index = {nid: i for i, nid in enumerate(node_ids)}
+        n = len(node_ids)
+        adj = np.zeros((n, n), dtype=bool)
+        for a, b in graph.edges:
+            if a in index and b in index:
+                adj[index[a], index[b]] = True
+        zeroed = set(zero)
+
+        def col(get) -> np.ndarray:
+            return np.array([0.0 if nid in zeroed else float(get(graph[nid])) for nid in node_ids], dtype=np.float64)
+
+        def stash_of(node) -> float:
+            saved = node.meta.get("saved_bytes") if node.meta else None
+            if isinstance(saved, (int, float)) and not isinstance(saved, bool) and saved >= 0 and saved == saved:
+                return float(saved)
+            return node.activation_bytes
+
+        base_mask = np.zeros(n, dtype=bool)
+        for nid in base:
+            base_mask[index[nid]] = True
+        return cls(
+            node_ids=list(node_ids),
+            adj=adj,
+            forward_ms=col(lambda nd: nd.forward_ms),
+            backward_ms=col(lambda nd: nd.backward_ms),
+            activation=col(lambda nd: nd.activation_bytes),
+            parameter=col(lambda nd: nd.parameter_size),
+            stash=col(stash_of),
+            base=base_mask,
+        )
+
+    def closure(self) -> np.ndarray:
+        """``closure[b, a]``: a is b or an ancestor of b (boolean transitive closure)."""
+        n = self.n
+        order = topological_order(self.adj)
+        cl = np.eye(n, dtype=bool)
+        preds = [np.flatnonzero(self.adj[:, b]) for b in range(n)]
+        for b in order:
+            for a in preds[b]:
+                cl[b] |= cl[a]
+        return cl
+
+
+def topological_order(adj: np.ndarray, priority: np.ndarray | None = None) -> list[int]:
+    """Kahn's algorithm; among ready nodes the smallest ``priority`` (default: index) goes first."""
+    n = adj.shape[0]
+    prio = np.arange(n) if priority is None else priority
+    indeg = adj.sum(axis=0).astype(np.int64)
+    succ = [np.flatnonzero(adj[a]) for a in range(n)]
+    ready = [(prio[i], i) for i in range(n) if indeg[i] == 0]
+    heapq.heapify(ready)
+    out: list[int] = []
+    while ready:
+        _, a = heapq.heappop(ready)
+        out.append(a)
+        for b in succ[a]:
+            indeg[b] -= 1
+            if indeg[b] == 0:
+                heapq.heappush(ready, (prio[b], b))
+    return out
+
+
+@dataclasses.dataclass
+class StateSpace:
+    """States in a topological order of the state DAG.
+
+    ``members[j]`` is downset j (boolean over nodes). ``pred[k, j]`` says state k may end the
+    stage before a stage ending at j (for exact spaces: k ⊂ j; for prefixes: k < j). Row 0 of
+    every DP table means "from the start" (the empty set, plus pinned inputs), so stage ranges
+    are (row r, state j) = ``members[j] \\ members[r-1]``.
+    """
+
+    members: np.ndarray
+    pred: np.ndarray
+    mode: str  # "exact" | "prefix"
+    order: list[int] | None = None
+    order_name: str | None = None
+
+    @property
+    def size(self) -> int:
+        return self.members.shape[0]
+
+    def successors(self) -> list[np.ndarray]:
+        return [np.flatnonzero(self.pred[k]) for k in range(self.size)]
+
+
+class TooManyStates(Exception):
+    """Raised internally when an exact enumeration passes its cap."""
+
+
+def _pack(rows: np.ndarray) -> list[bytes]:
+    packed = np.packbits(rows, axis=1)
+    return [r.tobytes() for r in packed]
+
+
+def all_downsets(g: GraphArrays, max_states: int) -> StateSpace:
+    """Every downset that strictly contains the pinned inputs, ordered by size.
+
+    Enumerated layer by layer (a downset of size s+1 is one of size s plus a node whose
+    predecessors are all in it), vectorised over each layer. Raises :class:`TooManyStates`
+    past ``max_states``.
+    """
+    adj_i = g.adj.astype(np.int32)
+    indeg = adj_i.sum(axis=0)
+    layer = g.base[None, :].copy()
+    layers: list[np.ndarray] = []
+    total = 0
+    while True:
+        inside = layer.astype(np.int32) @ adj_i
+        cand = (~layer) & (inside == indeg[None, :])
+        s_idx, n_idx = np.nonzero(cand)
+        if s_idx.size == 0:
+            break
+        new = layer[s_idx]
+        new[np.arange(s_idx.size), n_idx] = True
+        packed = np.packbits(new, axis=1)
+        _, first = np.unique(packed, axis=0, return_index=True)
+        layer = new[np.sort(first)]
+        total += layer.shape[0]
+        if total > max_states:
+            raise TooManyStates(total)
+        layers.append(layer)
+    if not layers:
+        return StateSpace(np.zeros((0, g.n), dtype=bool), np.zeros((0, 0), dtype=bool), "exact")
+    members = np.concatenate(layers)
+    m = members.astype(np.float32)
+    outside = (m @ (~members).astype(np.float32).T) > 0  # outside[k, j]: k has a node not in j
+    pred = ~outside
+    np.fill_diagonal(pred, False)
+    return StateSpace(members, pred, "exact")
+
+
+def pipedream_states(g: GraphArrays, max_states: int, closure: np.ndarray | None = None) -> StateSpace:
+    """The states PipeDream's optimizer visits, in an order of its kind.
+
+    PipeDream starts from the graph's first source alone and moves from a downset D to
+    ``D ∪ closure(v)`` for every node v outside D with a predecessor in D (its "next
+    antichains"); the state DAG has those moves as edges, the DP's predecessor relation is
+    reachability in it, and the states are numbered by a depth-first topological sort from the
+    start. Its own traversal order depends on Python's set iteration, so the numbering here is
+    one of the orders it can produce (children visited in node order). Raises
+    :class:`TooManyStates` past ``max_states``.
+    """
+    n = g.n
+    if n == 0:
+        return StateSpace(np.zeros((0, 0), dtype=bool), np.zeros((0, 0), dtype=bool), "exact")
+    cl = g.closure() if closure is None else closure
+    adj_i = g.adj.astype(np.int32)
+    indeg = adj_i.sum(axis=0)
+    first = int(np.flatnonzero(indeg == 0)[0])
+    start = np.zeros((1, n), dtype=bool)
+    start[0, first] = True
+    keys: dict[bytes, int] = {_pack(start)[0]: 0}
+    rows: list[np.ndarray] = [start[0]]
+    children: list[list[int]] = [[]]
+    frontier = np.array([0])
+    frontier_rows = start
+    while frontier.size:
+        has_pred = (frontier_rows.astype(np.int32) @ adj_i) > 0
+        cand = (~frontier_rows) & has_pred
+        s_idx, n_idx = np.nonzero(cand)
+        new_rows = frontier_rows[s_idx] | cl[n_idx]
+        next_ids: list[int] = []
+        for parent_pos, key, row in zip(s_idx, _pack(new_rows), new_rows):
+            sid = keys.get(key)
+            if sid is None:
+                sid = len(rows)
+                keys[key] = sid
+                rows.append(row)
+                children.append([])
+                next_ids.append(sid)
+                if len(rows) > max_states:
+                    raise TooManyStates(len(rows))
+            children[frontier[parent_pos]].append(sid)
+        frontier = np.array(next_ids, dtype=np.int64)
+        frontier_rows = np.array([rows[i] for i in next_ids], dtype=bool).reshape(len(next_ids), n)
+    order = _dfs_reverse_postorder(children)
+    members = np.array([rows[i] for i in order], dtype=bool)
+    pos = np.empty(len(order), dtype=np.int64)
+    pos[order] = np.arange(len(order))
+    S = len(order)
+    anc = np.zeros((S, S), dtype=bool)  # anc[j, k]: k reaches j
+    for j_old in order:
+        j = pos[j_old]
+        for c_old in children[j_old]:
+            c = pos[c_old]
+            anc[c] |= anc[j]
+            anc[c, j] = True
+    return StateSpace(members, anc.T.copy(), "exact")
+
+
+def _dfs_reverse_postorder(children: list[list[int]]) -> list[int]:
+    seen = [False] * len(children)
+    post: list[int] = []
+    for root in range(len(children)):
+        if seen[root]:
+            continue
+        seen[root] = True
+        stack = [(root, iter(children[root]))]
+        while stack:
+            node, it = stack[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                post.append(node)
+                stack.pop()
+            elif not seen[nxt]:
+                seen[nxt] = True
+                stack.append((nxt, iter(children[nxt])))
+    return post[::-1]
+
+
+# -- prefixes of a topological order ------------------------------------------------------
+def prefix_orders(g: GraphArrays) -> dict[str, list[int]]:
+    """Three topological orders of the non-pinned nodes, each a plausible source of cut points."""
+    free = np.flatnonzero(~g.base)
+    sub = g.adj[np.ix_(free, free)]
+    orders = {"profile": [int(free[i]) for i in topological_order(sub)]}
+    orders["depth-first"] = [int(free[i]) for i in _depth_first_order(sub)]
+    orders["min-bytes"] = [int(free[i]) for i in _min_bytes_order(sub, g.activation[free])]
+    unique: dict[str, list[int]] = {}
+    for name, order in orders.items():
+        if order not in unique.values():
+            unique[name] = order
+    return unique
+
+
+def _depth_first_order(adj: np.ndarray) -> list[int]:
+    """Kahn's algorithm that always continues with the most recently readied node."""
+    n = adj.shape[0]
+    indeg = adj.sum(axis=0).astype(np.int64)
+    succ = [np.flatnonzero(adj[a]) for a in range(n)]
+    stack = [i for i in range(n - 1, -1, -1) if indeg[i] == 0]
+    out: list[int] = []
+    while stack:
+        a = stack.pop()
+        out.append(a)
+        for b in succ[a][::-1]:
+            indeg[b] -= 1
+            if indeg[b] == 0:
+                stack.append(int(b))
+    return out
+
+
+def _min_bytes_order(adj: np.ndarray, activation: np.ndarray) -> list[int]:
+    """Greedy: next run the ready node that leaves the fewest activation bytes live."""
+    n = adj.shape[0]
+    indeg = adj.sum(axis=0).astype(np.int64)
+    outdeg = adj.sum(axis=1).astype(np.int64)
+    pending = outdeg.copy()  # consumers of a node not yet run
+    succ = [np.flatnonzero(adj[a]) for a in range(n)]
+    preds = [np.flatnonzero(adj[:, b]) for b in range(n)]
+    ready = {i for i in range(n) if indeg[i] == 0}
+    out: list[int] = []
+    while ready:
+        def delta(v: int) -> tuple[float, int]:
+            freed = sum(activation[u] for u in preds[v] if pending[u] == 1)
+            return (activation[v] * (outdeg[v] > 0) - freed, v)
+
+        v = min(ready, key=delta)
+        ready.remove(v)
+        out.append(v)
+        for u in preds[v]:
+            pending[u] -= 1
+        for b in succ[v]:
+            indeg[b] -= 1
+            if indeg[b] == 0:
+                ready.add(int(b))
+    return out
+
+
+def prefix_states(g: GraphArrays, order: list[int], name: str, max_states: int | None = None) -> StateSpace:
+    """States = base ∪ order[:t] for t = 1..n; with ``max_states``, only some cut points are kept.
+
+    When the order is longer than ``max_states``, the kept cut points are spread evenly over
+    cumulative compute and, within each stretch, are the ones with the fewest bytes crossing
+    (a cut there is cheapest); the last state (everything) is always kept.
+    """
+    n_free = len(order)
+    members = np.zeros((n_free, g.n), dtype=bool)
+    members[:] = g.base
+    for t, v in enumerate(order):
+        members[t:, v] = True
+    if max_states is not None and n_free > max_states:
+        keep = _thin_cut_points(g, members, max_states)
+        members = members[keep]
+    S = members.shape[0]
+    pred = np.triu(np.ones((S, S), dtype=bool), k=1)
+    return StateSpace(members, pred, "prefix", order=list(order), order_name=name)
+
+
+def frontier_bytes(g: GraphArrays, members: np.ndarray) -> np.ndarray:
+    """Bytes of activations produced inside each downset and consumed outside it."""
+    outside_succ = (~members).astype(np.float32) @ g.adj.T.astype(np.float32)  # [s, a]: successors of a outside
+    crossing = members & (outside_succ > 0)
+    return crossing.astype(np.float64) @ g.activation
+
+
+def _thin_cut_points(g: GraphArrays, members: np.ndarray, max_states: int) -> np.ndarray:
+    S = members.shape[0]
+    cum = members.astype(np.float64) @ g.compute_ms
+    total = cum[-1] if cum[-1] > 0 else 1.0
+    cost = frontier_bytes(g, members)
+    buckets = max(1, (max_states - 1) // 2)
+    which = np.minimum((cum / total * buckets).astype(np.int64), buckets - 1)
+    keep: set[int] = {S - 1}
+    for b in range(buckets):
+        idx = np.flatnonzero(which[:-1] == b)
+        if idx.size:
+            keep.update(int(i) for i in idx[np.argsort(cost[idx], kind="stable")[:2]])
+    return np.array(sorted(keep))
