@@ -1,0 +1,269 @@
+"""Discrete-event simulation of a plan's pipeline under a schedule.
+
+Every rank executes its action list (:mod:`pipeshift.optimizer.schedules`) in order; an action
+starts when its rank is free and its input has arrived: a forward needs the previous stage's
+activations, a backward the next stage's gradients. Transfers occupy a link (one per
+sender/receiver pair and direction) for ``latency + bytes / bandwidth`` and queue behind
+earlier transfers on it. Replicated stages take microbatches round-robin and all-reduce their
+gradients (once per own microbatch for 1f1b, once per minibatch otherwise). Durations come from
+the plan's per-stage costs, so the simulated timeline is the planner's prediction played out
+with the schedule's bubbles, queues and warm-up — what the DP's steady-state objective leaves
+out.
+
+The timeline is written in Chrome's trace event format (``"ph": "X"`` events, ``pid`` = rank,
+``tid`` = stream: 0 compute, 1 communication), which the runtime writes too, so predicted and
+measured runs open side by side in Perfetto.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from pipeshift.errors import PipeshiftError
+from pipeshift.optimizer.schedules import FLUSHING, Action, schedule_actions, stage_warmup
+
+COMPUTE, COMM = 0, 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SimStage:
+    forward_s: float
+    backward_s: float
+    replicas: int = 1
+    ranks: tuple[int, ...] = ()
+    output_bytes: float = 0.0  # sent to the next stage per microbatch (and the same back)
+    link_bandwidth: float = math.inf
+    link_latency: float = 0.0
+    allreduce_s: float = 0.0
+    parameter_bytes: float = 0.0
+    stash_bytes: float = 0.0
+
+    def transfer_s(self) -> float:
+        if self.output_bytes == 0 and self.link_latency == 0:
+            return 0.0
+        return self.link_latency + self.output_bytes / self.link_bandwidth
+
+
+@dataclasses.dataclass
+class RankStats:
+    rank: int
+    stage: int
+    replica: int
+    busy_s: float
+    peak_in_flight: int
+    peak_memory_bytes: float
+
+
+@dataclasses.dataclass
+class SimResult:
+    schedule: str
+    microbatches: int
+    steps: int
+    makespan_s: float
+    time_per_minibatch_s: float  # makespan / steps
+    time_per_microbatch_s: float  # makespan / all microbatches
+    steady_time_per_microbatch_s: float | None  # spacing of the first stage's backwards, mid-run
+    bubble_fraction: float
+    ranks: list[RankStats]
+    events: list[dict[str, Any]]
+
+    def trace(self) -> dict[str, Any]:
+        meta: list[dict[str, Any]] = []
+        for r in self.ranks:
+            meta.append({"name": "process_name", "ph": "M", "pid": r.rank, "tid": 0,
+                         "args": {"name": f"rank {r.rank} (stage {r.stage}, replica {r.replica})"}})
+            meta.append({"name": "process_sort_index", "ph": "M", "pid": r.rank, "tid": 0, "args": {"sort_index": r.rank}})
+            meta.append({"name": "thread_name", "ph": "M", "pid": r.rank, "tid": COMPUTE, "args": {"name": "compute"}})
+            meta.append({"name": "thread_name", "ph": "M", "pid": r.rank, "tid": COMM, "args": {"name": "communication"}})
+        return {"traceEvents": meta + self.events, "displayTimeUnit": "ms",
+                "otherData": {"source": "pipeshift simulate", "schedule": self.schedule,
+                              "microbatches": self.microbatches, "steps": self.steps}}
+
+
+def _rank_actions(kind: str, replicas: list[int], s: int, q: int, M: int, steps: int) -> list[tuple[str, int]]:
+    """Actions of replica q of stage s over the whole run, with all-reduce ("R") inserted."""
+    S, r = len(replicas), replicas[s]
+    warm = stage_warmup(replicas, s)
+    out: list[tuple[str, int]] = []
+    if kind in FLUSHING:
+        for t in range(steps):
+            acts = schedule_actions(kind, S, s, M, replica=q, num_replicas=r, warmup=warm)
+            out += [(a.kind, a.microbatch + t * M) for a in acts]
+            if r > 1 and acts:
+                out.append(("R", t))
+        return out
+    acts: list[Action] = schedule_actions(kind, S, s, M * steps, replica=q, num_replicas=r, warmup=warm)
+    if r == 1:
+        return [(a.kind, a.microbatch) for a in acts]
+    mine_last = {}  # 2bw: last microbatch of each minibatch this replica handles
+    for a in acts:
+        if a.kind == "B":
+            mine_last[a.microbatch // M] = max(mine_last.get(a.microbatch // M, -1), a.microbatch)
+    for a in acts:
+        out.append((a.kind, a.microbatch))
+        if a.kind == "B" and (kind == "1f1b" or mine_last[a.microbatch // M] == a.microbatch):
+            out.append(("R", a.microbatch))
+    return out
+
+
+def simulate(
+    stages: list[SimStage], kind: str, microbatches: int, steps: int = 1, optimizer_states: float = 2.0
+) -> SimResult:
+    """Run the schedule over ``steps`` minibatches of ``microbatches`` microbatches each."""
+    if kind not in ("1f1b", "flush", "gpipe", "2bw"):
+        raise PipeshiftError(f"unknown schedule {kind!r}")
+    if not stages:
+        raise PipeshiftError("the plan has no stages")
+    if microbatches < 1 or steps < 1:
+        raise PipeshiftError("need at least one microbatch and one step")
+    S, M = len(stages), microbatches
+    total_mb = M * steps
+    ranks: list[tuple[int, int, int]] = []  # (stage, replica, rank id)
+    next_rank = 0
+    for s, st in enumerate(stages):
+        for q in range(st.replicas):
+            rid = st.ranks[q] if len(st.ranks) == st.replicas else next_rank
+            next_rank = max(next_rank, rid) + 1
+            ranks.append((s, q, rid))
+    replicas = [st.replicas for st in stages]
+    lists = [_rank_actions(kind, replicas, s, q, M, steps) for s, q, _ in ranks]
+    ptr = [0] * len(ranks)
+    free = [0.0] * len(ranks)
+    busy = [0.0] * len(ranks)
+    live = [0] * len(ranks)
+    peak_live = [0] * len(ranks)
+    fwd_arrival: list[dict[int, float]] = [dict() for _ in range(S)]  # activations at stage s
+    bwd_arrival: list[dict[int, float]] = [dict() for _ in range(S)]  # gradients at stage s
+    link_free: dict[tuple, float] = {}
+    events: list[dict[str, Any]] = []
+    b_done_first: list[float] = []
+
+    def send(src_rank: int, key: tuple, ready: float, dur: float, name: str, args: dict) -> float:
+        start = max(ready, link_free.get(key, 0.0))
+        end = start + dur
+        link_free[key] = end
+        if dur > 0:
+            events.append({"name": name, "ph": "X", "ts": start * 1e6, "dur": dur * 1e6,
+                           "pid": src_rank, "tid": COMM, "args": args})
+        return end
+
+    remaining = sum(len(x) for x in lists)
+    while remaining:
+        progressed = False
+        for i, (s, q, rid) in enumerate(ranks):
+            st = stages[s]
+            while ptr[i] < len(lists[i]):
+                kind_i, mb = lists[i][ptr[i]]
+                if kind_i == "F":
+                    ready = 0.0 if s == 0 else fwd_arrival[s].get(mb)
+                    dur = st.forward_s
+                elif kind_i == "B":
+                    ready = 0.0 if s == S - 1 else bwd_arrival[s].get(mb)
+                    dur = st.backward_s
+                else:
+                    ready, dur = 0.0, st.allreduce_s
+                if ready is None:
+                    break
+                start = max(free[i], ready)
+                end = start + dur
+                free[i] = end
+                ptr[i] += 1
+                remaining -= 1
+                progressed = True
+                if kind_i == "R":
+                    if dur > 0:
+                        events.append({"name": "allreduce", "ph": "X", "ts": start * 1e6, "dur": dur * 1e6,
+                                       "pid": rid, "tid": COMM, "args": {"stage": s}})
+                    continue
+                busy[i] += dur
+                events.append({"name": f"{kind_i}{mb}", "ph": "X", "ts": start * 1e6, "dur": dur * 1e6,
+                               "pid": rid, "tid": COMPUTE, "args": {"stage": s, "microbatch": mb}})
+                if kind_i == "F":
+                    live[i] += 1
+                    peak_live[i] = max(peak_live[i], live[i])
+                    if s + 1 < S:
+                        dst = mb % stages[s + 1].replicas
+                        fwd_arrival[s + 1][mb] = send(rid, (s, q, dst, "fwd"), end, st.transfer_s(),
+                                                      f"send F{mb}", {"to_stage": s + 1, "microbatch": mb})
+                else:
+                    live[i] -= 1
+                    if s == 0:
+                        b_done_first.append(end)
+                    if s > 0:
+                        prev = stages[s - 1]
+                        dst = mb % prev.replicas
+                        bwd_arrival[s - 1][mb] = send(rid, (s, q, dst, "bwd"), end, prev.transfer_s(),
+                                                      f"send B{mb}", {"to_stage": s - 1, "microbatch": mb})
+        if not progressed:
+            stuck = [f"rank {rid} waits for {lists[i][ptr[i]]}" for i, (_, _, rid) in enumerate(ranks) if ptr[i] < len(lists[i])]
+            raise PipeshiftError("the schedule deadlocks: " + "; ".join(stuck[:4]))
+    makespan = max(free) if free else 0.0
+    stats = []
+    for i, (s, q, rid) in enumerate(ranks):
+        st = stages[s]
+        versions = peak_live[i] if kind == "1f1b" else (2 if kind == "2bw" else 1)
+        mem = st.parameter_bytes * (max(versions, 1) + 1 + optimizer_states) + peak_live[i] * st.stash_bytes
+        stats.append(RankStats(rid, s, q, busy[i], peak_live[i], mem))
+    bubble = 1.0 - sum(busy) / (len(ranks) * makespan) if makespan > 0 else 0.0
+    steady = None
+    done = sorted(b_done_first)
+    if len(done) >= 4:
+        lo, hi = len(done) // 4, (3 * len(done)) // 4
+        if hi > lo:
+            steady = (done[hi] - done[lo]) / (hi - lo)
+    return SimResult(kind, M, steps, makespan, makespan / steps, makespan / total_mb, steady, bubble, stats, events)
+
+
+def stages_from_plan(plan: dict[str, Any], source: str = "plan.json") -> list[SimStage]:
+    """Per-stage durations and sizes from a plan.json document (validated: it is user input)."""
+
+    def bad(msg: str) -> PipeshiftError:
+        return PipeshiftError(f"{source}: {msg}")
+
+    def num(value: Any, where: str, default: float | None = None) -> float:
+        if value is None and default is not None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise bad(f"{where} must be a non-negative number, got {value!r}")
+        return float(value)
+
+    raw = plan.get("stages") if isinstance(plan, dict) else None
+    if not isinstance(raw, list) or not raw:
+        raise bad("'stages' must be a non-empty list")
+    out = []
+    for i, st in enumerate(raw):
+        where = f"stages[{i}]"
+        if not isinstance(st, dict):
+            raise bad(f"{where} must be an object")
+        replicas = st.get("replicas", 1)
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+            raise bad(f"{where}.replicas must be a positive integer, got {replicas!r}")
+        ranks = st.get("ranks", [])
+        if not isinstance(ranks, list) or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in ranks):
+            raise bad(f"{where}.ranks must be a list of non-negative integers")
+        costs = st.get("costs")
+        pred = st.get("predicted") if isinstance(st.get("predicted"), dict) else {}
+        if isinstance(costs, dict):
+            fwd = num(costs.get("forward_s"), f"{where}.costs.forward_s")
+            bwd = num(costs.get("backward_s"), f"{where}.costs.backward_s")
+            link = costs.get("output_link") or {}
+            if not isinstance(link, dict):
+                raise bad(f"{where}.costs.output_link must be an object")
+            bw = num(link.get("bandwidth_bytes_per_s"), f"{where}.costs.output_link.bandwidth_bytes_per_s", math.inf)
+            if bw == 0:
+                raise bad(f"{where}.costs.output_link.bandwidth_bytes_per_s must be positive")
+            out.append(SimStage(
+                forward_s=fwd, backward_s=bwd, replicas=replicas, ranks=tuple(ranks),
+                output_bytes=num(costs.get("output_bytes"), f"{where}.costs.output_bytes", 0.0),
+                link_bandwidth=bw,
+                link_latency=num(link.get("latency_s"), f"{where}.costs.output_link.latency_s", 0.0),
+                allreduce_s=num(costs.get("allreduce_s"), f"{where}.costs.allreduce_s", 0.0),
+                parameter_bytes=num(costs.get("parameter_bytes"), f"{where}.costs.parameter_bytes", 0.0),
+                stash_bytes=num(costs.get("stash_bytes_per_microbatch"), f"{where}.costs.stash_bytes_per_microbatch", 0.0),
+            ))
+        else:  # a hand-written plan: forward ≈ one third of the step, as in most profiles
+            comp = num(pred.get("compute_s"), f"{where}.predicted.compute_s (or a 'costs' object)")
+            out.append(SimStage(forward_s=comp / 3, backward_s=2 * comp / 3, replicas=replicas, ranks=tuple(ranks)))
+    return out
