@@ -33,7 +33,8 @@ sys.path.insert(0, str(REPO))
 from tests import profiler_user_model as user  # noqa: E402
 
 # Tiny but not trivial: per-node Python overhead must stay small next to compute for the
-# sum-of-nodes check to be meaningful (each whole step is ~10-40 ms on one core).
+# sum-of-nodes check to be meaningful (each whole step is ~10-40 ms on one core). One thread,
+# so the reference step's thread CPU time is its compute time (see _reference_step_ms).
 ZOO = {
     "resnet50": ({"width": 16, "image_size": 64, "num_classes": 10}, 4),
     "gpt": ({"width": 128, "depth": 2, "heads": 4, "vocab_size": 256, "block_size": 64}, 4),
@@ -67,15 +68,21 @@ def _nbytes(value) -> list[int]:
 
 
 def _reference_step_ms(model: nn.Module, inputs, runs: int) -> list[float]:
-    """Plain eager forward + backward (random output gradients), wall clock per run."""
+    """Plain eager forward + backward (random output gradients): CPU time of this thread per run.
+
+    With one intra-op thread, CPU autograd computes everything on the calling thread, so its
+    CPU time is the step's compute time; unlike wall clock it does not grow when other jobs
+    on this shared machine take the core away mid-step (a 30 ms step is preempted most times,
+    a 0.1 ms node interval almost never, so wall clock would compare unlike things).
+    """
     out = model(*inputs)
     grad = torch.randn_like(out)
     times = []
     for _ in range(runs + 2):  # two warm-up runs
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         out = model(*inputs)
         out.backward(grad)
-        times.append((time.perf_counter() - t0) * 1e3)
+        times.append((time.thread_time() - t0) * 1e3)
         model.zero_grad(set_to_none=True)
     return times[2:]
 

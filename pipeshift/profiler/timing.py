@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 from tqdm import tqdm
 
 from pipeshift.errors import PipeshiftError
@@ -78,6 +79,11 @@ class Stats:
         }
 
 
+def output_tensors(outputs: Any) -> list[torch.Tensor]:
+    """The tensors in a model's return value: a tensor, or tuples, lists, dicts of them."""
+    return [t for t in pytree.tree_leaves(outputs) if torch.is_tensor(t)]
+
+
 class OutputGradients:
     """Fixed random gradients for the model's floating-point outputs (no loss function needed).
 
@@ -90,7 +96,7 @@ class OutputGradients:
         g = torch.Generator().manual_seed(seed)
         self.grads = [
             torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device) if self._wants_grad(t) else None
-            for t in flat_tensors(outputs)
+            for t in output_tensors(outputs)
         ]
         if not any(x is not None for x in self.grads):
             raise PipeshiftError("the model's outputs do not require grad: there is no backward pass to profile")
@@ -100,7 +106,7 @@ class OutputGradients:
         return t.requires_grad and t.is_floating_point()
 
     def pairs(self, outputs: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        tensors = flat_tensors(outputs)
+        tensors = output_tensors(outputs)
         chosen = [(t, g) for t, g in zip(tensors, self.grads) if g is not None]
         return [t for t, _ in chosen], [g for _, g in chosen]
 

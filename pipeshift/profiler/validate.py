@@ -31,6 +31,7 @@ from pipeshift.errors import PipeshiftError
 from pipeshift.graph.capture import flat_tensors
 from pipeshift.profiler.profile import ModelProfile, profile_model
 from pipeshift.profiler.runner import GroupRunner
+from pipeshift.profiler.timing import output_tensors
 from pipeshift.spec import add_spec_arguments, spec_from_args
 
 
@@ -99,7 +100,7 @@ def backward_execution_order(runner: GroupRunner, inputs: Sequence[Any]) -> list
             keep.append(fn)
             fn.register_prehook(lambda grads, i=i: executed.append(i))
             todo.extend(next_fn for next_fn, _ in fn.next_functions)
-    outputs = flat_tensors(runner.outputs(env))
+    outputs = output_tensors(runner.outputs(env))
     chosen = [t for t in outputs if t.requires_grad and t.is_floating_point()]
     torch.autograd.backward(chosen, [torch.randn_like(t) for t in chosen])
     return executed
