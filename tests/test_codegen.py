@@ -76,19 +76,27 @@ def even_cuts(n_nodes: int, n_stages: int) -> list[int]:
     return [round(n_nodes * k / n_stages) for k in range(1, n_stages)]
 
 
+def crossing(groups: list[Any], cut: int) -> int:
+    """How many tensors (raw inputs aside) a cut before index ``cut`` has to carry."""
+    before = {g.node_id for g in groups[:cut] if g.op != "placeholder"}
+    return len({src for g in groups[cut:] for src in g.inputs if src in before})
+
+
 def cut_inside(spec: ModelSpec, fx_prefix: str, n_stages: int) -> list[int]:
-    """Even cuts, with the first one moved into the middle of the fx nodes named ``fx_prefix``*."""
+    """Even cuts, with the first one moved inside the block whose fx nodes start with ``fx_prefix``,
+    at a point where two or more tensors cross (a skip connection, or parallel branches)."""
     bundle = spec.build()
     groups = capture(bundle.model, bundle.example_inputs(BATCH)).groups
     inside = [i for i, g in enumerate(groups) if g.fx_name.startswith(fx_prefix)]
     assert len(inside) >= 2, f"no block {fx_prefix!r} to cut through"
+    from_middle = sorted(inside[1:], key=lambda i: abs(i - inside[len(inside) // 2]))
+    middle = next(i for i in from_middle if crossing(groups, i) >= 2)
     cuts = even_cuts(len(groups), n_stages)
-    middle = inside[len(inside) // 2]
     cuts[0] = middle
     cuts = sorted(set(cuts))
     for i in range(1, len(cuts)):  # keep cuts strictly increasing and stages non-empty
         cuts[i] = max(cuts[i], cuts[i - 1] + 1)
-    assert cuts[-1] < len(groups)
+    assert cuts[-1] < len(groups) and len(cuts) == n_stages - 1
     return cuts
 
 

@@ -356,7 +356,8 @@ class _StageWriter:
         lines: list[str] = []
         for t in st.inputs:
             if t.structure is not None:
-                lines.append(f"{t.var} = {pack(t)}")
+                partial = len(t.wire) < leaf_count(t.structure)
+                lines.append(f"{t.var} = {pack(t)}" + ("  # None: elements this stage does not read" if partial else ""))
         mutated = {m.name for n in st.fx_nodes if (m := mutated_input(n, self.modules)) is not None}
         by_id = self.layout.captured.by_id()
         for t in st.inputs:
