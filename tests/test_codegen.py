@@ -477,3 +477,34 @@ def test_module_called_in_two_stages_is_recorded_as_shared(tmp_path: Path) -> No
     generate_package(plan_for(spec, [6]), tmp_path / "pkg")
     conf = json.loads((tmp_path / "pkg" / "conf.json").read_text())
     assert conf["shared_parameters"] == {f"cell.{n}": [0, 1] for n in ("bias_hh", "bias_ih", "weight_hh", "weight_ih")}
+
+
+# -- the literal writer ------------------------------------------------------------------------
+WEIRD_STRINGS = ["", "plain", 'say "hi"', "it's", "back\\slash", "new\nline", "tab\tcr\r", "\x00\x1b\x7f",
+                 "\u2028\u2029\x85", "é中\U0001f600", "\ud800", '"""', "'''", "\\N{BULLET}", "{x}"]
+
+
+@pytest.mark.parametrize("text", WEIRD_STRINGS)
+def test_string_literal_round_trips_as_one_ascii_line(text: str) -> None:
+    from pipeshift.codegen.emit import comment_text, string_literal
+
+    lit = string_literal(text)
+    assert lit.isascii() and "\n" not in lit and "\r" not in lit
+    assert ast.literal_eval(lit) == text
+    note = comment_text(text)
+    assert note.isascii() and note.isprintable() and len(note.splitlines()) <= 1
+
+
+def test_constants_are_written_exactly() -> None:
+    from pipeshift.codegen.emit import literal
+
+    values = [None, True, 0, -7, 2**70, 0.1, -0.0, 1e-300, float("inf"), float("-inf"), 1.5 + 2j, "x\n'y'",
+              (1,), (), [1, (2, 3)], {"k": [None]}, slice(None, -1, 2), Ellipsis, torch.float16, torch.bfloat16,
+              torch.int64, torch.strided, torch.channels_last, torch.device("cpu"), torch.Size([2, 3])]
+    for v in values:
+        text = literal(v, "test")
+        back = eval(text, {"torch": torch, "__builtins__": {"float": float, "complex": complex, "slice": slice}})
+        assert back == v and type(back) is type(v), (v, text)
+    assert str(eval(literal(float("nan"), "test"), {"__builtins__": {"float": float}})) == "nan"
+    with pytest.raises(PipeshiftError, match="cannot write the constant"):
+        literal(object(), "test")

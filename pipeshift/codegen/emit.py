@@ -23,7 +23,7 @@ import operator
 import re
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -85,25 +85,6 @@ def string_literal(s: str) -> str:
     if ast.literal_eval(out) != s:  # pragma: no cover - the escaping above is complete
         raise CodegenError(f"cannot write {s!r} as a literal")
     return out
-
-
-def json_literal(value: Any) -> str:
-    """Python source for decoded JSON data (dicts, lists, strings, numbers, booleans, null)."""
-    if value is None or isinstance(value, bool):
-        return repr(value)
-    if isinstance(value, int):
-        return repr(int(value))
-    if isinstance(value, float):
-        if math.isfinite(value):
-            return repr(float(value))
-        return 'float("nan")' if math.isnan(value) else 'float("inf")' if value > 0 else 'float("-inf")'
-    if isinstance(value, str):
-        return string_literal(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(json_literal(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{string_literal(str(k))}: {json_literal(v)}" for k, v in value.items()) + "}"
-    raise CodegenError(f"cannot write a {type(value).__name__} into code")
 
 
 def attr_path(fqn: str) -> str:
@@ -221,6 +202,49 @@ def mutated_input(n: torch.fx.Node, modules: dict[str, nn.Module]) -> torch.fx.N
     return first if hit and isinstance(first, torch.fx.Node) else None
 
 
+def literal(v: Any, where: str, name_of: Callable[[torch.fx.Node], str] | None = None) -> str:
+    """Python source for a constant argument (``name_of`` names the fx nodes among them)."""
+    if isinstance(v, torch.fx.Node):
+        if name_of is None:
+            raise CodegenError(f"{where}: a graph value where a constant was expected")
+        return name_of(v)
+    if v is None or isinstance(v, bool):
+        return repr(v)
+    if isinstance(v, int):
+        return repr(int(v))
+    if isinstance(v, float):
+        if math.isnan(v):
+            return 'float("nan")'
+        if math.isinf(v):
+            return 'float("inf")' if v > 0 else 'float("-inf")'
+        return repr(float(v))
+    if isinstance(v, complex):
+        return f"complex({literal(v.real, where, name_of)}, {literal(v.imag, where, name_of)})"
+    if isinstance(v, str):
+        return string_literal(v)
+    if v is Ellipsis:
+        return "..."
+    if isinstance(v, slice):
+        return f"slice({literal(v.start, where, name_of)}, {literal(v.stop, where, name_of)}, {literal(v.step, where, name_of)})"
+    if isinstance(v, (torch.dtype, torch.layout, torch.memory_format)):
+        text = str(v)
+        short = text.split(".")[-1]
+        if text == f"torch.{short}" and is_simple_name(short) and getattr(torch, short, None) == v:
+            return text
+    if isinstance(v, torch.device):
+        return f"torch.device({string_literal(str(v))})"
+    if isinstance(v, torch.Size):
+        return f"torch.Size([{', '.join(literal(int(x), where, name_of) for x in v)}])"
+    if isinstance(v, tuple) and type(v) is tuple:
+        items = [literal(x, where, name_of) for x in v]
+        return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
+    if isinstance(v, list):
+        return f"[{', '.join(literal(x, where, name_of) for x in v)}]"
+    if isinstance(v, dict) and all(isinstance(k, str) for k in v):
+        return "{" + ", ".join(f"{string_literal(k)}: {literal(x, where, name_of)}" for k, x in v.items()) + "}"
+    raise CodegenError(f"{where}: cannot write the constant {type(v).__name__} {comment_text(repr(v), 60)!r} into code")
+
+
 # -- one stage ---------------------------------------------------------------------------
 class _StageWriter:
     def __init__(self, layout: Layout, stage: StageLayout, preset_roots: set[str] | None = None):
@@ -264,41 +288,7 @@ class _StageWriter:
 
     # values -----------------------------------------------------------------------------
     def literal(self, v: Any, where: str) -> str:
-        if isinstance(v, torch.fx.Node):
-            return self.name(v)
-        if v is None or isinstance(v, bool):
-            return repr(v)
-        if isinstance(v, int):
-            return repr(int(v))
-        if isinstance(v, float):
-            if math.isnan(v):
-                return 'float("nan")'
-            if math.isinf(v):
-                return 'float("inf")' if v > 0 else 'float("-inf")'
-            return repr(float(v))
-        if isinstance(v, complex):
-            return f"complex({self.literal(v.real, where)}, {self.literal(v.imag, where)})"
-        if isinstance(v, str):
-            return string_literal(v)
-        if v is Ellipsis:
-            return "..."
-        if isinstance(v, slice):
-            return f"slice({self.literal(v.start, where)}, {self.literal(v.stop, where)}, {self.literal(v.step, where)})"
-        if isinstance(v, (torch.dtype, torch.layout, torch.memory_format)):
-            text = str(v)
-            short = text.split(".")[-1]
-            if text == f"torch.{short}" and is_simple_name(short) and getattr(torch, short, None) == v:
-                return text
-        if isinstance(v, torch.device):
-            return f"torch.device({string_literal(str(v))})"
-        if isinstance(v, tuple) and type(v) is tuple:
-            items = [self.literal(x, where) for x in v]
-            return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
-        if isinstance(v, list):
-            return f"[{', '.join(self.literal(x, where) for x in v)}]"
-        if isinstance(v, dict) and all(isinstance(k, str) for k in v):
-            return "{" + ", ".join(f"{string_literal(k)}: {self.literal(x, where)}" for k, x in v.items()) + "}"
-        raise CodegenError(f"{where}: cannot write the constant {type(v).__name__} {comment_text(repr(v), 60)!r} into code")
+        return literal(v, where, self.name)
 
     def operand(self, v: Any, where: str) -> str:
         text = self.literal(v, where)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeshift.codegen.emit import json_literal, mutated_input, render_stage, string_literal
+from pipeshift.codegen.emit import literal, mutated_input, render_stage, string_literal
 from pipeshift.codegen.partition import CodegenError, Layout, check_profile, layout, record_structures
 from pipeshift.codegen.planfile import Plan, parse_plan, read_plan
 from pipeshift.errors import PipeshiftError
@@ -116,7 +116,7 @@ def render_init(plan: Plan, lay: Layout) -> str:
     """``__init__.py``: ``arch()``, ``model(criterion)``, ``full_model()`` (PipeDream's contract)."""
     n = len(lay.stages)
     arch = plan.model.callable.rpartition(":")[2]
-    spec_text = json_literal(plan.model.to_json())
+    spec_text = literal(plan.model.to_json(), "the model spec")
     lines = [
         f'"""Stage package for {plan.model.callable}: {n} pipeline stages. {MARKER} from plan.json.',
         "",
