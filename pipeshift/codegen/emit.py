@@ -30,7 +30,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from pipeshift.codegen.partition import CodegenError, Layout, StageLayout, Structure, Tensor, leaf_count
+from pipeshift.codegen.partition import CodegenError, Layout, StageLayout, Structure, Flow, leaf_count
 from pipeshift.codegen.support import FQN_RE
 from pipeshift.graph.capture import describe
 
@@ -373,14 +373,14 @@ class _StageWriter:
         return lines
 
 
-def _leaf_names(t: Tensor) -> Iterator[str | None]:
+def _leaf_names(t: Flow) -> Iterator[str | None]:
     sent = set(t.wire)
     for i in range(leaf_count(t.structure)):
         name = f"{t.node_id}_{i}"
         yield name if name in sent else None
 
 
-def pack(t: Tensor) -> str:
+def pack(t: Flow) -> str:
     """The expression that rebuilds a tuple value from the elements received, e.g.
     ``(node7_0, (node7_1, node7_2))``; elements this stage never reads were not sent: ``None``."""
 
@@ -405,7 +405,7 @@ def pack(t: Tensor) -> str:
     return build(t.structure, _leaf_names(t))[0]
 
 
-def unpack(t: Tensor) -> str:
+def unpack(t: Flow) -> str:
     """Assignment target that takes a tuple value apart: ``node7_0, (_, node7_2)`` (``_``: not sent)."""
 
     def target(structure: Structure, leaves: Iterator[str | None]) -> str:
@@ -441,7 +441,7 @@ def _describe_fqn(gm: torch.fx.GraphModule, model: nn.Module, fqn: str) -> str:
     return comment_text(f"{kind} {shape}")
 
 
-def _flow_lines(label: str, tensors: list[Tensor], peer: str) -> list[str]:
+def _flow_lines(label: str, tensors: list[Flow], peer: str) -> list[str]:
     if not tensors:
         return []
     parts = []
@@ -488,7 +488,7 @@ def render_stage(layout: Layout, stage: StageLayout, model: nn.Module, title: st
     inputs = _wire_list(stage.input_names)
     _wire_list(stage.output_names)
     outgoing = [
-        Tensor(t.node_id, t.var, t.structure, t.wire, t.producer,
+        Flow(t.node_id, t.var, t.structure, t.wire, t.producer,
                [-1 if c == n_stages else c for c in t.consumers if c > k])
         for t in stage.outputs
     ]

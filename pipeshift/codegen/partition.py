@@ -41,7 +41,7 @@ class CodegenError(PipeshiftError):
 
 
 @dataclasses.dataclass
-class Tensor:
+class Flow:
     """One value crossing a stage boundary, as its consumers see it."""
 
     node_id: str
@@ -57,8 +57,8 @@ class StageLayout:
     index: int
     groups: list[NodeGroup]  # graph order, raw inputs left out
     fx_nodes: list[torch.fx.Node]  # every fx node to run, graph order
-    inputs: list[Tensor]
-    outputs: list[Tensor]
+    inputs: list[Flow]
+    outputs: list[Flow]
     adopt: list[str]  # FQNs of modules / parameters / buffers the stage runs
     constants: list[str] = dataclasses.field(default_factory=list)  # tensors fx made from literals in forward
     keep: list[str] = dataclasses.field(default_factory=list)  # state nobody runs, kept for a full state_dict
@@ -76,7 +76,7 @@ class StageLayout:
 class Layout:
     captured: CapturedGraph
     stages: list[StageLayout]
-    final: list[Tensor]  # what the criterion reads (the model's outputs), before "target"
+    final: list[Flow]  # what the criterion reads (the model's outputs), before "target"
     var_of: dict[str, str]  # node id → variable name
     shared: dict[str, list[int]]  # FQN with state adopted by several stages → those stages
 
@@ -337,17 +337,17 @@ def layout(plan: Plan, captured: CapturedGraph, structures: dict[str, Structure]
                 return everything
         return found
 
-    def tensor(node_id: str, readers: list[int]) -> Tensor:
+    def flow(node_id: str, readers: list[int]) -> Flow:
         g = groups[node_id]
         if g.op == "placeholder":
-            return Tensor(node_id, var_of[node_id], None, [var_of[node_id]], None, readers)
+            return Flow(node_id, var_of[node_id], None, [var_of[node_id]], None, readers)
         structure = structures.get(node_id)
         if structure is None:
             wire = [node_id]
         else:
             used = set().union(*(used_leaves(node_id, r) for r in readers))
             wire = [f"{node_id}_{i}" for i in sorted(used)]
-        return Tensor(node_id, node_id, structure, wire, stage_of[node_id], readers)
+        return Flow(node_id, node_id, structure, wire, stage_of[node_id], readers)
 
     def order(node_id: str) -> tuple[int, int]:
         g = groups[node_id]
@@ -367,14 +367,14 @@ def layout(plan: Plan, captured: CapturedGraph, structures: dict[str, Structure]
                 index=k,
                 groups=mine,
                 fx_nodes=fx_nodes,
-                inputs=[tensor(i, [k]) for i in in_ids],
-                outputs=[tensor(o, [c for c in sorted(consumers[o]) if c > k]) for o in out_ids],
+                inputs=[flow(i, [k]) for i in in_ids],
+                outputs=[flow(o, [c for c in sorted(consumers[o]) if c > k]) for o in out_ids],
                 adopt=_fqns_of(fx_nodes, model),
                 constants=sorted({str(n.target) for n in fx_nodes if n.op == "get_attr" and is_trace_constant(model, str(n.target))}),
             )
         )
     _keep_unused(model, stages)
-    final = [tensor(o, [n_stages]) for o in captured.output_ids]
+    final = [flow(o, [n_stages]) for o in captured.output_ids]
     return Layout(captured=captured, stages=stages, final=final, var_of=var_of, shared=_shared_state(model, stages))
 
 
