@@ -110,6 +110,9 @@ class Communicator:
         self._sent_meta: dict[tuple, TensorMeta] = {}
         self._recv_meta: dict[tuple, TensorMeta] = {}
         self._meta_in_flight: dict[tuple, tuple[object, torch.Tensor]] = {}
+        # receives posted before their name's shape was known, in order; they are posted, still
+        # in order, as soon as it is (posting a later one first would swap payloads)
+        self._deferred: dict[tuple, list[PendingRecv]] = {}
 
     # -- naming the problem ---------------------------------------------------------------
 
@@ -208,10 +211,12 @@ class Communicator:
         try:
             if meta is not None:
                 self._post_recv(pending, meta)
-            elif key not in self._meta_in_flight:
-                buf = torch.empty(_META_LEN, dtype=torch.int64, device=self.device)
-                work = dist.irecv(buf, src=src, tag=self._tag(name, kind, meta=True))
-                self._meta_in_flight[key] = (work, buf)
+            else:
+                if key not in self._meta_in_flight:
+                    buf = torch.empty(_META_LEN, dtype=torch.int64, device=self.device)
+                    work = dist.irecv(buf, src=src, tag=self._tag(name, kind, meta=True))
+                    self._meta_in_flight[key] = (work, buf)
+                self._deferred.setdefault(key, []).append(pending)
         except (RuntimeError, dist.DistBackendError) as e:
             raise self._fail(f"waiting for {kind} {name!r} of microbatch {mb}", src, e) from None
         return pending
@@ -225,17 +230,16 @@ class Communicator:
         t0 = time.perf_counter()
         doing = f"waiting for {pending.kind} {pending.name!r} of microbatch {pending.mb}"
         if pending.work is None:
-            meta = self._recv_meta.get(pending.key)
-            if meta is None:
-                work, buf = self._meta_in_flight.pop(pending.key)
-                self._wait(work, doing + " (shape handshake)", pending.src)
-                try:
-                    meta = TensorMeta.decode(buf)
-                except PeerError as e:
-                    raise self._fail(doing, pending.src, e) from None
-                self._recv_meta[pending.key] = meta
+            work, buf = self._meta_in_flight.pop(pending.key)
+            self._wait(work, doing + " (shape handshake)", pending.src)
             try:
-                self._post_recv(pending, meta)
+                meta = TensorMeta.decode(buf)
+            except PeerError as e:
+                raise self._fail(doing, pending.src, e) from None
+            self._recv_meta[pending.key] = meta
+            try:
+                for waiting in self._deferred.pop(pending.key):
+                    self._post_recv(waiting, meta)
             except (RuntimeError, dist.DistBackendError) as e:
                 raise self._fail(doing, pending.src, e) from None
         self._wait(pending.work, doing, pending.src)

@@ -1,9 +1,10 @@
 """What a rank writes about itself: ``metrics.csv`` (one row per minibatch) and ``trace.json``.
 
 The trace is Chrome's trace-event format (opens in Perfetto and ``chrome://tracing``): complete
-events (``"ph": "X"``) with ``pid`` = rank and ``tid`` = ``"compute"`` or ``"comm"``, times in
-microseconds — the simulator writes the same, so predicted and measured timelines can be laid
-side by side.
+events (``"ph": "X"``) with ``pid`` = rank and ``tid`` 0 (compute: ``F3``, ``B3``, ``step``…) or
+1 (communication: waits, ``allreduce``, ``flush``), named by ``thread_name`` metadata, times in
+microseconds — exactly what ``pipeshift simulate`` writes, so predicted and measured timelines
+can be laid side by side.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+COMPUTE, COMM = 0, 1  # trace thread ids, as the simulator's
 COLUMNS = ["step", "split", "stage", "rank", "loss", "samples_per_s", "compute_s", "wait_s", "comm_s", "lr", "time_s"]
 
 
@@ -28,7 +30,7 @@ class Tracer:
         self.origin = time.perf_counter()
         self.events: list[dict[str, Any]] = []
 
-    def add(self, name: str, tid: str, start: float, end: float, **args: Any) -> None:
+    def add(self, name: str, tid: int, start: float, end: float, **args: Any) -> None:
         if not self.enabled or len(self.events) >= self.max_events:
             return
         event = {"name": name, "ph": "X", "pid": self.rank, "tid": tid,
@@ -38,10 +40,12 @@ class Tracer:
         self.events.append(event)
 
     def write(self, path: str | os.PathLike, process_name: str) -> None:
-        meta = [{"name": "process_name", "ph": "M", "pid": self.rank, "tid": "compute",
+        meta = [{"name": "process_name", "ph": "M", "pid": self.rank, "tid": COMPUTE,
                  "args": {"name": process_name}},
-                {"name": "process_sort_index", "ph": "M", "pid": self.rank, "tid": "compute",
-                 "args": {"sort_index": self.rank}}]
+                {"name": "process_sort_index", "ph": "M", "pid": self.rank, "tid": COMPUTE,
+                 "args": {"sort_index": self.rank}},
+                {"name": "thread_name", "ph": "M", "pid": self.rank, "tid": COMPUTE, "args": {"name": "compute"}},
+                {"name": "thread_name", "ph": "M", "pid": self.rank, "tid": COMM, "args": {"name": "communication"}}]
         _atomic_write(Path(path), json.dumps({"traceEvents": meta + self.events, "displayTimeUnit": "ms"}))
 
 

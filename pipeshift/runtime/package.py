@@ -1,8 +1,9 @@
 """Loading a stage package (CONTRIBUTING.md, "Stage package") without touching ``sys.path``.
 
-The package directory is imported with :mod:`importlib` under a name derived from its absolute
-path, registered in ``sys.modules`` so its ``from .stage0 import Stage0`` lines resolve, and
-nothing is added to the import path. ``conf.json`` and ``plan.json`` are input files: every
+The package directory is imported with :mod:`importlib` under a fresh name derived from its
+absolute path (codegen's :func:`~pipeshift.codegen.load_package` when available), registered in
+``sys.modules`` so its ``from .stage0 import Stage0`` lines resolve; nothing is added to the
+import path. ``conf.json`` and ``plan.json`` are input files: every
 field the runtime uses is checked and a bad one is an :class:`~pipeshift.errors.InputFileError`.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -24,6 +26,7 @@ from pipeshift.runtime.stage import StageEntry
 from pipeshift.spec import ModelBundle, ModelSpec
 
 MAX_JSON_BYTES = 64 * 1024 * 1024
+_loads = itertools.count()
 
 
 @dataclasses.dataclass
@@ -133,13 +136,18 @@ def load_stage_package(path: str | Path) -> StagePackage:
     plan = read_json(plan_path) if plan_path.exists() else {}
     if not isinstance(plan, dict):
         raise InputFileError(plan_path, None, "expected a JSON object")
+    module = import_package(path)
     spec = None
     if plan.get("model") is not None:
         try:
             spec = ModelSpec.from_json(plan["model"])
         except PipeshiftError as e:
             raise InputFileError(plan_path, None, f"'model': {e}") from None
-    module = import_package(path)
+    elif isinstance(getattr(module, "MODEL_SPEC", None), dict):
+        try:
+            spec = ModelSpec.from_json(module.MODEL_SPEC)
+        except PipeshiftError as e:
+            raise InputFileError(init, None, f"MODEL_SPEC: {e}") from None
     for fn in ("model", "full_model"):
         if not callable(getattr(module, fn, None)):
             raise InputFileError(init, None, f"defines no {fn}() function")
@@ -147,10 +155,24 @@ def load_stage_package(path: str | Path) -> StagePackage:
 
 
 def import_package(path: Path) -> ModuleType:
-    """Import the directory ``path`` as a package under a unique, path-derived name."""
-    name = "pipeshift_stages_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
-    if name in sys.modules:
-        return sys.modules[name]
+    """Import the directory ``path`` as a package: through codegen's loader when it is there."""
+    try:
+        from pipeshift.codegen import load_package
+    except ImportError:
+        load_package = None
+    if load_package is not None:
+        try:
+            return load_package(path)
+        except PipeshiftError:
+            raise
+        except Exception as e:  # the package is user input: report, do not crash with a traceback
+            raise PipeshiftError(f"{path}/__init__.py: import failed: {type(e).__name__}: {e}") from None
+    return _import_package(path)
+
+
+def _import_package(path: Path) -> ModuleType:
+    """Import the directory ``path`` under a fresh name derived from it (no ``sys.path`` change)."""
+    name = f"pipeshift_stages_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}_{next(_loads)}"
     spec = importlib.util.spec_from_file_location(name, path / "__init__.py", submodule_search_locations=[str(path)])
     if spec is None or spec.loader is None:
         raise PipeshiftError(f"{path}: cannot be imported as a package")

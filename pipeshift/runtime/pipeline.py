@@ -26,7 +26,7 @@ import torch.distributed as dist
 from pipeshift.errors import PipeshiftError
 from pipeshift.runtime import schedule as S
 from pipeshift.runtime.comm import ACT, GRAD, Communicator, PendingRecv, TensorMeta
-from pipeshift.runtime.metrics import Tracer
+from pipeshift.runtime.metrics import COMM, COMPUTE, Tracer
 from pipeshift.runtime.stage import Stage, StageEntry
 from pipeshift.runtime.topology import LOSS, TARGET, Topology, build_topology
 
@@ -154,7 +154,8 @@ class Pipeline:
         key = ("train", minibatches)
         if key not in self._actions:
             order = S.compute_order(self.schedule, self.topology.num_stages, self.stage_id, self.microbatches,
-                                    replicas=self.replicas, minibatches=minibatches)
+                                    replicas=self.replicas, minibatches=minibatches,
+                                    stage_replicas=[len(r) for r in self.topology.stage_ranks])
             lowered = S.lower(S.for_replica(order, self.replicas, self.replica), self.role)
             self._actions[key] = S.plan_weight_versions(lowered, S.version_rule(self.schedule, self.microbatches))
         return self._actions[key]
@@ -205,7 +206,7 @@ class Pipeline:
     def _compute(self, name: str, start: float, **args: Any) -> None:
         end = time.perf_counter()
         self.counters.compute_s += end - start
-        self.tracer.add(name, "compute", start, end, **args)
+        self.tracer.add(name, COMPUTE, start, end, **args)
 
     def _load(self, a: S.Action, fetch: Callable[[int], Batch] | None) -> None:
         if fetch is None:
@@ -238,7 +239,7 @@ class Pipeline:
         state.recvs = []
         t1 = time.perf_counter()
         if t1 - t0 > 1e-5:
-            self.tracer.add(f"wait F{a.mb}", "comm", t0, t1)
+            self.tracer.add(f"wait F{a.mb}", COMM, t0, t1)
         weights = None
         if train and a.stashed:
             if a.snapshot:
@@ -286,7 +287,7 @@ class Pipeline:
                 grads[id(t)] = (t, g)
         t1 = time.perf_counter()
         if t1 - t0 > 1e-5:
-            self.tracer.add(f"wait B{a.mb}", "comm", t0, t1)
+            self.tracer.add(f"wait B{a.mb}", COMM, t0, t1)
         tensors = [t for t, _ in grads.values()]
         grad_tensors = [g for _, g in grads.values()]
         if state.loss is not None and state.loss.requires_grad:
@@ -320,7 +321,7 @@ class Pipeline:
         ranks = list(self.topology.stage_ranks[self.stage_id])
         self.comm.all_reduce(grads, self.group, f"summing gradients over the replicas of stage {self.stage_id} "
                                                 f"(ranks {ranks})")
-        self.tracer.add("allreduce", "comm", t0, time.perf_counter())
+        self.tracer.add("allreduce", COMM, t0, time.perf_counter())
 
     def _step(self, a: S.Action, on_minibatch_end: Callable[[], None] | None) -> None:
         t0 = time.perf_counter()
@@ -341,7 +342,7 @@ class Pipeline:
     def _flush(self, a: S.Action) -> None:
         t0 = time.perf_counter()
         self.comm.flush()
-        self.tracer.add("flush", "comm", t0, time.perf_counter())
+        self.tracer.add("flush", COMM, t0, time.perf_counter())
         if self._inflight:
             raise RuntimeError(f"schedule ended with microbatches in flight: {sorted(self._inflight)}")
 

@@ -7,8 +7,11 @@ without any communication:
    optimizer-step work for one stage, as if the stage had a single replica:
 
    * ``gpipe``: all forwards of the minibatch, then all backwards, then one step.
-   * ``flush`` (PipeDream-Flush): ``num_stages - stage - 1`` warm-up forwards, then one forward
-     / one backward alternately, then the remaining backwards, then one step per minibatch.
+   * ``flush`` (PipeDream-Flush): ``num_stages - stage - 1`` warm-up forwards (more with
+     replicated stages, see :func:`in_flight`), then one forward / one backward alternately,
+     then the remaining backwards, then one step per minibatch.
+
+   The forward/backward orders are the simulator's own (``pipeshift.optimizer.schedules``).
    * ``1f1b`` (PipeDream): the same 1F1B order but continuous across minibatches (no flush);
      a step after every backward group (one microbatch per replica).
    * ``2bw`` (PipeDream-2BW): continuous 1F1B with one step per ``microbatches`` backwards.
@@ -35,6 +38,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 
 from pipeshift.errors import PipeshiftError
+from pipeshift.optimizer.schedules import schedule_actions, stage_warmup
 
 SCHEDULES = ("flush", "gpipe", "1f1b", "2bw")
 ASYNC_SCHEDULES = ("1f1b", "2bw")
@@ -107,49 +111,54 @@ def check_schedule(kind: str) -> str:
     return kind
 
 
+def in_flight(stage_replicas: Sequence[int], stage: int) -> int:
+    """Microbatches a 1F1B stage holds in steady state (over all its replicas): its warm-up + 1.
+
+    The warm-up is the simulator's (:func:`pipeshift.optimizer.schedules.stage_warmup`): one
+    forward for every worker from this stage to the end, minus one — ``num_stages - stage - 1``
+    without replicas. It never grows downstream, which keeps 1F1B deadlock-free.
+    """
+    return stage_warmup(list(stage_replicas), stage) + 1
+
+
 def compute_order(kind: str, num_stages: int, stage: int, microbatches: int, *,
-                  replicas: int = 1, minibatches: int = 1) -> list[Work]:
+                  replicas: int = 1, minibatches: int = 1,
+                  stage_replicas: Sequence[int] | None = None) -> list[Work]:
     """Stage-level order of one *segment*: ``minibatches`` minibatches of ``microbatches`` each.
 
-    Synchronous schedules (``flush``, ``gpipe``) repeat their per-minibatch order; asynchronous
-    ones (``1f1b``, ``2bw``) run 1F1B continuously over the whole segment, which ends with the
-    pipeline drained (a synchronisation point: checkpoints, evaluation, repartitioning).
+    The forward/backward order is the simulator's
+    (:func:`pipeshift.optimizer.schedules.schedule_actions`), so a simulated and a measured run
+    execute the same lists; this adds the optimizer steps. Synchronous schedules (``flush``,
+    ``gpipe``) repeat their per-minibatch order; asynchronous ones (``1f1b``, ``2bw``) run 1F1B
+    continuously over the whole segment, which ends with the pipeline drained (a
+    synchronisation point: checkpoints, evaluation, repartitioning). ``stage_replicas`` (every
+    stage's replica count) sizes the warm-up; default: no other stage is replicated.
     """
     check_schedule(kind)
     if not 0 <= stage < num_stages:
         raise ValueError(f"stage {stage} outside 0..{num_stages - 1}")
+    if stage_replicas is None:
+        stage_replicas = [1] * num_stages
+        stage_replicas[stage] = replicas
+    warmup = stage_warmup(list(stage_replicas), stage)
     m = microbatches
     if kind in ("flush", "gpipe"):
+        body = [Work(a.kind, a.microbatch) for a in schedule_actions(kind, num_stages, stage, m, warmup=warmup)]
         order: list[Work] = []
         for b in range(minibatches):
-            base = b * m
-            body = _gpipe(m) if kind == "gpipe" else _one_f_one_b(m, num_stages - stage - 1)
-            order += [Work(w.op, w.mb + base) for w in body]
+            order += [Work(w.op, w.mb + b * m) for w in body]
             order.append(Work("S", grads=m, minibatch_end=True))
         return order
     total = m * minibatches
     group = replicas if kind == "1f1b" else m
     order = []
     done = 0
-    for w in _one_f_one_b(total, num_stages - stage - 1):
-        order.append(w)
-        if w.op == "B":
+    for a in schedule_actions(kind, num_stages, stage, total, warmup=warmup):
+        order.append(Work(a.kind, a.microbatch))
+        if a.kind == "B":
             done += 1
             if done % group == 0:
                 order.append(Work("S", grads=group, minibatch_end=done % m == 0))
-    return order
-
-
-def _gpipe(m: int) -> list[Work]:
-    return [Work("F", i) for i in range(m)] + [Work("B", i) for i in range(m)]
-
-
-def _one_f_one_b(m: int, warmup: int) -> list[Work]:
-    warmup = min(warmup, m)
-    order = [Work("F", i) for i in range(warmup)]
-    for i in range(m - warmup):
-        order += [Work("F", warmup + i), Work("B", i)]
-    order += [Work("B", i) for i in range(m - warmup, m)]
     return order
 
 
@@ -197,10 +206,13 @@ def lower(order: Sequence[Work], role: Role) -> list[Action]:
             continue
         post(w)
         nxt += 1
-        # prefetch the next compute's receives, except a gradient for the forward about to run
-        # (its shape is known only once that forward has run)
-        if nxt < len(computes) and not (computes[nxt].op == "B" and computes[nxt].mb == w.mb):
-            post(computes[nxt])
+        # prefetch the next compute's receives; a gradient for the forward about to run cannot
+        # be posted yet (its shape is known once that forward has run), so look one further
+        ahead = nxt
+        if ahead < len(computes) and computes[ahead].op == "B" and computes[ahead].mb == w.mb:
+            ahead += 1
+        if ahead < len(computes):
+            post(computes[ahead])
         if w.op == "F":
             actions.append(Action(FWD, w.mb))
             if role.sends_outputs:
@@ -288,11 +300,13 @@ def plan_weight_versions(actions: Sequence[Action], rule: Callable[[int, int], i
 
 
 def rank_actions(kind: str, num_stages: int, stage: int, microbatches: int, *, replicas: int = 1,
-                 replica: int = 0, role: Role | None = None, minibatches: int = 1) -> list[Action]:
+                 replica: int = 0, role: Role | None = None, minibatches: int = 1,
+                 stage_replicas: Sequence[int] | None = None) -> list[Action]:
     """Everything above in one call: the annotated action list of one rank for one segment."""
     role = role or Role(loads_data=stage == 0, receives_inputs=stage > 0, sends_outputs=stage < num_stages - 1,
                         receives_grads=stage < num_stages - 1, sends_grads=stage > 0, replicated=replicas > 1)
-    order = compute_order(kind, num_stages, stage, microbatches, replicas=replicas, minibatches=minibatches)
+    order = compute_order(kind, num_stages, stage, microbatches, replicas=replicas, minibatches=minibatches,
+                          stage_replicas=stage_replicas)
     actions = lower(for_replica(order, replicas, replica), role)
     return plan_weight_versions(actions, version_rule(kind, microbatches))
 
