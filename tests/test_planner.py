@@ -577,3 +577,34 @@ def test_brute_force_helper_counts_partitions() -> None:
     for k in range(1, 5):
         chains += sum(1 for combo in itertools.combinations(states[:-1], k - 1))
     assert chains == 2 ** 3
+
+
+@pytest.mark.parametrize("seed", [31, 32, 33])
+def test_glueing_zero_cost_nodes_keeps_the_optimum(seed: int) -> None:
+    """Zero-cost sinks (unused __getitem__) and sources only multiply states; glued, the optimum stays."""
+    from pipeshift.optimizer.planner import planning_graph
+    from pipeshift.optimizer.states import all_downsets
+
+    g = random_dag(seed, 6)
+    for i, p in enumerate(["node3", "node4", "node5"]):
+        g.add_node(Node(f"node{50 + i}", "__getitem__(1)", 0.0, 0.0, 2e6, 0.0))
+        g.add_edge(p, f"node{50 + i}")
+    g.add_node(Node("node60", "hidden", 0.0, 0.0, 1e6, 0.0))
+    g.add_edge("node60", "node5")
+    g.add_edge("node60", "node6")
+    arrays = planning_graph(g, "pipeshift")
+    full = all_downsets(arrays, 10**6)
+    glued = all_downsets(arrays, 10**6, glue=True)
+    assert glued.size < full.size
+    assert full.size == len(all_downset_set(g, frozenset({"node1"})))
+    for N in (2, 3, 4):
+        topo = Topology((Level(N, 1e9, 1e-4),))
+        for sched, fewer in itertools.product((Schedule("1f1b", 1), Schedule("flush", 4)), (True, False)):
+            want = make_plan(g, topo, PlanOptions(schedule=sched, fewer_machines=fewer, max_states=full.size)).optimum
+            result = make_plan(g, topo, PlanOptions(schedule=sched, fewer_machines=fewer, max_states=glued.size))
+            assert result.states.order_name == "glued" and result.states.size == glued.size
+            _check_plan_shape(g, result, topo)
+            if fewer:  # idle workers allowed: the glued space keeps an optimal plan
+                assert _close(result.optimum, want), (N, sched, result.optimum, want)
+            else:  # a subset of the full space: never better (a zero-cost-only stage may idle a worker)
+                assert result.optimum >= want * (1 - 1e-12)

@@ -138,6 +138,8 @@ class PipeshiftLevel:
         before = np.where(lo[:, None] > 0, cum[np.maximum(lo - 1, 0)], 0)
         self._pair_member = (cum[self.pair_m] - before) > 0  # slots m+1-m' .. m
         self.homogeneous = n_types == 1
+        # homogeneous slots and no memory check: a last stage's cost depends on m' only
+        self.by_mp = self.homogeneous and self.memory is None
 
     # -- pieces ---------------------------------------------------------------------------
     def _stage_time(self, compute: np.ndarray, params: np.ndarray, replicas: np.ndarray) -> np.ndarray:
@@ -183,7 +185,10 @@ class PipeshiftLevel:
             comp = self.times[0][np.ix_(rows, js)][:, :, None]
             t = self._stage_time(comp, par, mp)
             link = 2.0 * (self.latency + self.cut_bytes[ks] / self.bandwidth)[:, None, None] / mp
-            t = np.maximum(t, link)[:, :, self.pair_mp - 1]
+            t = np.maximum(t, link)
+            if self.by_mp:
+                return t
+            t = t[:, :, self.pair_mp - 1]
         else:
             mp = self.pair_mp.astype(np.float64)
             comp = self._group_time(self.times[:, rows][:, :, js], self._pair_member)

@@ -43,8 +43,17 @@ class LevelCosts(Protocol):
         ...
 
     def last(self, ks: np.ndarray, js: np.ndarray) -> np.ndarray:
-        """(len(ks), len(js), P): last stage (k+1 .. j) on m' slots ending at slot m, with its links."""
+        """(len(ks), len(js), P): last stage (k+1 .. j) on m' slots ending at slot m, with its links.
+
+        If the costs object has ``by_mp = True``, the cost does not depend on m and the last axis
+        is m' - 1 instead (length N-1 or 1), which saves materialising every (m, m') pair.
+        """
         ...
+
+
+def pair_costs(costs: LevelCosts, C: np.ndarray) -> np.ndarray:
+    """``costs.last`` output indexed by (m, m') pair, whatever its native layout."""
+    return C[..., costs.pair_mp - 1] if getattr(costs, "by_mp", False) else C
 
 
 @dataclasses.dataclass
@@ -61,40 +70,51 @@ def solve_level(costs: LevelCosts, successors: list[np.ndarray], all_rows: bool,
     S = len(successors)
     N = costs.num_slots
     R = S + 1 if all_rows else 1
-    # Work on T[j, r, m] (state-major) so that gathering and scattering the successors of a split
-    # touches contiguous (rows × slots) blocks; A[r, j, m] is a transposed view of it.
-    T = np.ascontiguousarray(np.asarray(costs.single(np.arange(R)), dtype=np.float64).transpose(1, 0, 2))
+    # Work on T[j, m, r] (state, slots, row): the successors of a split are gathered and scattered
+    # as whole (slots × rows) blocks, and (m, m') pairs sit on the leading axis of the temporaries
+    # so the segmented min over m' reduces contiguous slabs. A[r, j, m] is a transposed view.
+    T = np.ascontiguousarray(np.asarray(costs.single(np.arange(R)), dtype=np.float64).transpose(1, 2, 0))
     pm, pmp = costs.pair_m, costs.pair_mp
+    by_mp = bool(getattr(costs, "by_mp", False))
     if N > 1 and pm.size:
         src = pm - pmp
         starts = np.flatnonzero(np.r_[True, pm[1:] != pm[:-1]])
         ms = pm[starts]  # the slot count each segment of pairs belongs to
         contiguous_ms = bool(np.array_equal(ms, np.arange(1, N)))
+    # Last-stage costs do not depend on the table: get them for a block of split states at once.
+    block = max(1, CHUNK_ELEMENTS // max(1, S * max(pm.size, 1)))
+    C_block, block_lo = None, -1
     for k in range(S):
         if fewer and k >= 1:
             upto = min(k, R)  # rows r < k: the diagonal (r == k) keeps its single-stage value
-            np.minimum.accumulate(T[k, :upto, :], axis=1, out=T[k, :upto, :])
+            np.minimum.accumulate(T[k, :, :upto], axis=0, out=T[k, :, :upto])
         js = successors[k]
         if N == 1 or js.size == 0 or not pm.size:
             continue
         nrows = min(k + 1, R)
-        col = T[k, :nrows, :]
-        live = np.flatnonzero(np.isfinite(col).any(axis=1))
+        col = T[k, :, :nrows]  # (N, rows)
+        live = np.flatnonzero(np.isfinite(col).any(axis=0))
         if live.size == 0:
             continue
-        C = costs.last(np.array([k]), js)[0]  # (J, P)
+        if C_block is None or k >= block_lo + C_block.shape[0]:
+            block_lo = k
+            ks = np.arange(k, min(S, k + block))
+            C_block = costs.last(ks, np.arange(k + 1, S))  # (K, S-k-1, P or N-1)
+        C = C_block[k - block_lo][js - (block_lo + 1)]  # (J, P) or (J, N-1) by m'
+        Ct = (C[:, pmp - 1] if by_mp else C).T[:, :, None]  # (P, J, 1)
         lo_row, hi_row = int(live[0]), int(live[-1]) + 1
         step = max(1, CHUNK_ELEMENTS // max(1, js.size * pm.size))
         for lo in range(lo_row, hi_row, step):
             hi = min(hi_row, lo + step)
-            val = np.maximum(col[None, lo:hi, src], C[:, None, :])  # (J, rows, P)
-            best = np.minimum.reduceat(val, starts, axis=2)  # (J, rows, len(ms))
+            val = np.maximum(col[src, None, lo:hi], Ct)  # (P, J, rows)
+            best = np.minimum.reduceat(val, starts, axis=0)  # (len(ms), J, rows)
             if contiguous_ms:
-                T[js, lo:hi, 1:] = np.minimum(T[js, lo:hi, 1:], best)
+                cur = T[js, 1:, lo:hi]
+                T[js, 1:, lo:hi] = np.minimum(cur, best.transpose(1, 0, 2))
             else:
-                where = (js[:, None, None], np.arange(lo, hi)[None, :, None], ms[None, None, :])
-                T[where] = np.minimum(T[where], best)
-    return LevelSolution(T.transpose(1, 0, 2), fewer)
+                where = (js[:, None, None], ms[None, :, None], np.arange(lo, hi)[None, None, :])
+                T[where] = np.minimum(T[where], best.transpose(1, 0, 2))
+    return LevelSolution(T.transpose(2, 0, 1), fewer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +148,7 @@ def trace(costs: LevelCosts, pred: np.ndarray, sol: LevelSolution, r: int, j: in
         ks = np.flatnonzero(pred[:, j])
         ks = ks[ks >= r]
         sel = np.flatnonzero(costs.pair_m == m)
-        C = costs.last(ks, np.array([j]))[:, 0, :][:, sel]  # (K, pairs of m)
+        C = pair_costs(costs, costs.last(ks, np.array([j])))[:, 0, :][:, sel]  # (K, pairs of m)
         mps = costs.pair_mp[sel]
         cand = np.maximum(A[r, ks][:, m - mps], C)
         hit = np.argwhere(cand == v)

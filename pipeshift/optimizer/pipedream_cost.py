@@ -111,6 +111,7 @@ class PipeDreamLevel:
         self.pair_m, self.pair_mp = _pairs(num_slots, straight)
         self._stash_factor = np.ceil((num_slots - (self.pair_m + 1)) / self.pair_mp)
         self._transfer_cache: np.ndarray | None = None
+        self.by_mp = memory_limit is None  # without the memory check, a last stage's cost depends on m' only
 
     def single(self, rows: np.ndarray) -> np.ndarray:
         N, bw = self.num_slots, self.bandwidth
@@ -151,6 +152,8 @@ class PipeDreamLevel:
             if last_state.any():
                 t_out = np.where(last_state[None, :, None], -INF, t_out)
             t = np.maximum(np.maximum(t, t_in), t_out)
+        if self.by_mp:
+            return t
         t = t[:, :, self.pair_mp - 1]
         if self.memory_limit is not None:
             act = self.activation[np.ix_(rows, js)][:, :, None]

@@ -21,16 +21,10 @@ from pipeshift.graph import Graph, write_graph_txt
 from pipeshift.optimizer import cost as ps_cost
 from pipeshift.optimizer import pipedream_cost as pd_cost
 from pipeshift.optimizer.planner import PlanOptions, PlanResult
+from pipeshift.optimizer.states import stash_bytes
 from pipeshift.optimizer.topology import Topology
 
 COLORS = ["lightblue", "palegreen", "lightgrey", "salmon", "gold", "orange", "beige", "plum", "khaki", "cyan"]
-
-
-def _stash(node) -> float:
-    saved = node.meta.get("saved_bytes") if node.meta else None
-    if isinstance(saved, (int, float)) and not isinstance(saved, bool) and saved >= 0:
-        return float(saved)
-    return node.activation_bytes
 
 
 def _fqns(graph: Graph, nodes: list[str]) -> list[str]:
@@ -62,7 +56,7 @@ def stage_table(graph: Graph, result: PlanResult, topo: Topology, opt: PlanOptio
         fwd = sum(n.forward_ms for n in nodes) / 1000.0
         bwd = sum(n.backward_ms for n in nodes) / 1000.0
         params = float(sum(n.parameter_size for n in nodes))
-        stash = float(sum(_stash(n) for n in nodes))
+        stash = float(sum(stash_bytes(n) for n in nodes))
         activation = float(sum(n.activation_bytes for n in nodes))
         speed = min(topo.speed_of(w) for w in st.workers)
         per_level = {n_levels - 1 - pos: count for pos, (_, count) in enumerate(st.slots)}

@@ -77,10 +77,7 @@ class GraphArrays:
             return np.array([0.0 if nid in zeroed else float(get(graph[nid])) for nid in node_ids], dtype=np.float64)
 
         def stash_of(node) -> float:
-            saved = node.meta.get("saved_bytes") if node.meta else None
-            if isinstance(saved, (int, float)) and not isinstance(saved, bool) and saved >= 0 and saved == saved:
-                return float(saved)
-            return node.activation_bytes
+            return stash_bytes(node)
 
         base_mask = np.zeros(n, dtype=bool)
         for nid in base:
@@ -106,6 +103,18 @@ class GraphArrays:
             for a in preds[b]:
                 cl[b] |= cl[a]
         return cl
+
+
+def stash_bytes(node) -> float:
+    """Bytes a node keeps for its backward pass, per microbatch.
+
+    profile.json's ``saved_bytes`` when the profiler measured it; otherwise the node's output,
+    unless the node takes no time at all (a view, a ``__getitem__``), which saves nothing.
+    """
+    saved = node.meta.get("saved_bytes") if node.meta else None
+    if isinstance(saved, (int, float)) and not isinstance(saved, bool) and 0 <= saved < float("inf"):
+        return float(saved)
+    return node.activation_bytes if node.forward_ms + node.backward_ms > 0 else 0.0
 
 
 def topological_order(adj: np.ndarray, priority: np.ndarray | None = None) -> list[int]:
@@ -160,41 +169,71 @@ def _pack(rows: np.ndarray) -> list[bytes]:
     return [r.tobytes() for r in packed]
 
 
-def all_downsets(g: GraphArrays, max_states: int) -> StateSpace:
+def zero_cost_glue(g: GraphArrays) -> tuple[np.ndarray, np.ndarray]:
+    """(lazy, eager): zero-cost sources and sinks whose place follows from their neighbours.
+
+    A node with no compute, parameters or stash changes no stage's time or memory wherever it
+    goes; the only thing its placement changes is how many cuts its tensors cross, and that is
+    least when a source sits with its earliest consumer and a sink with its latest producer.
+    So a *lazy* source joins a downset only together with a consumer, and an *eager* sink as soon
+    as all its producers are in. With idle workers allowed (``--use_fewer_machines``) some plan
+    that is optimal overall survives in the smaller space. Without, the full space can also use a
+    stage made of such nodes alone — a way to keep a worker all but idle (or the only way to
+    fill a straight pipeline longer than the real layers) — that the glued space lacks; which is
+    why the planner glues only when the full space is too big to search.
+    """
+    zero = (g.compute_ms == 0) & (g.parameter == 0) & (g.stash == 0) & ~g.base
+    indeg = g.adj.sum(axis=0)
+    outdeg = g.adj.sum(axis=1)
+    return zero & (indeg == 0) & (outdeg > 0), zero & (outdeg == 0) & (indeg > 0)
+
+
+def all_downsets(g: GraphArrays, max_states: int, glue: bool = False) -> StateSpace:
     """Every downset that strictly contains the pinned inputs, ordered by size.
 
-    Enumerated layer by layer (a downset of size s+1 is one of size s plus a node whose
-    predecessors are all in it), vectorised over each layer. Raises :class:`TooManyStates`
-    past ``max_states``.
+    Breadth-first from the inputs, adding one node whose predecessors are all in (with
+    ``glue``, see :func:`zero_cost_glue`), vectorised over each frontier. Raises
+    :class:`TooManyStates` past ``max_states``.
     """
     adj_i = g.adj.astype(np.int32)
     indeg = adj_i.sum(axis=0)
-    layer = g.base[None, :].copy()
-    layers: list[np.ndarray] = []
-    total = 0
-    while True:
-        inside = layer.astype(np.int32) @ adj_i
-        cand = (~layer) & (inside == indeg[None, :])
+    n = g.n
+    lazy, eager = zero_cost_glue(g) if glue else (np.zeros(n, bool), np.zeros(n, bool))
+    lazy_preds = g.adj & lazy[:, None]  # [p, v]: lazy p feeds v (it comes along with v)
+    addable = ~lazy & ~eager
+    frontier = g.base[None, :].copy()
+    seen: dict[bytes, int] = {}
+    rows: list[np.ndarray] = []
+    while frontier.shape[0]:
+        inside = (frontier | lazy).astype(np.int32) @ adj_i
+        cand = (~frontier) & addable & (inside == indeg[None, :])
         s_idx, n_idx = np.nonzero(cand)
         if s_idx.size == 0:
             break
-        new = layer[s_idx]
+        new = frontier[s_idx]
         new[np.arange(s_idx.size), n_idx] = True
-        packed = np.packbits(new, axis=1)
-        _, first = np.unique(packed, axis=0, return_index=True)
-        layer = new[np.sort(first)]
-        total += layer.shape[0]
-        if total > max_states:
-            raise TooManyStates(total)
-        layers.append(layer)
-    if not layers:
-        return StateSpace(np.zeros((0, g.n), dtype=bool), np.zeros((0, 0), dtype=bool), "exact")
-    members = np.concatenate(layers)
+        new |= lazy_preds[:, n_idx].T
+        if eager.any():
+            ready = (new.astype(np.int32) @ adj_i) == indeg[None, :]
+            new |= eager & ready
+        keep = []
+        for i, key in enumerate(_pack(new)):
+            if key not in seen:
+                seen[key] = len(rows) + len(keep)
+                keep.append(i)
+        if len(rows) + len(keep) > max_states:
+            raise TooManyStates(len(rows) + len(keep))
+        frontier = new[keep]
+        rows.extend(frontier)
+    if not rows:
+        return StateSpace(np.zeros((0, n), dtype=bool), np.zeros((0, 0), dtype=bool), "exact")
+    members = np.array(rows, dtype=bool)
+    members = members[np.argsort(members.sum(axis=1), kind="stable")]
     m = members.astype(np.float32)
     outside = (m @ (~members).astype(np.float32).T) > 0  # outside[k, j]: k has a node not in j
     pred = ~outside
     np.fill_diagonal(pred, False)
-    return StateSpace(members, pred, "exact")
+    return StateSpace(members, pred, "exact", order_name="glued" if glue else None)
 
 
 def pipedream_states(g: GraphArrays, max_states: int, closure: np.ndarray | None = None) -> StateSpace:
