@@ -608,3 +608,24 @@ def test_glueing_zero_cost_nodes_keeps_the_optimum(seed: int) -> None:
                 assert _close(result.optimum, want), (N, sched, result.optimum, want)
             else:  # a subset of the full space: never better (a zero-cost-only stage may idle a worker)
                 assert result.optimum >= want * (1 - 1e-12)
+
+
+def test_heterogeneous_machines_on_two_levels() -> None:
+    """Two machines of two workers, the second machine half as fast: a legal plan that costs its optimum."""
+    g = random_dag(77, 8)
+    topo = Topology((Level(2, 1e10, 1e-5), Level(2, 1e9, 1e-4)), (1.0, 1.0, 0.5, 0.5))
+    result = make_plan(g, topo, PlanOptions(schedule=Schedule("flush", 4)))
+    _check_plan_shape(g, result, topo)
+    assert _close(max(st.dp_value for st in result.stages), result.optimum, 1e-12)
+    homogeneous = make_plan(g, Topology(topo.levels), PlanOptions(schedule=Schedule("flush", 4)))
+    assert result.optimum >= homogeneous.optimum  # slower machines never help
+
+
+def test_picture_falls_back_to_dot_source(profiles_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    import pipeshift.optimizer.report as report
+
+    monkeypatch.setattr(report.shutil, "which", lambda name: None)
+    rc, _, err = _run(["plan", str(profiles_dir / "vgg16" / "graph.txt"), "-n", "2", "-o", str(tmp_path), "-q"], capsys)
+    assert rc == 0
+    assert (tmp_path / "gpus=2.dot").is_file() and not (tmp_path / "gpus=2.svg").exists()
+    assert err.count("\n") == 1 and "warning" in err and "dot" in err

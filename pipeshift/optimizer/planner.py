@@ -326,8 +326,10 @@ def _state_spaces(g: GraphArrays, topo: Topology, opt: PlanOptions, closure) -> 
             if opt.search == "exact" or _estimated_work(exact.size, topo, opt.straight) <= opt.work_budget:
                 return [exact]
     spaces = []
-    cap = max(16, int(min(opt.max_states, _prefix_cap(topo, opt))))
-    for name, order in prefix_orders(g).items():
+    orders = prefix_orders(g)
+    # the orders share the work budget: past it, each keeps fewer (the cheapest) cut points
+    cap = max(16, int(min(opt.max_states, _prefix_cap(topo, opt.work_budget / max(1, len(orders)), opt.straight))))
+    for name, order in orders.items():
         if opt.cost_model == "pipedream":
             # PipeDream's states start from its first source alone
             first = int(np.flatnonzero(g.adj.sum(axis=0) == 0)[0])
@@ -335,16 +337,16 @@ def _state_spaces(g: GraphArrays, topo: Topology, opt: PlanOptions, closure) -> 
                 continue
         spaces.append(prefix_states(g, order, name, cap))
     if not spaces:
-        spaces.append(prefix_states(g, next(iter(prefix_orders(g).values())), "profile", cap))
+        spaces.append(prefix_states(g, next(iter(orders.values())), "profile", cap))
     return spaces
 
 
-def _prefix_cap(topo: Topology, opt: PlanOptions) -> float:
+def _prefix_cap(topo: Topology, budget: float, straight: bool) -> float:
     """Largest state count whose DP fits the work budget."""
     lo, hi = 16, 1 << 16
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if _estimated_work(mid, topo, opt.straight) <= opt.work_budget:
+        if _estimated_work(mid, topo, straight) <= budget:
             lo = mid
         else:
             hi = mid - 1
