@@ -375,13 +375,13 @@ def test_2bw_matches_double_buffered_semantics(workdir, model, shape):
 
 
 def test_resumed_flush_run_equals_uninterrupted_run_and_exports(workdir):
-    pkg = mlp_package(workdir / "pkg", [1, 3])
+    pkg = mlp_package(workdir / "pkg", [1])
     common = ["--microbatches", "3", "--optimizer", "adam", "--lr", "0.01", "--lr-scheduler", "step",
               "--lr-scheduler-arg", "step_size=1", "--lr-scheduler-arg", "gamma=0.5"]
-    train(workdir, pkg, 3, *common, "--steps", "4", "--checkpoint-dir", str(workdir / "whole"), "--checkpoint-every", "2")
-    train(workdir, pkg, 3, *common, "--steps", "2", "--checkpoint-dir", str(workdir / "parts"))
+    train(workdir, pkg, 2, *common, "--steps", "4", "--checkpoint-dir", str(workdir / "whole"), "--checkpoint-every", "2")
+    train(workdir, pkg, 2, *common, "--steps", "2", "--checkpoint-dir", str(workdir / "parts"))
     assert (workdir / "parts" / "latest").read_text().strip() == "step-00000002"
-    train(workdir, pkg, 3, *common, "--steps", "4", "--checkpoint-dir", str(workdir / "parts"), "--resume")
+    train(workdir, pkg, 2, *common, "--steps", "4", "--checkpoint-dir", str(workdir / "parts"), "--resume")
     whole, resumed = final_weights(workdir / "whole"), final_weights(workdir / "parts")
     assert set(whole) == set(resumed)
     for name in whole:
@@ -401,12 +401,27 @@ def test_resumed_flush_run_equals_uninterrupted_run_and_exports(workdir):
     for name, t in model.state_dict().items():
         assert torch.equal(t, whole[name])
     assert cli.main(["export", str(workdir / "whole" / "step-00000002"), "-o", str(workdir / "m2.pt")]) == 0
+    assert set(torch.load(workdir / "m2.pt", weights_only=True)) == set(state)
 
 
 def test_export_rejects_incomplete_or_foreign_checkpoints(workdir, capsys):
     pkg = mlp_package(workdir / "pkg", [2])
-    train(workdir, pkg, 2, "--microbatches", "2", "--steps", "1", "--checkpoint-dir", str(workdir / "ck"))
-    where = ckpt.resolve(workdir / "ck")
+    where = workdir / "ck" / "step-00000001"
+    bundle = _bundle(MLP_SPEC)
+    halves = [{k: v for k, v in bundle.model.state_dict().items() if k.startswith(p)}
+              for p in ("layers.0.", "layers.")]
+    halves[1] = {k: v for k, v in halves[1].items() if k not in halves[0]}
+    for s, half in enumerate(halves):
+        ckpt.save_file({"stage": s, "step": 1, "model": half}, where / f"stage{s}.pt")
+    ckpt.write_json({"format": ckpt.FORMAT, "step": 1, "num_stages": 2, "package": str(pkg)}, where / "meta.json")
+    ckpt.mark_latest(workdir / "ck", 1)
+    assert cli.main(["export", str(workdir / "ck"), "-o", str(workdir / "m.pt")]) == 0
+    capsys.readouterr()
+    # a stage file that holds another model's tensors does not pass the check against the package
+    ckpt.save_file({"stage": 1, "step": 1, "model": {**halves[1], "extra.weight": torch.zeros(1)}},
+                   where / "stage1.pt")
+    assert cli.main(["export", str(workdir / "ck"), "-o", str(workdir / "m.pt")]) == 1
+    assert "unexpected ['extra.weight']" in capsys.readouterr().err
     (where / "stage1.pt").write_bytes(b"not a checkpoint")
     assert cli.main(["export", str(workdir / "ck"), "-o", str(workdir / "m.pt")]) == 1
     assert "stage1.pt" in capsys.readouterr().err
@@ -478,27 +493,28 @@ def test_dead_or_silent_rank_ends_every_other_rank_with_one_clear_message(workdi
 
 @pytest.mark.parametrize("case", ["too-few-microbatches", "uneven-replicas", "different-config", "bad-package"])
 def test_startup_mistakes_are_reported_on_every_rank(workdir, case):
-    ranks = [[0, 1], [2]] if case == "uneven-replicas" else [[0], [1], [2]]
-    pkg = mlp_package(workdir / "pkg", [1] if case == "uneven-replicas" else [1, 2], ranks)
+    ranks = [[0, 1], [2]] if case == "uneven-replicas" else [[0], [1]]
+    pkg = mlp_package(workdir / "pkg", [1], ranks)
     args, per_rank = ["--steps", "2", "--microbatches", "3"], None
     expected = {
-        "too-few-microbatches": "fewer than the 3 pipeline stages",
-        "uneven-replicas": "uneven shares",
-        "different-config": "different configurations — lr: rank 0 has 0.01, rank 2 has 0.5",
-        "bad-package": "rank 1 could not start",
+        "too-few-microbatches": "--microbatches 1 is fewer than the 2 pipeline stages",
+        "uneven-replicas": "stage 0 has 2 replicas but a minibatch has 3 microbatches",
+        "different-config": "different configurations — lr: rank 0 has 0.01, rank 1 has 0.5",
+        "bad-package": "rank 1 could not start: ",
     }[case]
     if case == "too-few-microbatches":
-        args = ["--steps", "2", "--microbatches", "2"]
+        args = ["--steps", "2", "--microbatches", "1"]
     if case == "different-config":
-        per_rank = {2: ["--lr", "0.5"]}
+        per_rank = {1: ["--lr", "0.5"]}
     if case == "bad-package":
         bad = workdir / "bad"
         bad.mkdir()
         (bad / "__init__.py").write_text("")
         (bad / "conf.json").write_text('{"module_to_stage_map": [0, 1,')
-        results = finish(start_ranks(workdir, pkg, 3, args, packages={1: bad}), limit=60)
+        expected += f"{bad / 'conf.json'}:1: invalid JSON"
+        results = finish(start_ranks(workdir, pkg, 2, args, packages={1: bad}), limit=60)
     else:
-        results = train(workdir, pkg, 3, *args, per_rank=per_rank, expect_ok=False)
+        results = train(workdir, pkg, sum(map(len, ranks)), *args, per_rank=per_rank, expect_ok=False)
     for rc, _o, err in results:
         assert rc == 1, err[-2000:]
         lines = _error_lines(err)
@@ -547,7 +563,7 @@ def test_launch_hosts_ssh_runs_each_machine(tmp_path):
                            "stages/"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "[alpha] on alpha" in proc.stdout and "[beta] on beta" in proc.stdout
-    fake.write_text("#!/bin/sh\n[ \"$1\" = beta ] && exit 3\nsleep 30\n")
+    fake.write_text("#!/bin/sh\n[ \"$1\" = beta ] && exit 3\nexec sleep 30\n")
     t0 = time.monotonic()
     proc = subprocess.run([PY, "-m", "pipeshift", "launch", "--hosts", str(hosts), "--ssh", "--ssh-program", str(fake),
                            "stages/"], capture_output=True, text=True, timeout=60)
