@@ -7,7 +7,9 @@ Design points, each answering a failure seen in the field:
   the bytes (PipeDream's one-thread-per-tensor design hung its users).
 * **Shapes once.** The first activation of a given name to a given peer is preceded by a small
   metadata message (shape, dtype, requires-grad); later ones send only the payload, into a
-  buffer the receiver allocates from the cached metadata. Gradients never need metadata: their
+  buffer the receiver allocates from the cached metadata. Both ends post in one fixed order
+  (microbatch, then sorted name), so the exchange also works where messages are matched by
+  order rather than by tag (NCCL). Gradients never need metadata: their
   receiver made the tensor they are the gradient of. A tensor whose shape changes later is an
   error, not a silent garbling.
 * **Tags per name.** Every exchanged name has a small integer (identical on every rank, from the
@@ -81,7 +83,7 @@ class PendingRecv:
     mb: int
     key: tuple
     tensor: torch.Tensor | None = None
-    work: object | None = None
+    work: object | None = None  # set once posted (always, by the time recv() returns)
 
 
 class Communicator:
@@ -109,10 +111,6 @@ class Communicator:
         self.tags = dict(tags)
         self._sent_meta: dict[tuple, TensorMeta] = {}
         self._recv_meta: dict[tuple, TensorMeta] = {}
-        self._meta_in_flight: dict[tuple, tuple[object, torch.Tensor]] = {}
-        # receives posted before their name's shape was known, in order; they are posted, still
-        # in order, as soon as it is (posting a later one first would swap payloads)
-        self._deferred: dict[tuple, list[PendingRecv]] = {}
 
     # -- naming the problem ---------------------------------------------------------------
 
@@ -204,21 +202,33 @@ class Communicator:
 
     def recv(self, name: str, src: int, kind: str, mb: int, *, like: TensorMeta | None = None,
              mode: str = "train") -> PendingRecv:
-        """Post a receive; ``like`` gives a gradient's shape (activations use the cached metadata)."""
+        """Post a receive; ``like`` gives a gradient's shape (activations use the cached metadata).
+
+        The first activation of a name from a peer waits for its metadata right here, so the
+        payload's receive is posted at once: receives are then posted in exactly the order
+        the peer sends, which NCCL (it matches by order, not by tag) requires.
+        """
         key = (src, name, mode)
         pending = PendingRecv(name, src, kind, mb, key)
+        doing = f"waiting for {kind} {name!r} of microbatch {mb}"
         meta = like if kind == GRAD else self._recv_meta.get(key)
+        if meta is None:
+            t0 = time.perf_counter()
+            buf = torch.empty(_META_LEN, dtype=torch.int64, device=self.device)
+            try:
+                work = dist.irecv(buf, src=src, tag=self._tag(name, kind, meta=True))
+            except (RuntimeError, dist.DistBackendError) as e:
+                raise self._fail(doing, src, e) from None
+            self._wait(work, doing + " (shape handshake)", src)
+            try:
+                meta = self._recv_meta[key] = TensorMeta.decode(buf)
+            except PeerError as e:
+                raise self._fail(doing, src, e) from None
+            self.wait_s += time.perf_counter() - t0
         try:
-            if meta is not None:
-                self._post_recv(pending, meta)
-            else:
-                if key not in self._meta_in_flight:
-                    buf = torch.empty(_META_LEN, dtype=torch.int64, device=self.device)
-                    work = dist.irecv(buf, src=src, tag=self._tag(name, kind, meta=True))
-                    self._meta_in_flight[key] = (work, buf)
-                self._deferred.setdefault(key, []).append(pending)
+            self._post_recv(pending, meta)
         except (RuntimeError, dist.DistBackendError) as e:
-            raise self._fail(f"waiting for {kind} {name!r} of microbatch {mb}", src, e) from None
+            raise self._fail(doing, src, e) from None
         return pending
 
     def _post_recv(self, pending: PendingRecv, meta: TensorMeta) -> None:
@@ -229,19 +239,6 @@ class Communicator:
         """The received tensor (for activations: a leaf that requires grad as its sender's did)."""
         t0 = time.perf_counter()
         doing = f"waiting for {pending.kind} {pending.name!r} of microbatch {pending.mb}"
-        if pending.work is None:
-            work, buf = self._meta_in_flight.pop(pending.key)
-            self._wait(work, doing + " (shape handshake)", pending.src)
-            try:
-                meta = TensorMeta.decode(buf)
-            except PeerError as e:
-                raise self._fail(doing, pending.src, e) from None
-            self._recv_meta[pending.key] = meta
-            try:
-                for waiting in self._deferred.pop(pending.key):
-                    self._post_recv(waiting, meta)
-            except (RuntimeError, dist.DistBackendError) as e:
-                raise self._fail(doing, pending.src, e) from None
         self._wait(pending.work, doing, pending.src)
         self.wait_s += time.perf_counter() - t0
         t = pending.tensor
