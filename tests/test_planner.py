@@ -486,6 +486,11 @@ def test_impossible_requests_are_one_line_errors(profiles_dir: Path, capsys, fla
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path: Path, capsys) -> None:
+    (tmp_path / "a_file").write_text("")
+    good = tmp_path / "good.txt"
+    write_graph_txt(random_dag(2, 4), good)
+    rc, _, stderr = _run(["plan", str(good), "-n", "2", "-o", str(tmp_path / "a_file")], capsys)
+    assert rc == 1 and "not a directory" in stderr
     bad = tmp_path / "graph.txt"
     bad.write_text("node1 -- Input0 -- forward_compute_time=x, backward_compute_time=0, activation_size=0, parameter_size=0\n")
     for argv, message in [

@@ -149,7 +149,13 @@ def run(args: argparse.Namespace) -> int:
     doc = plan_document(graph, graph_arg, result, topo, opt, profile)
     doc["search"]["planner_seconds"] = elapsed
     if args.output:
-        write_plan_dir(Path(args.output), graph, doc)
+        out = Path(args.output)
+        if out.exists() and not out.is_dir():
+            raise PipeshiftError(f"{out}: exists and is not a directory (-o names the plan directory)")
+        try:
+            write_plan_dir(out, graph, doc)
+        except OSError as e:
+            raise PipeshiftError(f"{out}: cannot write the plan ({e.strerror or e})") from None
     if not args.quiet:
         print(summary(doc))
         if args.output:

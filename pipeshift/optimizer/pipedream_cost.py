@@ -52,14 +52,15 @@ def planning_nodes(graph: Graph) -> tuple[list[str], list[str], list[str]]:
 
 def augmented_output_bytes(g: GraphArrays, members: np.ndarray, closure: np.ndarray) -> np.ndarray:
     """PipeDream's ``output_activation_size`` of each state (see the module docstring)."""
-    adj = g.adj
     anc = closure & ~np.eye(g.n, dtype=bool)  # anc[a, p]: p is a strict ancestor of a
-    # leaves[p, a]: p has a successor outside closure(a)
-    leaves = (adj.astype(np.float32) @ (~closure).T.astype(np.float32)) > 0
-    extra = anc & leaves.T  # extra[a, p]
-    has_succ_inside = (members.astype(np.float32) @ adj.T.astype(np.float32)) > 0
-    maximal = members & ~has_succ_inside
-    aug = maximal | ((maximal.astype(np.float32) @ extra.astype(np.float32)) > 0)
+    leaves_t = g.any_succ_in(~closure)  # [a, p]: p has a successor outside closure(a)
+    extra = anc & leaves_t  # extra[a, p]
+    maximal = members & ~g.any_succ_in(members)
+    aug = maximal.copy()
+    s_idx, a_idx = np.nonzero(maximal)  # row-major: grouped by state
+    if s_idx.size:
+        states, starts = np.unique(s_idx, return_index=True)
+        aug[states] |= np.logical_or.reduceat(extra[a_idx], starts, axis=0)
     return aug.astype(np.float64) @ g.activation
 
 

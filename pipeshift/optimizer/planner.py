@@ -34,6 +34,7 @@ from pipeshift.optimizer.states import (
     pipedream_states,
     prefix_orders,
     prefix_states,
+    zero_cost_glue,
 )
 from pipeshift.optimizer.topology import Topology
 
@@ -52,7 +53,7 @@ class PlanOptions:
     optimizer_states: float = 2.0
     search: str = "auto"
     max_states: int = 2000  # exact search only below this many states
-    work_budget: float = 4e8  # … and only while the DP's estimated element operations stay below this
+    work_budget: float = 2.5e8  # … and only while the DP's estimated element operations stay below this
 
 
 @dataclasses.dataclass
@@ -308,12 +309,16 @@ def _state_spaces(g: GraphArrays, topo: Topology, opt: PlanOptions, closure) -> 
     """Candidate state spaces: the exact one if affordable, else prefixes of several orders."""
     if opt.search in ("auto", "exact"):
         try:
+            if int((~g.base).sum()) > opt.max_states:  # every prefix of a topological order is a state
+                raise TooManyStates(int((~g.base).sum()))
             if opt.cost_model == "pipedream":
                 exact = pipedream_states(g, opt.max_states, closure)
             else:
                 try:
                     exact = all_downsets(g, opt.max_states)
                 except TooManyStates:  # zero-cost views and sinks multiply states for nothing
+                    if not any(mask.any() for mask in zero_cost_glue(g)):
+                        raise
                     exact = all_downsets(g, opt.max_states, glue=True)
         except TooManyStates:
             if opt.search == "exact":

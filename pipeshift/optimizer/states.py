@@ -58,6 +58,34 @@ class GraphArrays:
     def n(self) -> int:
         return len(self.node_ids)
 
+    def _edge_groups(self, by: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Edges grouped by target (``by="dst"``) or source: (other end, group starts, group node, order)."""
+        cache = self.__dict__.setdefault("_groups", {})
+        if by not in cache:
+            src, dst = np.nonzero(self.adj)
+            key, other = (dst, src) if by == "dst" else (src, dst)
+            order = np.argsort(key, kind="stable")
+            key, other = key[order], other[order]
+            nodes, starts = np.unique(key, return_index=True)
+            cache[by] = (other, starts, nodes, order)
+        return cache[by]
+
+    def preds_inside(self, rows: np.ndarray) -> np.ndarray:
+        """(f, n): how many predecessors of each node each row (a node set) holds."""
+        other, starts, nodes, _ = self._edge_groups("dst")
+        out = np.zeros((rows.shape[0], self.n), dtype=np.int32)
+        if nodes.size:
+            out[:, nodes] = np.add.reduceat(rows[:, other].astype(np.int32), starts, axis=1)
+        return out
+
+    def any_succ_in(self, rows: np.ndarray) -> np.ndarray:
+        """(f, n): whether each node has a successor in each row (a node set)."""
+        other, starts, nodes, _ = self._edge_groups("src")
+        out = np.zeros((rows.shape[0], self.n), dtype=bool)
+        if nodes.size:
+            out[:, nodes] = np.logical_or.reduceat(rows[:, other], starts, axis=1)
+        return out
+
     @property
     def compute_ms(self) -> np.ndarray:
         return self.forward_ms + self.backward_ms
@@ -195,17 +223,18 @@ def all_downsets(g: GraphArrays, max_states: int, glue: bool = False) -> StateSp
     ``glue``, see :func:`zero_cost_glue`), vectorised over each frontier. Raises
     :class:`TooManyStates` past ``max_states``.
     """
-    adj_i = g.adj.astype(np.int32)
-    indeg = adj_i.sum(axis=0)
+    indeg = g.adj.sum(axis=0).astype(np.int32)
     n = g.n
     lazy, eager = zero_cost_glue(g) if glue else (np.zeros(n, bool), np.zeros(n, bool))
     lazy_preds = g.adj & lazy[:, None]  # [p, v]: lazy p feeds v (it comes along with v)
     addable = ~lazy & ~eager
     frontier = g.base[None, :].copy()
+    frontier_ids = np.array([-1])  # -1: the start (pinned inputs), not a state
     seen: dict[bytes, int] = {}
     rows: list[np.ndarray] = []
+    parents: list[list[int]] = []
     while frontier.shape[0]:
-        inside = (frontier | lazy).astype(np.int32) @ adj_i
+        inside = g.preds_inside(frontier | lazy)
         cand = (~frontier) & addable & (inside == indeg[None, :])
         s_idx, n_idx = np.nonzero(cand)
         if s_idx.size == 0:
@@ -214,25 +243,36 @@ def all_downsets(g: GraphArrays, max_states: int, glue: bool = False) -> StateSp
         new[np.arange(s_idx.size), n_idx] = True
         new |= lazy_preds[:, n_idx].T
         if eager.any():
-            ready = (new.astype(np.int32) @ adj_i) == indeg[None, :]
-            new |= eager & ready
+            new |= eager & (g.preds_inside(new) == indeg[None, :])
         keep = []
         for i, key in enumerate(_pack(new)):
-            if key not in seen:
-                seen[key] = len(rows) + len(keep)
+            sid = seen.get(key)
+            if sid is None:
+                sid = seen[key] = len(rows) + len(keep)
                 keep.append(i)
-        if len(rows) + len(keep) > max_states:
-            raise TooManyStates(len(rows) + len(keep))
+                parents.append([])
+                if len(rows) + len(keep) > max_states:
+                    raise TooManyStates(len(rows) + len(keep))
+            parent = int(frontier_ids[s_idx[i]])
+            if parent >= 0:
+                parents[sid].append(parent)
         frontier = new[keep]
+        frontier_ids = np.arange(len(rows), len(rows) + len(keep))
         rows.extend(frontier)
     if not rows:
         return StateSpace(np.zeros((0, n), dtype=bool), np.zeros((0, 0), dtype=bool), "exact")
+    # k ⊂ j exactly when j is reachable from k by single additions: close the parent relation
+    # in breadth-first order (parents are discovered before their children)
+    S = len(rows)
+    anc = np.zeros((S, S), dtype=bool)  # anc[j, k]: k ⊂ j
+    for j in range(S):
+        for p in set(parents[j]):
+            anc[j] |= anc[p]
+            anc[j, p] = True
     members = np.array(rows, dtype=bool)
-    members = members[np.argsort(members.sum(axis=1), kind="stable")]
-    m = members.astype(np.float32)
-    outside = (m @ (~members).astype(np.float32).T) > 0  # outside[k, j]: k has a node not in j
-    pred = ~outside
-    np.fill_diagonal(pred, False)
+    order = np.argsort(members.sum(axis=1), kind="stable")
+    members = members[order]
+    pred = anc[np.ix_(order, order)].T.copy()
     return StateSpace(members, pred, "exact", order_name="glued" if glue else None)
 
 
@@ -251,8 +291,7 @@ def pipedream_states(g: GraphArrays, max_states: int, closure: np.ndarray | None
     if n == 0:
         return StateSpace(np.zeros((0, 0), dtype=bool), np.zeros((0, 0), dtype=bool), "exact")
     cl = g.closure() if closure is None else closure
-    adj_i = g.adj.astype(np.int32)
-    indeg = adj_i.sum(axis=0)
+    indeg = g.adj.sum(axis=0)
     first = int(np.flatnonzero(indeg == 0)[0])
     start = np.zeros((1, n), dtype=bool)
     start[0, first] = True
@@ -262,7 +301,7 @@ def pipedream_states(g: GraphArrays, max_states: int, closure: np.ndarray | None
     frontier = np.array([0])
     frontier_rows = start
     while frontier.size:
-        has_pred = (frontier_rows.astype(np.int32) @ adj_i) > 0
+        has_pred = g.preds_inside(frontier_rows) > 0
         cand = (~frontier_rows) & has_pred
         s_idx, n_idx = np.nonzero(cand)
         new_rows = frontier_rows[s_idx] | cl[n_idx]
@@ -396,8 +435,7 @@ def prefix_states(g: GraphArrays, order: list[int], name: str, max_states: int |
 
 def frontier_bytes(g: GraphArrays, members: np.ndarray) -> np.ndarray:
     """Bytes of activations produced inside each downset and consumed outside it."""
-    outside_succ = (~members).astype(np.float32) @ g.adj.T.astype(np.float32)  # [s, a]: successors of a outside
-    crossing = members & (outside_succ > 0)
+    crossing = members & g.any_succ_in(~members)
     return crossing.astype(np.float64) @ g.activation
 
 
