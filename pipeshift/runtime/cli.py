@@ -27,7 +27,7 @@ from pipeshift.spec import parse_model_args
 
 # per-process settings that may legitimately differ between ranks
 _LOCAL_ARGS = ("command", "rank", "world_size", "dist_addr", "package", "no_progress", "threads", "device",
-               "backend", "output_dir", "timeout")
+               "backend", "output_dir", "timeout", "no_malloc_tuning")
 _SCHEDULER_ALIASES = {"step": "StepLR", "cosine": "CosineAnnealingLR", "exponential": "ExponentialLR",
                       "linear": "LinearLR", "multistep": "MultiStepLR", "constant": "ConstantLR"}
 
@@ -75,10 +75,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=float, default=60.0,
                    help="seconds to wait for a peer before giving up (default 60)")
     g.add_argument("--threads", type=int, default=None, help="torch intra-op threads per rank")
+    g.add_argument("--no-malloc-tuning", action="store_true",
+                   help="leave glibc malloc as it is (default: keep freed memory for reuse, see runtime/allocator.py)")
 
 
 def run(args: argparse.Namespace) -> int:
     _check_numbers(args)
+    if not args.no_malloc_tuning:
+        from pipeshift.runtime.allocator import keep_freed_memory
+
+        keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     from pipeshift.runtime.distributed import init_distributed

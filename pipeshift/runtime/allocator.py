@@ -1,0 +1,38 @@
+"""Keep freed CPU memory for reuse instead of handing it back to the OS after every step.
+
+glibc's malloc serves large blocks (gradients, activations) with ``mmap`` and returns them with
+``munmap`` when freed, so a training loop that frees its gradients after every optimizer step
+page-faults all of them in again on the next backward. PipeDream's ``1f1b`` steps after *every*
+microbatch, and measured on this project's machines (``benchmarks/bench_runtime.py``; a 6-layer
+512-wide MLP stage at one thread) that costs up to twice the microbatch's compute. Raising the
+mmap and trim thresholds makes freed blocks stay in the heap and be reused: no page faults, and
+stepping every microbatch becomes as cheap as accumulating. The price is that a process's
+resident memory does not shrink after a peak, which a training process does not need.
+
+It is process-wide, so the train command applies it at start-up (``--no-malloc-tuning`` opts
+out) and the benchmark applies it to every contender alike.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_THRESHOLD = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Tune glibc malloc as described above; ``False`` where that is not possible (not glibc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, _THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _THRESHOLD))
