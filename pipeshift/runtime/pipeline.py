@@ -93,7 +93,10 @@ class Pipeline:
         self.is_first = self.stage_id == 0
         self.is_last = self.stage_id == topo.num_stages - 1
         self.stage = Stage(self.stage_id, [entries[i] for i in topo.modules_of(self.stage_id)], self.device)
-        self.optimizer = self.optimizer_factory(list(self.stage.params.values()))
+        params = list(self.stage.params.values())
+        if not params:  # a parameterless stage (pooling, say) still keeps its LR schedule in step
+            params = [torch.nn.Parameter(torch.empty(0, device=self.device))]
+        self.optimizer = self.optimizer_factory(params)
         self.lr_scheduler = self.scheduler_factory(self.optimizer) if self.scheduler_factory else None
         self.group = self._replica_groups(topo)
         inbound, outbound = topo.inbound(self.stage_id), topo.outbound(self.stage_id)
@@ -361,10 +364,10 @@ def optimizer_state_by_fqn(optimizer: torch.optim.Optimizer, params: Mapping[str
     index_to_name: dict[int, str] = {}
     groups = []
     for group, saved in zip(optimizer.param_groups, sd["param_groups"]):
-        names = [name_of[id(p)] for p in group["params"]]
-        index_to_name.update(zip(saved["params"], names))
-        groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": names})
-    state = {index_to_name[i]: s for i, s in sd["state"].items()}
+        names = [name_of.get(id(p)) for p in group["params"]]  # None: a parameterless stage's placeholder
+        index_to_name.update((i, n) for i, n in zip(saved["params"], names) if n is not None)
+        groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": [n for n in names if n]})
+    state = {index_to_name[i]: s for i, s in sd["state"].items() if i in index_to_name}
     return {"state": state, "param_groups": groups}
 
 
@@ -383,9 +386,9 @@ def load_optimizer_state_by_fqn(optimizer: torch.optim.Optimizer, params: Mappin
     state: dict[int, Any] = {}
     groups = []
     for group, cur in zip(optimizer.param_groups, current["param_groups"]):
-        names = [name_of[id(p)] for p in group["params"]]
+        names = [name_of.get(id(p)) for p in group["params"]]
         for index, name in zip(cur["params"], names):
-            if name in saved_state:
+            if name is not None and name in saved_state:
                 state[index] = saved_state[name]
         hyper = next((group_of_name[n] for n in names if n in group_of_name), cur)
         groups.append({**{k: v for k, v in hyper.items() if k != "params"}, "params": cur["params"]})
