@@ -10,7 +10,9 @@ MLP block sized so that its forward + backward takes ``--stage-ms`` per microbat
   microbatches) at 1 and 2 threads,
 
 and the *ideal* pipeline throughput ``batch / slowest stage`` from each stage's forward +
-backward time measured alone at one thread. Every contender runs with the malloc tuning that
+backward time measured alone at one thread — and, since two ranks computing at once slow each
+other down on shared caches and memory, a second ideal row: both ranks running only their
+stage's forward + backward at the same time, with no communication. Every contender runs with the malloc tuning that
 ``pipeshift train`` applies (:mod:`pipeshift.runtime.allocator`) unless ``--no-malloc-tuning``. Each repeat starts the two ranks once and runs every
 pipelined configuration in turn (the order rotates between repeats); results are medians with
 min–max over repeats, and ratios of medians. Nothing here is asserted: it reports.
@@ -150,6 +152,22 @@ def _pipelining(rank: int, cfg: dict, kind: str, data) -> float:
     return _timed(run, cfg)
 
 
+def _alone(rank: int, cfg: dict, data) -> float:
+    """ms per microbatch of this rank's stage computing forward + backward with no communication,
+    while the other rank does the same: the ideal pipeline on cores that are busy together."""
+    module = make_stages(cfg)[rank]
+    x = data[0][0][0]
+    n = cfg["steps"] * cfg["microbatches"]
+
+    def run(count: int, first: int) -> None:  # count minibatches
+        for _ in range(count * cfg["microbatches"]):
+            inp = x.clone().requires_grad_(rank > 0)
+            module(inp).square().mean().backward()
+
+    elapsed, _cpu = _timed(run, cfg)
+    return elapsed / n * 1e3
+
+
 def _rank_main(rank: int, port: int, cfg: dict, order: list[str], out: str) -> None:
     if cfg["malloc_tuning"]:
         keep_freed_memory()
@@ -157,7 +175,7 @@ def _rank_main(rank: int, port: int, cfg: dict, order: list[str], out: str) -> N
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=300))
     data = [((x,), y) for x, y in make_data(cfg, 4 * cfg["microbatches"])]
-    results = {}
+    results = {"alone_ms": _alone(rank, cfg, data)}
     for name in order:
         if name.startswith("pipeshift"):
             elapsed, cpu = _ours(rank, cfg, name.split()[1], data)
@@ -181,6 +199,7 @@ def pipelined_repeat(cfg: dict, order: list[str]) -> tuple[dict[str, float], dic
         ranks.append(json.loads(path.read_text()))
         path.unlink()
     rates = {name: ranks[0][name]["samples_per_s"] for name in order}
+    rates["ideal, stages computing at once"] = cfg["batch"] / (max(r["alone_ms"] for r in ranks) / 1e3)
     cpu = {name: [ranks[r][name]["cpu_ms_per_microbatch"] for r in range(2)] for name in order}
     return rates, cpu
 
@@ -265,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg["malloc_tuning"] = not args.no_malloc_tuning
     ideal = cfg["batch"] / (max(cfg["stage_ms"]) / 1e3)
     samples: dict[str, list[float]] = {name: [] for name in PIPELINED}
+    samples["ideal, stages computing at once"] = []
     samples["single process, 1 thread"] = []
     samples["single process, 2 threads"] = []
     cpu: dict[str, list[list[float]]] = {name: [] for name in PIPELINED}
@@ -274,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         rates, cpus = pipelined_repeat(cfg, order)
         for name, value in rates.items():
             samples[name].append(value)
-            cpu[name].append(cpus[name])
+        for name, value in cpus.items():
+            cpu[name].append(value)
         for threads in (1, 2):
             samples[f"single process, {threads} thread{'s' if threads > 1 else ''}"].append(single_process(cfg, threads))
         load.append(os.getloadavg()[0])
