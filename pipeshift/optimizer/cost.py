@@ -36,6 +36,8 @@ import math
 
 import numpy as np
 
+from pipeshift.optimizer.dp import slot_pairs
+
 INF = np.inf
 SCHEDULES = ("1f1b", "flush", "gpipe", "2bw")
 
@@ -89,15 +91,6 @@ def ring_allreduce(params: np.ndarray, replicas: np.ndarray, bandwidth: float, l
     return np.where(r > 1, 2.0 * (r - 1) / r * params / bandwidth + 2.0 * (r - 1) * latency, 0.0)
 
 
-def _pairs(N: int, straight: bool) -> tuple[np.ndarray, np.ndarray]:
-    ms, mps = [], []
-    for m in range(1, N):
-        for mp in range(1, 2 if straight else m + 1):
-            ms.append(m)
-            mps.append(mp)
-    return np.array(ms, dtype=np.int64), np.array(mps, dtype=np.int64)
-
-
 class PipeshiftLevel:
     """:class:`~pipeshift.optimizer.dp.LevelCosts` of one level under pipeshift's model.
 
@@ -129,7 +122,7 @@ class PipeshiftLevel:
         self.memory = memory if memory is not None and memory.limit is not None else None
         self.outer_downstream = outer_downstream
         N = self.num_slots = len(self.slot_types)
-        self.pair_m, self.pair_mp = _pairs(N, straight)
+        self.pair_m, self.pair_mp = slot_pairs(N, straight)
         n_types = times.shape[0]
         onehot = np.eye(n_types, dtype=bool)[self.slot_types]  # (N, types)
         cum = np.cumsum(onehot, axis=0)

@@ -51,6 +51,19 @@ class LevelCosts(Protocol):
         ...
 
 
+def slot_pairs(N: int, straight: bool) -> tuple[np.ndarray, np.ndarray]:
+    """:attr:`LevelCosts.pair_m` and ``pair_mp`` for N slots: every (m, m') with 1 ≤ m' ≤ m < N.
+
+    Sorted by m, as the sweep expects; ``straight`` (no replicated stages) keeps m' = 1 only.
+    """
+    ms, mps = [], []
+    for m in range(1, N):
+        for mp in range(1, 2 if straight else m + 1):
+            ms.append(m)
+            mps.append(mp)
+    return np.array(ms, dtype=np.int64), np.array(mps, dtype=np.int64)
+
+
 def pair_costs(costs: LevelCosts, C: np.ndarray) -> np.ndarray:
     """``costs.last`` output indexed by (m, m') pair, whatever its native layout."""
     return C[..., costs.pair_mp - 1] if getattr(costs, "by_mp", False) else C

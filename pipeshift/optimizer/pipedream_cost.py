@@ -31,6 +31,7 @@ import math
 import numpy as np
 
 from pipeshift.graph import Graph
+from pipeshift.optimizer.dp import slot_pairs
 from pipeshift.optimizer.states import GraphArrays
 
 INF = np.inf
@@ -76,15 +77,6 @@ def range_rows(per_state: np.ndarray, fill: float) -> np.ndarray:
     return out
 
 
-def _pairs(N: int, straight: bool) -> tuple[np.ndarray, np.ndarray]:
-    ms, mps = [], []
-    for m in range(1, N):
-        for mp in range(1, 2 if straight else m + 1):
-            ms.append(m)
-            mps.append(mp)
-    return np.array(ms, dtype=np.int64), np.array(mps, dtype=np.int64)
-
-
 class PipeDreamLevel:
     """:class:`~pipeshift.optimizer.dp.LevelCosts` for one level of PipeDream's hierarchy."""
 
@@ -109,7 +101,7 @@ class PipeDreamLevel:
         self.straight = straight
         self.memory_limit = memory_limit
         self.compression = compression
-        self.pair_m, self.pair_mp = _pairs(num_slots, straight)
+        self.pair_m, self.pair_mp = slot_pairs(num_slots, straight)
         self._stash_factor = np.ceil((num_slots - (self.pair_m + 1)) / self.pair_mp)
         self._transfer_cache: np.ndarray | None = None
         self.by_mp = memory_limit is None  # without the memory check, a last stage's cost depends on m' only
