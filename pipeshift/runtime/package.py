@@ -1,32 +1,29 @@
 """Loading a stage package (CONTRIBUTING.md, "Stage package") without touching ``sys.path``.
 
-The package directory is imported with :mod:`importlib` under a fresh name derived from its
-absolute path (codegen's :func:`~pipeshift.codegen.load_package` when available), registered in
-``sys.modules`` so its ``from .stage0 import Stage0`` lines resolve; nothing is added to the
-import path. ``conf.json`` and ``plan.json`` are input files: every
-field the runtime uses is checked and a bad one is an :class:`~pipeshift.errors.InputFileError`.
+The package directory is imported by codegen's :func:`~pipeshift.codegen.load_package`: under a
+fresh name derived from its absolute path, registered in ``sys.modules`` so its
+``from .stage0 import Stage0`` lines resolve; nothing is added to the import path. ``conf.json``
+and ``plan.json`` are input files: every field the runtime uses is checked and a bad one is an
+:class:`~pipeshift.errors.InputFileError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
-import itertools
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from torch import nn
 
+from pipeshift.codegen import load_package
 from pipeshift.errors import InputFileError, PipeshiftError
 from pipeshift.runtime.stage import StageEntry
 from pipeshift.spec import ModelBundle, ModelSpec
 
 MAX_JSON_BYTES = 64 * 1024 * 1024
-_loads = itertools.count()
 
 
 @dataclasses.dataclass
@@ -155,35 +152,13 @@ def load_stage_package(path: str | Path) -> StagePackage:
 
 
 def import_package(path: Path) -> ModuleType:
-    """Import the directory ``path`` as a package: through codegen's loader when it is there."""
-    try:
-        from pipeshift.codegen import load_package
-    except ImportError:
-        load_package = None
-    if load_package is not None:
-        try:
-            return load_package(path)
-        except PipeshiftError:
-            raise
-        except Exception as e:  # the package is user input: report, do not crash with a traceback
-            raise PipeshiftError(f"{path}/__init__.py: import failed: {type(e).__name__}: {e}") from None
-    return _import_package(path)
+    """Import the directory ``path`` as a package through codegen's loader.
 
-
-def _import_package(path: Path) -> ModuleType:
-    """Import the directory ``path`` under a fresh name derived from it (no ``sys.path`` change)."""
-    name = f"pipeshift_stages_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}_{next(_loads)}"
-    spec = importlib.util.spec_from_file_location(name, path / "__init__.py", submodule_search_locations=[str(path)])
-    if spec is None or spec.loader is None:
-        raise PipeshiftError(f"{path}: cannot be imported as a package")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
+    The package is user input: anything its code raises becomes one :class:`PipeshiftError` line.
+    """
     try:
-        spec.loader.exec_module(module)
+        return load_package(path)
     except PipeshiftError:
-        del sys.modules[name]
         raise
-    except Exception as e:  # the package is user input: report, do not crash with a traceback
-        del sys.modules[name]
+    except Exception as e:
         raise PipeshiftError(f"{path}/__init__.py: import failed: {type(e).__name__}: {e}") from None
-    return module
