@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -100,7 +101,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         table = _graph_table(path, args.top)
         if args.picture:
-            print(f"picture: {render_graph(read_graph_txt(path), args.picture, title=str(path))}")
+            picture = render_graph(read_graph_txt(path), args.picture, title=str(path))
+            if picture.warning:
+                print(f"warning: {picture.warning}", file=sys.stderr)
+            if picture.path is not None:
+                print(f"picture: {picture.path}")
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(table.to_string(index=False))
     return 0

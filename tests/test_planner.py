@@ -12,6 +12,7 @@ import json
 import math
 import random
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -627,9 +628,7 @@ def test_heterogeneous_machines_on_two_levels() -> None:
 
 
 def test_picture_falls_back_to_dot_source(profiles_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
-    import pipeshift.optimizer.report as report
-
-    monkeypatch.setattr(report.shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # what pipeshift.graph.render asks
     rc, _, err = _run(["plan", str(profiles_dir / "vgg16" / "graph.txt"), "-n", "2", "-o", str(tmp_path), "-q"], capsys)
     assert rc == 0
     assert (tmp_path / "gpus=2.dot").is_file() and not (tmp_path / "gpus=2.svg").exists()

@@ -8,6 +8,7 @@ whole-step time.
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -377,7 +378,7 @@ def _small_profile():
 
 
 def test_picture_without_dot_writes_dot_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(report.shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
     path, warning = report.write_picture(_small_profile(), tmp_path)
     assert path == tmp_path / "graph.dot" and path.read_text().startswith("digraph")
     assert warning and "\n" not in warning and "not installed" in warning
@@ -385,7 +386,7 @@ def test_picture_without_dot_writes_dot_file(tmp_path, monkeypatch):
 
 def test_picture_survives_a_broken_graphviz(tmp_path, monkeypatch):
     graphviz = pytest.importorskip("graphviz")
-    monkeypatch.setattr(report.shutil, "which", lambda name: "/usr/bin/dot")
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/dot")
 
     def broken(*args, **kwargs):
         raise graphviz.ExecutableNotFound(["dot"])
@@ -396,7 +397,7 @@ def test_picture_survives_a_broken_graphviz(tmp_path, monkeypatch):
 
 
 def test_picture_with_dot_is_svg(tmp_path):
-    if report.shutil.which("dot") is None:
+    if shutil.which("dot") is None:
         pytest.skip("graphviz 'dot' is not installed")
     path, warning = report.write_picture(_small_profile(), tmp_path)
     assert warning is None and path.name == "graph.svg" and b"<svg" in path.read_bytes()

@@ -1,13 +1,15 @@
 """Pictures of graphs with graphviz — optional: without the ``dot`` binary we keep the .dot file.
 
 Every step that draws (profile, plan, show) goes through :func:`render_graph`, so pictures look
-alike and degrade the same way on machines without Debian's graphviz.
+alike and degrade the same way: a machine without Debian's graphviz, or a graphviz that fails,
+costs the picture and one warning line, never the step's other outputs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
-import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from pipeshift.graph.ir import Graph
@@ -16,12 +18,31 @@ from pipeshift.graph.ir import Graph
 PALETTE = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#999999"]
 
 
+@dataclasses.dataclass
+class Picture:
+    """What :func:`render_graph` left on disk."""
+
+    path: Path | None  # the .svg, else the .dot (None only if not even the source could be built)
+    written: list[Path]  # every file written
+    warning: str | None  # one line saying why there is no .svg; the caller decides how to print it
+
+
 def _label(text: str, limit: int = 48) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def to_dot(graph: Graph, stage_of: dict[str, int] | None = None, title: str = "") -> str:
-    """Graphviz source; ``stage_of`` colours nodes by stage (falls back to node.stage_id)."""
+def to_dot(
+    graph: Graph,
+    stage_of: Mapping[str, int] | None = None,
+    title: str = "",
+    labels: Mapping[str, str] | None = None,
+    fills: Mapping[str, str] | None = None,
+) -> str:
+    """Graphviz source: one box per node, coloured by stage (``stage_of``, else node.stage_id).
+
+    ``labels`` and ``fills`` (node id → text / graphviz colour) replace the default label and the
+    stage colour for the nodes they name, for callers that know more than the graph holds.
+    """
     import graphviz
 
     dot = graphviz.Digraph(name="pipeshift", graph_attr={"rankdir": "TB", "label": title, "fontsize": "10"})
@@ -32,34 +53,52 @@ def to_dot(graph: Graph, stage_of: dict[str, int] | None = None, title: str = ""
         label = f"{node.node_id}\n{_label(node.desc)}\n{node.forward_ms + node.backward_ms:.3g} ms"
         if stage is not None:
             label += f"\nstage {stage}"
-        dot.node(node.node_id, label=label, fillcolor=colour)
+        dot.node(node.node_id, label=(labels or {}).get(node.node_id, label),
+                 fillcolor=(fills or {}).get(node.node_id, colour))
     for a, b in graph.edges:
         dot.edge(a, b)
     return dot.source
 
 
-def render_graph(graph: Graph, out_stem: str | Path, stage_of: dict[str, int] | None = None, title: str = "") -> Path:
-    """Write ``out_stem.dot`` and, where ``dot`` is installed, ``out_stem.svg``; return the picture.
+def _failure(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"graphviz failed ({type(e).__name__}: {lines[0] if lines else ''})"
 
-    Without graphviz's binary (or its Python package) we print one warning line and return the
-    .dot file, which any graphviz installation can render later.
+
+def render_graph(
+    graph: Graph,
+    out_stem: str | Path,
+    stage_of: Mapping[str, int] | None = None,
+    title: str = "",
+    *,
+    labels: Mapping[str, str] | None = None,
+    fills: Mapping[str, str] | None = None,
+    keep_dot: bool = True,
+) -> Picture:
+    """Write ``out_stem.dot`` and, where ``dot`` is installed, ``out_stem.svg``.
+
+    ``keep_dot=False`` removes the .dot once the .svg exists. Any failure of graphviz (no binary,
+    a broken Python package, a render error) leaves the .dot, which ``dot -Tsvg`` renders later,
+    and a one-line :attr:`Picture.warning`.
     """
     stem = Path(out_stem)
-    dot_path = stem.with_suffix(".dot")
+    dot_path, svg_path = stem.with_suffix(".dot"), stem.with_suffix(".svg")
     try:
-        source = to_dot(graph, stage_of, title)
-    except ImportError:
-        print("warning: the graphviz Python package is missing; no picture written", file=sys.stderr)
-        return dot_path
+        source = to_dot(graph, stage_of, title, labels, fills)
+    except Exception as e:  # the picture is optional: say why and let the step go on
+        return Picture(None, [], f"{_failure(e)}; no picture written")
     dot_path.write_text(source)
+    later = f"; wrote {dot_path} only (render it with: dot -Tsvg {dot_path} -o {svg_path})"
     if shutil.which("dot") is None:
-        print(f"warning: graphviz 'dot' not installed; wrote {dot_path} only", file=sys.stderr)
-        return dot_path
-    import subprocess
+        return Picture(dot_path, [dot_path], "graphviz 'dot' is not installed" + later)
+    try:
+        import graphviz
 
-    svg = stem.with_suffix(".svg")
-    proc = subprocess.run(["dot", "-Tsvg", str(dot_path), "-o", str(svg)], capture_output=True, text=True, timeout=120)
-    if proc.returncode != 0:
-        print(f"warning: dot failed ({proc.stderr.strip()[:200]}); wrote {dot_path} only", file=sys.stderr)
-        return dot_path
-    return svg
+        svg = graphviz.Source(source).pipe(format="svg")
+    except Exception as e:  # the graphviz package or the dot binary failing must not lose the step's outputs
+        return Picture(dot_path, [dot_path], _failure(e) + later)
+    svg_path.write_bytes(svg)
+    if keep_dot:
+        return Picture(svg_path, [dot_path, svg_path], None)
+    dot_path.unlink()
+    return Picture(svg_path, [svg_path], None)

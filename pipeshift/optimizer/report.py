@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,13 +17,12 @@ import numpy as np
 import pandas as pd
 
 from pipeshift.graph import Graph, write_graph_txt
+from pipeshift.graph.render import render_graph
 from pipeshift.optimizer import cost as ps_cost
 from pipeshift.optimizer import pipedream_cost as pd_cost
 from pipeshift.optimizer.planner import PlanOptions, PlanResult
 from pipeshift.optimizer.states import stash_bytes
 from pipeshift.optimizer.topology import Topology
-
-COLORS = ["lightblue", "palegreen", "lightgrey", "salmon", "gold", "orange", "beige", "plum", "khaki", "cyan"]
 
 
 def _fqns(graph: Graph, nodes: list[str]) -> list[str]:
@@ -202,28 +200,10 @@ def write_plan_dir(out_dir: Path, graph: Graph, doc: dict[str, Any]) -> list[Pat
 
 def write_picture(graph: Graph, stem: Path) -> list[Path]:
     """The graph coloured by stage: ``stem.dot`` always, ``stem.svg`` when graphviz's dot exists."""
-    import graphviz
-
-    dot = graphviz.Digraph(name="plan", graph_attr={"rankdir": "TB"}, node_attr={"shape": "box", "style": "filled"})
-    for node in graph:
-        sid = node.stage_id if node.stage_id is not None else -1
-        label = f"{node.node_id} · stage {sid}\n{node.desc[:60]}\n{node.forward_ms + node.backward_ms:.3f} ms"
-        dot.node(node.node_id, label, fillcolor=COLORS[sid % len(COLORS)] if sid >= 0 else "white")
-    for a, b in graph.edges:
-        dot.edge(a, b)
-    src = stem.with_suffix(".dot")
-    src.write_text(dot.source)
-    out = [src]
-    if shutil.which("dot"):
-        try:
-            rendered = dot.render(outfile=str(stem.with_suffix(".svg")), format="svg", cleanup=True)
-            out.append(Path(rendered))
-            src.write_text(dot.source)  # render() may remove its own source copy
-        except Exception as e:  # noqa: BLE001 - a picture is optional; say why and go on
-            print(f"warning: could not render {src} with graphviz ({e}); the .dot file is there", file=sys.stderr)
-    else:
-        print(f"warning: graphviz 'dot' is not installed; wrote {src} only", file=sys.stderr)
-    return out
+    picture = render_graph(graph, stem)
+    if picture.warning:
+        print(f"warning: {picture.warning}", file=sys.stderr)
+    return picture.written
 
 
 def _ranks(r: list[int]) -> str:

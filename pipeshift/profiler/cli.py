@@ -95,7 +95,7 @@ def profile_to_directory(spec: ModelSpec, args: argparse.Namespace, batch_size: 
     picture, warning = write_picture(profile, directory)
     if not args.quiet and args.top > 0:
         print(format_table(profile, args.top))
-    return [*written, picture], warning
+    return [*written, *([picture] if picture is not None else [])], warning
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pandas as pd
 
 from pipeshift.graph import write_graph_txt
+from pipeshift.graph.render import render_graph
 from pipeshift.profiler.profile import ModelProfile
 
 
@@ -23,10 +23,6 @@ def write_profile(profile: ModelProfile, directory: Path) -> list[Path]:
 
 
 # -- picture ---------------------------------------------------------------------------
-def _quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-
-
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
@@ -35,49 +31,33 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GiB"  # pragma: no cover
 
 
-def dot_source(profile: ModelProfile) -> str:
-    """Graphviz DOT text: one box per node (id, what it is, times, output size), shaded by time."""
+def _picture_style(profile: ModelProfile) -> tuple[dict[str, str], dict[str, str]]:
+    """Labels (id, what it is, times, output size) and fills shaded by time, per node id."""
     groups = profile.captured.groups
     costs = [p.forward.median + p.backward.median for p in profile.nodes]
     top = max(costs, default=0.0) or 1.0
-    lines = ["digraph pipeshift {", "  rankdir=TB;", '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=10];']
+    labels, fills = {}, {}
     for group, prof, cost in zip(groups, profile.nodes, costs):
         what = group.target if group.op in ("call_module", "get_attr") else group.desc
         what = what if len(what) <= 48 else what[:45] + "..."
-        label = (
+        labels[group.node_id] = (
             f"{group.node_id}: {what}\nfwd {prof.forward.median:.3f} ms, bwd {prof.backward.median:.3f} ms\n"
             f"out {human_bytes(sum(group.activation_bytes))}"
         )
         saturation = 0.05 + 0.6 * cost / top  # near white for free nodes, orange for the heaviest
-        lines.append(f'  {group.node_id} [label={_quote(label)}, fillcolor="0.08 {saturation:.3f} 1.0"];')
-    for group in groups:
-        for src in group.inputs:
-            lines.append(f"  {src} -> {group.node_id};")
-    lines.append("}")
-    return "\n".join(lines) + "\n"
+        fills[group.node_id] = f"0.08 {saturation:.3f} 1.0"
+    return labels, fills
 
 
-def write_picture(profile: ModelProfile, directory: Path) -> tuple[Path, str | None]:
+def write_picture(profile: ModelProfile, directory: Path) -> tuple[Path | None, str | None]:
     """``graph.svg`` rendered by graphviz's ``dot``; else ``graph.dot`` and a one-line warning.
 
-    The picture is a convenience: any failure of graphviz (no ``dot`` binary, a broken Python
-    package, a render error) falls back to the DOT text, which ``dot -Tsvg`` renders later.
+    The picture is a convenience: any failure of graphviz falls back to the DOT text
+    (:func:`~pipeshift.graph.render.render_graph`), which ``dot -Tsvg`` renders later.
     """
-    source = dot_source(profile)
-    reason = "graphviz 'dot' is not installed"
-    if shutil.which("dot"):
-        try:
-            import graphviz
-
-            svg = graphviz.Source(source).pipe(format="svg")
-            path = directory / "graph.svg"
-            path.write_bytes(svg)
-            return path, None
-        except Exception as e:  # the graphviz package or the dot binary failing must not lose the profile
-            reason = f"graphviz failed ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
-    path = directory / "graph.dot"
-    path.write_text(source)
-    return path, f"{reason}; wrote {path} (render with: dot -Tsvg {path} -o {directory / 'graph.svg'})"
+    labels, fills = _picture_style(profile)
+    picture = render_graph(profile.graph(), directory / "graph", labels=labels, fills=fills, keep_dot=False)
+    return picture.path, picture.warning
 
 
 # -- table -----------------------------------------------------------------------------
