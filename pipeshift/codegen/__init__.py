@@ -10,16 +10,27 @@ In-process API (the runtime uses it to regenerate stages when it repartitions):
 - :func:`build_stages` ``(plan, model) -> [(stage_module, input_names, output_names), …]`` —
   the same generated source, instantiated over a model the caller already holds.
 - :func:`render_package` ``(plan) -> Rendered`` — the files as text, and the layout behind them.
+- :func:`capture_model` ``(plan) -> ModelCapture`` — the split-independent part (the model's graph),
+  passed as ``model_capture=`` to the two above when one job renders many splits of one model.
 """
 
-from pipeshift.codegen.package import build_stages, generate_package, load_package, render_package
+from pipeshift.codegen.package import (
+    ModelCapture,
+    build_stages,
+    capture_model,
+    generate_package,
+    load_package,
+    render_package,
+)
 from pipeshift.codegen.partition import CodegenError
 from pipeshift.codegen.planfile import Plan, parse_plan, read_plan
 
 __all__ = [
     "CodegenError",
+    "ModelCapture",
     "Plan",
     "build_stages",
+    "capture_model",
     "generate_package",
     "load_package",
     "parse_plan",
