@@ -1,0 +1,1 @@
+"""Benchmarks: measurements reported as markdown, never timed assertions (`make bench`)."""

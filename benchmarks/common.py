@@ -1,0 +1,99 @@
+"""Helpers the benchmarks share: medians with their spread, relative gaps, markdown tables.
+
+Benchmarks report, they never assert: every figure on this shared machine is a sample from a
+noisy distribution, so a figure is a median of repeats printed next to its min–max, and a
+comparison is a signed relative gap rather than a pass/fail.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Spread:
+    """The median of some repeats and the range around it."""
+
+    median: float
+    low: float
+    high: float
+    count: int
+
+    @classmethod
+    def of(cls, values: Iterable[float]) -> Spread:
+        finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+        if not finite:
+            return cls(math.nan, math.nan, math.nan, 0)
+        return cls(statistics.median(finite), min(finite), max(finite), len(finite))
+
+    def format(self, fmt: Callable[[float], str] = lambda x: f"{x:.3g}") -> str:
+        """``median (low–high)``; just the median for a single value, ``–`` for none."""
+        if self.count == 0:
+            return "–"
+        if self.count == 1 or self.low == self.high:
+            return fmt(self.median)
+        return f"{fmt(self.median)} ({fmt(self.low)}–{fmt(self.high)})"
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> tuple[Spread, Any]:
+    """Wall time of ``repeats`` calls of ``fn`` and the last call's result."""
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return Spread.of(times), out
+
+
+def relative_gap(measured: float, predicted: float) -> float:
+    """``measured / predicted − 1``: positive when the measurement is the larger."""
+    if not (math.isfinite(measured) and math.isfinite(predicted)) or predicted == 0:
+        return math.nan
+    return measured / predicted - 1.0
+
+
+def fmt_gap(gap: float, target: float | None = None) -> str:
+    """``+4.2%``; in bold, with a mark, when ``|gap|`` exceeds ``target``."""
+    if not math.isfinite(gap):
+        return "–"
+    text = f"{100 * gap:+.1f}%"
+    return f"**{text}** ✗" if target is not None and abs(gap) > target else text
+
+
+def fmt_seconds(x: float) -> str:
+    """Milliseconds below a second, seconds above."""
+    if not math.isfinite(x):
+        return "–"
+    return f"{x * 1000:.1f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], right: Sequence[int] = ()) -> str:
+    """A GitHub markdown table; ``right`` lists the columns to right-align (numbers).
+
+    Cells are ``str()``-ed and a ``|`` inside a cell is escaped so it cannot split the row.
+    """
+    def cell(value: Any) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    rows = [list(r) for r in rows]
+    for r in rows:
+        if len(r) != len(headers):
+            raise ValueError(f"row has {len(r)} cells, the header {len(headers)}: {r!r}")
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |",
+             "|" + "|".join("---:" if i in right else "---" for i in range(len(headers))) + "|"]
+    lines += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def load_average() -> float:
+    """The 1-minute load average (nan where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return math.nan
