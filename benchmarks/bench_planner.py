@@ -209,15 +209,16 @@ def speed_section(repeats: int) -> None:
     rows = [(e["profile"], e["flags"], e["time_per_stage_s"], e["pipedream_wall_s"]) for e in ref]
     rows.append(("gnmt/graph.txt", "-n 16 --activation_compression_ratio 1", None, GNMT16_PIPEDREAM_S))
     print("## Speed against PipeDream's optimizer (`--cost-model pipedream`, read graph.txt + plan)\n")
-    print("| profile | flags | ours: median (min–max) | PipeDream | speed-up | optimum |")
-    print("|---|---|---|---|---|---|")
+    print("| profile | nodes | flags | ours: median (min–max) | PipeDream | speed-up | optimum |")
+    print("|---|---:|---|---|---|---|---|")
     for profile, flags, want, pd_wall in rows:
         topo, opt = parse_flags(flags)
         path = PROFILES / profile
+        nodes = len(read_graph_txt(path))
         med, lo, hi, result = timed(lambda path=path, topo=topo, opt=opt: make_plan(read_graph_txt(path), topo, opt), repeats)
         got = result.optimum
         match = "n/a" if want is None else ("same" if abs(got - want) <= 1e-6 * want else f"DIFFERS ({got:.6g} vs {want:.6g})")
-        print(f"| {profile.split('/')[0]} | `{flags}` | {fmt_s(med)} ({fmt_s(lo)}–{fmt_s(hi)}) | {pd_wall:.2f} s | "
+        print(f"| {profile.split('/')[0]} | {nodes} | `{flags}` | {fmt_s(med)} ({fmt_s(lo)}–{fmt_s(hi)}) | {pd_wall:.2f} s | "
               f"{pd_wall / med:.0f}× | {match} |")
     print()
 
