@@ -94,8 +94,12 @@ def pipeshift(args: list[str], timeout_s: float) -> str:
     return out
 
 
-def _tail(text: str, lines: int = 15) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])
+def _tail(text: str, lines: int = 12) -> str:
+    """The lines that say what went wrong (pipeshift's one-line errors), then the last few."""
+    all_lines = [line.rsplit("\r", 1)[-1] for line in text.strip().split("\n")]
+    errors = [line for line in all_lines if "error" in line.lower() and "errors.html" not in line][:5]
+    rest = [line for line in all_lines[-lines:] if line not in errors]
+    return "\n".join(errors + rest)
 
 
 def threads_per_rank(workers: int) -> int:
@@ -272,17 +276,29 @@ def run_config(cfg: Config, work: Path, profiles: dict[tuple[str, int], Path], l
     log(f"time {case.name}'s {num_stages} generated stages alone")
     alone = stages_alone(stage_dir, case.batch_size, cfg.threads, iterations=20)
     runs: list[RunResult] = []
+    retried: list[str] = []
     for r in range(cfg.repeats):
-        out = base / f"run{r}"
         log(f"train {case.name} on {cfg.workers} ranks, repeat {r + 1}/{cfg.repeats}")
-        before = load_average()
-        pipeshift(["launch", "--local", str(cfg.workers), str(stage_dir), "--schedule", SCHEDULE,
-                   "--microbatches", str(cfg.microbatches), "--steps", str(cfg.steps), "--threads", str(cfg.threads),
-                   "--trace-steps", str(cfg.steps), "--output-dir", str(out), "--no-progress", "--timeout", "120"],
-                  timeout_s=600)
-        stages, rate, overall = measure(out, num_stages, cfg.microbatches, case.batch_size, cfg.warmup)
-        runs.append(RunResult(stages, rate, overall, before, load_average()))
-    return summarize(cfg, plan, alone, runs)
+        for attempt in range(2):  # one retry: a crash is reported, but need not lose the row
+            out = base / f"run{r}" if attempt == 0 else base / f"run{r}-retry"
+            before = load_average()
+            try:
+                pipeshift(["launch", "--local", str(cfg.workers), str(stage_dir), "--schedule", SCHEDULE,
+                           "--microbatches", str(cfg.microbatches), "--steps", str(cfg.steps),
+                           "--threads", str(cfg.threads), "--trace-steps", str(cfg.steps), "--output-dir", str(out),
+                           "--no-progress", "--timeout", "120"], timeout_s=600)
+            except StepFailed as e:
+                if attempt:
+                    raise
+                retried.append(f"repeat {r + 1}: {e}")
+                log(f"training run failed, retrying once: {e}")
+                continue
+            stages, rate, overall = measure(out, num_stages, cfg.microbatches, case.batch_size, cfg.warmup)
+            runs.append(RunResult(stages, rate, overall, before, load_average()))
+            break
+    result = summarize(cfg, plan, alone, runs)
+    result["retried"] = retried
+    return result
 
 
 def summarize(cfg: Config, plan: dict[str, Any], alone: list[dict[str, float]], runs: list[RunResult]) -> dict[str, Any]:
@@ -379,6 +395,9 @@ def report(results: list[dict[str, Any]], failures: list[str], quick: bool) -> s
                    "(*whole run*: those steps' samples over their wall time). *simulated with measured stage times*: "
                    "the simulator fed each repeat's in-pipeline forward/backward medians instead of the profile's.\n")
         out.append(verdict(results))
+    for r in results:
+        for note in r.get("retried", []):
+            out.append(f"\n**A training run failed and was retried** ({r['model']} on {r['workers']} ranks, {note})")
     for f in failures:
         out.append(f"\n**failed:** {f}")
     return "\n".join(out)
@@ -400,6 +419,7 @@ def verdict(results: list[dict[str, Any]]) -> str:
         pipe = statistics.median(st["gap"] for st in stages)
         alone = statistics.median(st["gap_alone"] for st in stages)
         slowdown = statistics.median(relative_gap(st["measured_s"].median, st["alone_cpu_s"]) for st in stages)
+        stolen = statistics.median(relative_gap(st["alone_wall_s"], st["alone_cpu_s"]) for st in stages)
         step = statistics.median(st["measured_step_s"].median for st in stages)
         rate = t["measured"].median
         minibatch = r["microbatches"] * r["batch_size"] / rate if rate and math.isfinite(rate) else math.nan
@@ -407,7 +427,8 @@ def verdict(results: list[dict[str, Any]]) -> str:
                 f"the profile's stage times are {fmt_gap(alone)} off the stages run alone (median over stages) — the "
                 f"additive per-node model; in the pipeline the stages took {fmt_gap(slowdown)} longer than alone — "
                 f"ranks sharing cores with each other and with other work (wall-clock traces count the time the OS "
-                f"gave someone else); together {fmt_gap(pipe)}. Throughput is {fmt_gap(t['gap'])} off the simulator; "
+                f"gave someone else: even alone, the stages' wall time was {fmt_gap(stolen)} over their CPU time); "
+                f"together {fmt_gap(pipe)}. Throughput is {fmt_gap(t['gap'])} off the simulator; "
                 f"fed the measured stage times the simulator is still {fmt_gap(t['gap_replayed'])} off — what it "
                 f"does not model: the optimizer step ({step * 1000:.1f} ms per stage in a "
                 f"{minibatch * 1000:.0f} ms minibatch), data loading, per-message costs.")
