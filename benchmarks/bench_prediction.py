@@ -26,6 +26,7 @@ repeats, with min–max; the load average is recorded because other work shares 
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import math
@@ -111,8 +112,6 @@ def threads_per_rank(workers: int) -> int:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    import csv
-
     with open(path, newline="") as f:
         return [row for row in csv.DictReader(f) if row.get("split") == "train"]
 
@@ -170,7 +169,8 @@ def measure(out_dir: Path, num_stages: int, microbatches: int, batch_size: int, 
     stages = [{k: statistics.median(t[k] for t in per_stage[s]) for k in per_stage[s][0]} for s in range(num_stages)]
     kept = last_rows[warmup:] or last_rows
     median_rate = statistics.median(float(r["samples_per_s"]) for r in kept)
-    first, last = float(last_rows[warmup - 1]["time_s"]) if warmup else 0.0, float(kept[-1]["time_s"])
+    first = float(last_rows[warmup - 1]["time_s"]) if 0 < warmup < len(last_rows) else 0.0
+    last = float(kept[-1]["time_s"])
     overall = len(kept) * microbatches * batch_size / (last - first) if last > first else math.nan
     return stages, median_rate, overall
 
@@ -180,7 +180,8 @@ def stages_alone(stage_dir: Path, batch_size: int, threads: int, iterations: int
 
     Medians over ``iterations`` of process CPU time and of wall time. CPU time leaves out the
     time the OS gave other processes, which wall-clock traces of a loaded machine include; at
-    one thread it is the stage's own compute. Between the profile's per-node sum and the
+    one thread it is the stage's own compute (with more threads it sums them, so only the wall
+    figure compares). Between the profile's per-node sum and the
     pipeline's trace, this isolates what splitting the model into generated stages costs.
     """
     import torch
