@@ -217,6 +217,13 @@ class MasterClient:
     def ack(self, command_id: int, status: str = "applied") -> None:
         self._request({"type": "ack", "id": int(command_id), "status": status})
 
+    def announce_plan(self, plan: dict[str, Any], step: int | None = None) -> None:
+        """Tell the master which plan the job runs now (after a switch or a restart), so its policy follows."""
+        message: dict[str, Any] = {"type": "plan", "plan": plan}
+        if step is not None:
+            message["step"] = int(step)
+        self._request(message)
+
     # -- heartbeats without the training loop -------------------------------------------
     def start_heartbeat_thread(self) -> None:
         """One daemon thread that heartbeats while the loop is busy in long steps or collectives."""
@@ -275,6 +282,13 @@ class CtlClient:
 
     def policy(self, enabled: bool) -> dict[str, Any]:
         return self._conn.request({"type": "policy", "enabled": bool(enabled)})
+
+    def resize(self, world_size: int, at_step: int | None = None) -> dict[str, Any]:
+        """Ask the job to restart on ``world_size`` ranks (planned removal or addition of workers)."""
+        message: dict[str, Any] = {"type": "resize", "world_size": int(world_size)}
+        if at_step is not None:
+            message["at_step"] = int(at_step)
+        return self._conn.request(message)
 
     def close(self) -> None:
         self._conn.close()

@@ -1,4 +1,4 @@
-"""Talk to a running master: status, repartition --plan FILE, policy on|off.
+"""Talk to a running master: status, repartition --plan FILE, resize --workers N, policy on|off.
 
 The master's address comes from ``--master``, else ``$PIPESHIFT_MASTER``, else
 127.0.0.1 on the default port; the token from ``--token``, else ``$PIPESHIFT_TOKEN``.
@@ -31,6 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     repartition.add_argument("--plan", required=True, metavar="PLAN_JSON", help="plan.json with the new stages")
     repartition.add_argument("--at-step", type=int, default=None,
                              help="earliest step to switch at (default: the step after the latest reported)")
+    resize = sub.add_parser("resize", help="restart the job on N workers (planned removal or addition); "
+                                           "needs ranks under `pipeshift launch --elastic` or torchrun")
+    resize.add_argument("--workers", type=int, required=True, metavar="N", help="the new number of ranks")
+    resize.add_argument("--at-step", type=int, default=None,
+                        help="earliest step to resize at (default: the step after the latest reported)")
     policy = sub.add_parser("policy", help="switch automatic repartitioning on or off")
     policy.add_argument("state", choices=["on", "off"])
 
@@ -99,8 +104,9 @@ def format_status(status: dict[str, Any]) -> str:
     if status["commands"]:
         lines.append("commands:")
         lines.append(_table(
-            ["id", "type", "source", "at_step", "stages", "delivered_to", "acks"],
-            [[c["id"], c["type"], c["source"], c["at_step"], c["stages"], ",".join(map(str, c["delivered_to"])) or None,
+            ["id", "type", "source", "at_step", "stages", "workers", "delivered_to", "acks"],
+            [[c["id"], c["type"], c["source"], c["at_step"], c["stages"], c.get("world_size"),
+              ",".join(map(str, c["delivered_to"])) or None,
               ", ".join(f"{r}:{s}" for r, s in c["acks"].items()) or None] for c in status["commands"]],
         ))
     return "\n".join(lines)
@@ -119,6 +125,12 @@ def run(args: argparse.Namespace) -> int:
         elif args.action == "repartition":
             reply = ctl.repartition(plan, at_step=args.at_step)
             print(f"queued repartition #{reply['id']} ({len(plan['stages'])} stages) for step {reply['at_step']} "
+                  f"at {time.strftime('%H:%M:%S')}")
+        elif args.action == "resize":
+            if args.workers < 1:
+                raise PipeshiftError("--workers must be at least 1")
+            reply = ctl.resize(args.workers, at_step=args.at_step)
+            print(f"queued resize #{reply['id']} to {args.workers} workers for step {reply['at_step']} "
                   f"at {time.strftime('%H:%M:%S')}")
         else:
             reply = ctl.policy(args.state == "on")

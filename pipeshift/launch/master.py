@@ -367,11 +367,12 @@ class Master:
             record.last_seen = self.clock()
             record.connected = True
             handlers = {"heartbeat": self._on_heartbeat, "report": self._on_report, "poll": self._on_poll,
-                        "ack": self._on_ack, "bye": self._on_bye}
+                        "ack": self._on_ack, "plan": self._on_plan, "bye": self._on_bye}
             if kind not in handlers:
                 raise MessageError(f"unknown worker request {kind!r}")
             return handlers[kind](record, message)
-        handlers = {"status": self._on_status, "repartition": self._on_repartition, "policy": self._on_policy}
+        handlers = {"status": self._on_status, "repartition": self._on_repartition, "resize": self._on_resize,
+                    "policy": self._on_policy}
         if kind not in handlers:
             raise MessageError(f"unknown ctl request {kind!r}")
         return handlers[kind](message)
@@ -421,6 +422,23 @@ class Master:
         self._event("command_ack", id=command_id, rank=record.rank, status=status)
         return {"type": "ok"}
 
+    def _on_plan(self, record: WorkerRecord, message: dict[str, Any]) -> dict[str, Any]:
+        """The job runs this plan now: the policy judges it from here on, stages follow its ranks."""
+        plan = _field(message, "plan", dict)
+        step = _field(message, "step", int, required=False)
+        try:
+            stages = stages_of(plan)
+            if self.policy is not None:
+                self.policy.adopt_plan(plan)
+        except PipeshiftError as e:
+            raise MessageError(f"invalid plan: {e}") from None
+        for k, stage in enumerate(plan["stages"]):
+            for rank in stage.get("ranks") or []:
+                if rank in self.workers:
+                    self.workers[rank].stage = k
+        self._event("plan_in_force", rank=record.rank, step=step, stages=stages)
+        return {"type": "ok"}
+
     def _on_bye(self, record: WorkerRecord, message: dict[str, Any]) -> dict[str, Any]:
         record.left = True
         self._event("worker_left", rank=record.rank)
@@ -438,7 +456,8 @@ class Master:
             })
         commands = [
             {"id": c["id"], "type": c["type"], "source": c["source"], "at_step": c["at_step"],
-             "stages": len(c["plan"]["stages"]), "delivered_to": list(c["delivered_to"]),
+             "stages": len(c["plan"]["stages"]) if "plan" in c else None, "world_size": c.get("world_size"),
+             "delivered_to": list(c["delivered_to"]),
              "acks": {str(r): s for r, s in self.acks.get(c["id"], {}).items()}}
             for c in self.commands
         ]
@@ -462,6 +481,19 @@ class Master:
         if self.policy is not None:
             self.policy.adopt_plan(plan)
         command = self._queue_repartition(plan, at_step, "operator")
+        return {"type": "ok", "id": command["id"], "at_step": at_step}
+
+    def _on_resize(self, message: dict[str, Any]) -> dict[str, Any]:
+        world_size = _field(message, "world_size", int)
+        at_step = _field(message, "at_step", int, required=False)
+        if world_size < 1:
+            raise MessageError("'world_size' must be at least 1")
+        if at_step is None:
+            at_step = self._next_step()
+        command = {"id": self._last_command_id() + 1, "type": "resize", "world_size": world_size, "at_step": at_step,
+                   "source": "operator", "issued_at": time.time(), "delivered_to": []}
+        self.commands.append(command)
+        self._event("resize_queued", id=command["id"], world_size=world_size, at_step=at_step)
         return {"type": "ok", "id": command["id"], "at_step": at_step}
 
     def _on_policy(self, message: dict[str, Any]) -> dict[str, Any]:

@@ -19,15 +19,18 @@ reply (so a blocking client needs no reader thread)::
 
     worker requests: heartbeat {step?}, report {step, window_steps, stage_times, total_steps?},
                      poll {} → {"type": "command", "command": {...} | null}, ack {id, status},
-                     bye {}
-    ctl requests:    status {}, repartition {plan, at_step?}, policy {enabled: bool}
+                     plan {plan, step?} (the plan the job now runs), bye {}
+    ctl requests:    status {}, repartition {plan, at_step?}, resize {world_size, at_step?},
+                     policy {enabled: bool}
     any reply:       {"type": "ok", ...} or {"type": "error", "error": "..."}
 
 A repartition command (``poll``'s answer) is ``{"id": n, "type": "repartition", "plan": <plan.json>,
 "at_step": N, "source": "operator" | "policy", "issued_at": unix time}``. ``at_step`` is the
 earliest step at which to switch, not a rendezvous: ranks poll at different moments, so they
 agree on the exact flush boundary among themselves (rank 0 polls and broadcasts the decision
-over torch.distributed), then each acknowledges it (``ack``).
+over torch.distributed), then each acknowledges it (``ack``). A resize command is
+``{"id": n, "type": "resize", "world_size": W, "at_step": N, …}``: the ranks checkpoint, exit,
+and are restarted on W ranks by their supervisor, re-planning for W.
 
 ``stage_times`` maps a stage id (as a string, JSON keys are strings) to per-minibatch means over
 the reporting window: ``{"compute_s": f, "wait_s": f, "comm_s": f}``.

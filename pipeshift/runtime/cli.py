@@ -6,6 +6,13 @@ single-rank package also runs alone. Every rank writes ``OUTPUT_DIR/rankR/metric
 ``trace.json``; ``--checkpoint-dir`` gets per-stage checkpoints (``pipeshift export`` turns them
 into one state_dict). A dead or silent peer ends every rank within ``--timeout`` seconds with one
 line naming the rank, stage, schedule action and tensor it was waiting for.
+
+Repartitioning while training (see README.md, "Repartitioning"): ``--repartition-at STEP:PLAN``
+switches at a fixed step, ``--master HOST:PORT`` takes operators' ``pipeshift ctl`` commands and
+the master's policy, ``--policy auto`` runs the policy in-process on rank 0; ``--slowdown``
+emulates a slower worker. After a resize every rank exits with 75 and is restarted (``pipeshift
+launch --local N --elastic``, or torchrun) with ``--resume``, which re-plans for the new number
+of ranks.
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ from pipeshift.spec import parse_model_args
 
 # per-process settings that may legitimately differ between ranks
 _LOCAL_ARGS = ("command", "rank", "world_size", "dist_addr", "package", "no_progress", "threads", "device",
-               "backend", "output_dir", "timeout", "no_malloc_tuning")
+               "backend", "output_dir", "timeout", "no_malloc_tuning", "master_token", "graph",
+               "repartition_at")
 _SCHEDULER_ALIASES = {"step": "StepLR", "cosine": "CosineAnnealingLR", "exponential": "ExponentialLR",
                       "linear": "LinearLR", "multistep": "MultiStepLR", "constant": "ConstantLR"}
 
@@ -77,6 +85,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="torch intra-op threads per rank")
     g.add_argument("--no-malloc-tuning", action="store_true",
                    help="leave glibc malloc as it is (default: keep freed memory for reuse, see runtime/allocator.py)")
+    g = p.add_argument_group("repartitioning while training (needs a package written by `pipeshift codegen`)")
+    g.add_argument("--repartition-at", action="append", default=[], metavar="STEP:PLAN",
+                   help="switch to PLAN (a plan.json) at the synchronisation point after step STEP; repeatable")
+    g.add_argument("--master", default=None, metavar="HOST:PORT",
+                   help="report to this `pipeshift master` and take its repartition/resize commands")
+    g.add_argument("--master-token", default=None, help="the master's token (default $PIPESHIFT_TOKEN)")
+    g.add_argument("--report-every", type=int, default=10, metavar="K",
+                   help="control tick: measure, report and decide every K minibatches (a drained sync point "
+                        "for 1f1b/2bw; default %(default)s)")
+    g.add_argument("--policy", choices=["off", "auto"], default="off",
+                   help="auto: run the repartitioning policy in-process on rank 0 (needs the profiled graph)")
+    g.add_argument("--policy-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="policy setting, e.g. threshold=0.2, persist_windows=2, fixed_pause_s=0.1")
+    g.add_argument("--graph", default=None, metavar="GRAPH_TXT",
+                   help="the profiled graph.txt, for --policy auto and re-planning after a resize "
+                        "(default: the plan's 'graph')")
+    g.add_argument("--slowdown", action="append", default=[], metavar="RANK:FACTOR[@STEP]",
+                   help="experiment: from step STEP on, rank RANK's forward/backward take FACTOR times as long "
+                        "(it sleeps (FACTOR-1) x the measured time); repeatable, FACTOR 1 ends it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -132,6 +159,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise PipeshiftError("--timeout must be positive")
     if args.resume and not args.checkpoint_dir:
         raise PipeshiftError("--resume needs --checkpoint-dir")
+    if args.report_every < 0:
+        raise PipeshiftError("--report-every must be >= 0")
 
 
 def _train(args: argparse.Namespace, info) -> int:
@@ -141,8 +170,10 @@ def _train(args: argparse.Namespace, info) -> int:
     from pipeshift.runtime.pipeline import Pipeline
     from pipeshift.runtime.trainer import TrainConfig, Trainer, agree, check_partition
 
+    from pipeshift.runtime import elastic
+
     # Load everything, but report a local failure through the agreement so every rank says it.
-    error, pkg, bundle, entries, config = None, None, None, None, {}
+    error, pkg, bundle, entries, config, job = None, None, None, None, {}, None
     try:
         pkg = load_stage_package(args.package)
         optimizer = optimizer_factory(args)
@@ -150,13 +181,14 @@ def _train(args: argparse.Namespace, info) -> int:
         bundle = pkg.bundle()
         microbatches = args.microbatches or 2 * pkg.num_stages
         batch_size = args.batch_size or pkg.batch_size or 32
-        torch.manual_seed(args.seed)
-        entries = pkg.entries(bundle.criterion())
+        job = elastic.prepare_job(args, pkg, bundle, info.rank, info.world_size)
+        entries = job.entries
+        torch.manual_seed(args.seed)  # dropout's stream, whichever way the stages were built
         config = {"package": pkg.digest(), "conf": {"module_to_stage_map": pkg.module_to_stage,
                                                     "stage_to_rank_map": {str(k): v for k, v in pkg.stage_to_rank.items()}},
                   "world_size": info.world_size, "backend": info.backend,
                   **{k: v for k, v in vars(args).items() if k not in _LOCAL_ARGS},
-                  "microbatches": microbatches, "batch_size": batch_size}
+                  "microbatches": microbatches, "batch_size": batch_size, **job.agreed}
     except PipeshiftError as e:
         error = str(e)
     comm = Communicator(info.rank, stage_of=lambda r: _stage_of(pkg, r), tags={}, device=info.device,
@@ -170,25 +202,34 @@ def _train(args: argparse.Namespace, info) -> int:
                       resume=args.resume, output_dir=args.output_dir, trace_steps=args.trace_steps,
                       progress=not args.no_progress, sync_every=args.sync_every)
     tracer = Tracer(info.rank, enabled=cfg.trace_steps > 0)
-    pipeline = Pipeline(info.rank, entries, pkg.module_to_stage, pkg.stage_to_rank, schedule=cfg.schedule,
+    if job.note and info.rank == 0:
+        print(f"pipeshift train: {job.note}", file=sys.stderr, flush=True)
+    pipeline = Pipeline(info.rank, entries, job.module_to_stage or pkg.module_to_stage,
+                        job.stage_ranks or pkg.stage_to_rank, schedule=cfg.schedule,
                         microbatches=cfg.microbatches, optimizer=optimizer, lr_scheduler=scheduler,
                         device=info.device, timeout_s=args.timeout, tracer=tracer,
-                        source=str(pkg.path / "conf.json"))
-    del entries  # other stages' modules are not needed on this rank
+                        source=job.source or str(pkg.path / "conf.json"))
+    del entries  # other stages' modules are not needed on this rank (a repartitioner keeps the full model)
+    job.entries = None
     check_partition(pipeline, cfg)
+    controller = job.controller(pipeline, cfg)
     data = bundle.data or (lambda b, split, seed: bundle.synthetic_data(b, seed + (split != "train")))
-    trainer = Trainer(pipeline, cfg, data=data, meta={
+    trainer = Trainer(pipeline, cfg, data=data, controller=controller, meta={
         "package": str(pkg.path), "model": pkg.spec.to_json() if pkg.spec else None,
         "world_size": info.world_size,
     })
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:
+        if controller is not None:
+            controller.close()
     pipeline.comm.barrier("finishing")
-    if trainer.reporter:
+    if trainer.reporter and not trainer.regroup:
         print(f"rank {info.rank}: {trainer.summary()}", flush=True)
     sys.stdout.flush()
     sys.stderr.flush()
     _destroy()
-    return 0
+    return elastic.EXIT_REGROUP if trainer.regroup else 0
 
 
 def _set_threads(args: argparse.Namespace, info, hosts: list[str]) -> None:

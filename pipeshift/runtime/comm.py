@@ -246,6 +246,21 @@ class Communicator:
             t.requires_grad_(True)
         return t
 
+    # -- any other transfer (migrations) --------------------------------------------------------
+
+    def post(self, op: Callable, tensor: torch.Tensor, peer: int, tag: int, doing: str):
+        """Start ``op`` (``dist.isend`` or ``dist.irecv``) with a peer; a failure names it."""
+        try:
+            return op(tensor, peer, tag=tag)
+        except (RuntimeError, dist.DistBackendError) as e:
+            raise self._fail(doing, peer, e) from None
+
+    def wait_work(self, work, doing: str, peer: int | None) -> None:
+        """Wait for ``work`` under this communicator's deadline (counted as communication time)."""
+        t0 = time.perf_counter()
+        self._wait(work, doing, peer)
+        self.comm_s += time.perf_counter() - t0
+
     # -- collectives ----------------------------------------------------------------------------
 
     def all_reduce(self, tensors: Sequence[torch.Tensor], group, doing: str) -> None:
@@ -278,6 +293,19 @@ class Communicator:
         bufs = [torch.zeros_like(buf) for _ in range(world)]
         self._collective(lambda: dist.all_gather(bufs, buf, group=group, async_op=True), doing)
         return [bytes(b[: int(s.item())].cpu().tolist()) for b, s in zip(bufs, sizes)]
+
+    def broadcast_bytes(self, data: bytes | None, doing: str, src: int = 0) -> bytes:
+        """``src``'s ``data`` on every rank (the other ranks pass ``None``): a size, then the bytes."""
+        mine = data if self.rank == src and data is not None else b""
+        size = torch.tensor([len(mine)], dtype=torch.int64, device=self.device)
+        self._collective(lambda: dist.broadcast(size, src, async_op=True), doing)
+        n = int(size.item())
+        if n == 0:
+            return b""
+        buf = (torch.frombuffer(bytearray(mine), dtype=torch.uint8).to(self.device) if self.rank == src
+               else torch.empty(n, dtype=torch.uint8, device=self.device))
+        self._collective(lambda: dist.broadcast(buf, src, async_op=True), doing)
+        return bytes(buf.cpu().numpy().tobytes())
 
     def barrier(self, doing: str, group=None) -> None:
         self._collective(lambda: dist.barrier(group=group, async_op=True), doing)

@@ -73,6 +73,7 @@ class Pipeline:
         self.scheduler_factory = lr_scheduler
         self.tracer = tracer or Tracer(rank, enabled=False)
         self.counters = Counters()
+        self.slowdown = 1.0  # injected: forward/backward take this many times their measured time
         self.comm = Communicator(rank, stage_of=lambda r: -1, tags={}, device=self.device, timeout_s=timeout_s)
         self.where_prefix = ""
         self._build(entries, module_to_stage, stage_ranks, source)
@@ -206,8 +207,11 @@ class Pipeline:
             state = self._inflight[mb] = _Microbatch()
         return state
 
-    def _compute(self, name: str, start: float, **args: Any) -> None:
+    def _compute(self, name: str, start: float, slow: bool = False, **args: Any) -> None:
         end = time.perf_counter()
+        if slow and self.slowdown > 1.0:  # an emulated slower worker: sleeping costs the shared cores nothing
+            time.sleep((self.slowdown - 1.0) * (end - start))
+            end = time.perf_counter()
         self.counters.compute_s += end - start
         self.tracer.add(name, COMPUTE, start, end, **args)
 
@@ -253,7 +257,7 @@ class Pipeline:
         if self.is_last:
             state.loss = state.env[LOSS]
             self.counters.losses.append(state.loss.detach())
-        self._compute(f"F{a.mb}", t1, version=a.version)
+        self._compute(f"F{a.mb}", t1, slow=True, version=a.version)
         if not self.role.sends_outputs:
             self._finish_forward(a.mb, state, train)
 
@@ -303,7 +307,7 @@ class Pipeline:
         if a.release:
             self.stage.versions.release(a.version)
         state.outputs, state.grad_recvs, state.loss = [], [], None
-        self._compute(f"B{a.mb}", t1, version=a.version)
+        self._compute(f"B{a.mb}", t1, slow=True, version=a.version)
         if not self.role.sends_grads:
             del self._inflight[a.mb]
 

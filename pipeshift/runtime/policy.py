@@ -143,6 +143,9 @@ class Chain:
     state_bytes: np.ndarray  # (n,) parameters + buffers + optimizer state
     edges: np.ndarray  # (e, 2) int positions
     fqns: list[str | None]
+    # (n,) bool: the node must share a stage with the next one (a raw input: a stage holding only
+    # inputs has no operation to run, and codegen refuses it). None: no such node.
+    glued: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.position = {node: i for i, node in enumerate(self.node_ids)}
@@ -203,6 +206,7 @@ def chain_from_graph(graph: Graph, optimizer: str = "adam") -> Chain:
         state_bytes=params * (1.0 + OPTIMIZER_STATE_FACTOR[optimizer]) + buffers,
         edges=edges,
         fqns=fqns,
+        glued=np.array([n.is_input or n.meta.get("op") == "placeholder" for n in nodes], dtype=bool),
     )
 
 
@@ -290,14 +294,22 @@ class ReplanRequest:
     speed_factors: np.ndarray  # (workers,)
     cut_comm_s: np.ndarray  # (nodes+1,): time of a boundary before position j
     current_stages: Stages
+    glued: np.ndarray | None = None  # (nodes,) bool: must share a stage with the next node
 
 
 Replanner = Callable[[ReplanRequest], Stages]
 
 
 def builtin_replan(request: ReplanRequest) -> Stages:
-    bounds, _ = straight_pipeline_dp(request.node_times_s, request.cut_comm_s)
-    return [request.node_ids[bounds[k] : bounds[k + 1]] for k in range(len(bounds) - 1)]
+    """The exact straight-pipeline DP; a glued node is fused with its successor first."""
+    n = len(request.node_ids)
+    glued = np.zeros(n, dtype=bool) if request.glued is None else np.asarray(request.glued, dtype=bool)
+    starts = [0] + [i + 1 for i in range(n - 1) if not glued[i]]  # first position of each fused group
+    times = np.add.reduceat(np.asarray(request.node_times_s, dtype=float), starts, axis=1)
+    cut = np.asarray(request.cut_comm_s, dtype=float)[starts + [n]]
+    bounds, _ = straight_pipeline_dp(times, cut)
+    positions = [(starts + [n])[b] for b in bounds]
+    return [request.node_ids[positions[k] : positions[k + 1]] for k in range(len(positions) - 1)]
 
 
 # -- the policy -------------------------------------------------------------------------
@@ -422,6 +434,7 @@ class RepartitionPolicy:
         request = ReplanRequest(
             node_ids=list(chain.node_ids), node_times_s=np.outer(speed, chain.node_times_s),
             speed_factors=speed.copy(), cut_comm_s=cut_comm, current_stages=[list(s) for s in self.stages],
+            glued=None if chain.glued is None else chain.glued.copy(),
         )
         new_stages = stages_of(self.replan(request))
         if len(new_stages) != k:

@@ -5,7 +5,9 @@ output files and the checkpoints. It drives the pipeline in *segments* that end 
 synchronisation points — every minibatch for ``flush``/``gpipe`` (their flush), and for the
 asynchronous ``1f1b``/``2bw`` only where a checkpoint, an evaluation, ``--sync-every`` or the
 end of training needs the pipeline drained. A repartitioning (issue 7) happens at such a point
-through :meth:`Pipeline.rebuild`.
+through :meth:`Pipeline.rebuild` — driven by an optional
+:class:`~pipeshift.runtime.elastic.Controller`, which also adds its own synchronisation points
+(control ticks, forced switches) and may end the run early for a resize (``regroup``).
 
 Data is read only by the first stage. Its replicas share one deterministic microbatch stream
 (``bundle.data(batch_size, split, seed)``): microbatch ``g`` of the run goes to replica
@@ -35,6 +37,7 @@ from pipeshift.errors import PipeshiftError
 from pipeshift.runtime import checkpoint as ckpt
 from pipeshift.runtime.metrics import MetricsLog
 from pipeshift.runtime.pipeline import Batch, Pipeline, load_optimizer_state_by_fqn, optimizer_state_by_fqn
+from pipeshift.runtime.repartition import maybe_fault
 from pipeshift.runtime.schedule import ASYNC_SCHEDULES
 
 
@@ -131,16 +134,19 @@ def check_partition(pipeline: Pipeline, config: TrainConfig) -> None:
 
 class Trainer:
     def __init__(self, pipeline: Pipeline, config: TrainConfig, *, data: Callable[[int, str, int], Iterator[Batch]],
-                 meta: dict[str, Any] | None = None):
+                 meta: dict[str, Any] | None = None, controller: Any = None):
         self.pipeline = pipeline
         self.config = config
         self.data = data
         self.meta = dict(meta or {})
+        self.controller = controller
         self.rank = pipeline.rank
         self.step = 0
         self.out_dir = Path(config.output_dir) / f"rank{self.rank}"
         self.tracer = pipeline.tracer
-        self.reporter = pipeline.is_last and pipeline.replica == 0
+        self.last_saved: int | None = None  # step of the newest checkpoint this run wrote or resumed from
+        self.resumed_switches: list[int] = []  # forced switches the resumed checkpoint had already applied
+        self.regroup = False  # stopped early for a resize: restart with another number of ranks
         self._bar = None
         self._last_time = time.perf_counter()
         self._start_time = self._last_time
@@ -148,12 +154,19 @@ class Trainer:
         self.last_loss: float | None = None
         self.eval_loss: float | None = None
 
+    @property
+    def reporter(self) -> bool:
+        """The rank that prints: the last stage's first replica (it sees the loss)."""
+        return self.pipeline.is_last and self.pipeline.replica == 0
+
     # -- the loop -----------------------------------------------------------------------------
 
     def fit(self) -> None:
         cfg = self.config
         if cfg.resume:
             self.resume()
+        if self.controller is not None:
+            self.controller.at_start(self)
         self.log = MetricsLog(self.out_dir / "metrics.csv", append=cfg.resume and self.step > 0)
         self._bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train ({cfg.schedule})", unit="step",
                          disable=not (cfg.progress and self.reporter), file=sys.stderr, dynamic_ncols=True)
@@ -171,7 +184,11 @@ class Trainer:
                     self.evaluate()
                 if cfg.checkpoint_dir and (self._due(cfg.checkpoint_every) or self.step == cfg.steps):
                     self.save()
-            if cfg.eval_steps and not self._due(cfg.eval_every):
+                maybe_fault(self.rank, "step", self.step)
+                if self.controller is not None and self.controller.at_boundary(self) == "regroup":
+                    self.regroup = True
+                    break
+            if cfg.eval_steps and not self._due(cfg.eval_every) and not self.regroup:
                 self.evaluate()
         finally:
             self._bar.close()
@@ -192,6 +209,10 @@ class Trainer:
                       cfg.eval_every if cfg.eval_steps else 0, cfg.sync_every):
             if every > 0:
                 end = min(end, (self.step // every + 1) * every)
+        if self.controller is not None:
+            extra = self.controller.next_sync(self.step)
+            if extra is not None:
+                end = min(end, extra)
         return end - self.step
 
     def _minibatch_done(self) -> None:
@@ -199,6 +220,8 @@ class Trainer:
         self.step += 1
         now = time.perf_counter()
         counters = self.pipeline.take_counters()
+        if self.controller is not None:
+            self.controller.on_minibatch(self, counters)
         rate = cfg.microbatches * cfg.batch_size / max(now - self._last_time, 1e-9)
         self._last_time = now
         self.rates.append(rate)
@@ -240,6 +263,11 @@ class Trainer:
         self._last_time = time.perf_counter()
         return loss
 
+    def after_switch(self) -> None:
+        """The pipeline now runs another partition (called by the controller after a switch)."""
+        check_partition(self.pipeline, self.config)
+        self.pipeline.where_prefix = f"step {self.step + 1}, "
+
     # -- checkpoints --------------------------------------------------------------------------
 
     def save(self) -> Path:
@@ -261,6 +289,9 @@ class Trainer:
         ckpt.save_file({"rng": rng, "step": self.step}, where / f"rank{self.rank}.pt")
         p.comm.barrier(f"waiting for every rank to write checkpoint {where.name}")
         if self.rank == 0:
+            plan = getattr(self.controller, "plan", None)
+            if plan is not None:  # the partition in force: a restart resumes on it
+                ckpt.write_json(plan, where / "plan.json")
             ckpt.write_json({
                 "format": ckpt.FORMAT, "version": 1, "step": self.step,
                 "num_stages": p.topology.num_stages,
@@ -268,9 +299,11 @@ class Trainer:
                 "module_to_stage_map": list(p.topology.module_to_stage),
                 "schedule": cfg.schedule, "microbatches": cfg.microbatches, "batch_size": cfg.batch_size,
                 "seed": cfg.seed, "data_position": self.step * cfg.microbatches,
+                "switches_applied": list(getattr(self.controller, "applied", [])),
                 **self.meta,
             }, where / "meta.json")
             ckpt.mark_latest(root, self.step)
+        self.last_saved = self.step
         return where
 
     def resume(self) -> None:
@@ -306,6 +339,9 @@ class Trainer:
             if "cuda" in rng and p.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"], p.device)
         self.step = meta["step"]
+        self.last_saved = self.step
+        applied = meta.get("switches_applied", [])
+        self.resumed_switches = [i for i in applied if isinstance(i, int)] if isinstance(applied, list) else []
         if self.step > cfg.steps:
             raise PipeshiftError(f"{where} is at step {self.step}, beyond --steps {cfg.steps}")
         # every rank must have read the same checkpoint (a shared filesystem, or identical copies)

@@ -1,0 +1,479 @@
+"""Moving a running pipeline onto a new plan: regenerate the stages, move only what changes owner.
+
+At a synchronisation point (no microbatch in flight: after a flush, or a drained 1F1B/2BW
+segment) every rank calls :meth:`Repartitioner.switch` with the same plan. Each rank then
+
+1. regenerates *all* stage modules through codegen's path (:func:`pipeshift.codegen.build_stages`
+   over this rank's local full model, with the model's graph captured once per process), so it
+   knows which state_dict keys every stage of the new plan holds;
+2. works out the transfers (:func:`plan_transfers`): a rank that holds a key under the new plan
+   but did not under the old one gets it from one old holder — every replica of a stage that
+   gains a layer gets its own copy; a rank that keeps a key moves nothing;
+3. exchanges them point to point (:func:`exchange`) — parameters, buffers and the optimizer's
+   per-parameter state (momentum buffers, Adam moments, step counts), batched per peer: one
+   small header, one JSON description, one flat buffer for all small tensors and one message per
+   large tensor, received straight into the full model's own storage where it can be;
+4. rebuilds the executor (:meth:`~pipeshift.runtime.pipeline.Pipeline.rebuild`): new stage,
+   routing, replica groups, shape caches; a new optimizer with the same hyper-parameters and the
+   moved FQN-keyed state; the LR scheduler's position kept.
+
+Keys are the original model's fully-qualified names (CONTRIBUTING.md), so nothing here depends
+on positions, and the result equals training without the switch (flush: ≤ 1e-5, tested).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeshift.errors import PipeshiftError
+from pipeshift.runtime.pipeline import Pipeline, optimizer_state_by_fqn
+from pipeshift.runtime.stage import StageEntry
+
+MIGRATION_TAG = 1 << 22  # far above the pipeline's per-name tags (4 per exchanged tensor name)
+SOLO_BYTES = 1 << 20  # tensors at least this large travel as their own message, without a copy
+_ALIGN = 16
+_DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+    torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128)}
+FAULT_ENV = "PIPESHIFT_FAULT"  # test hook, see maybe_fault
+ATTEMPT_ENV = "PIPESHIFT_ATTEMPT"  # set by the elastic supervisor; faults fire on attempt 0 only
+
+
+# -- partitions -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Partition:
+    """A plan as the runtime sees it: each stage's ranks and the state_dict keys it holds."""
+
+    plan: dict[str, Any]
+    stage_ranks: tuple[tuple[int, ...], ...]
+    stage_keys: tuple[frozenset[str], ...]
+
+    @classmethod
+    def of(cls, plan: Mapping[str, Any], stage_ranks: Sequence[Sequence[int]],
+           stage_modules: Sequence[nn.Module]) -> Partition:
+        if len(stage_ranks) != len(stage_modules):
+            raise PipeshiftError(f"{len(stage_modules)} stage modules for {len(stage_ranks)} stages")
+        keys = tuple(frozenset(m.state_dict().keys()) for m in stage_modules)
+        return cls(dict(plan), tuple(tuple(r) for r in stage_ranks), keys)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stage_ranks)
+
+    @property
+    def world_size(self) -> int:
+        return sum(len(r) for r in self.stage_ranks)
+
+    def holders(self) -> dict[str, tuple[int, ...]]:
+        """key -> the ranks holding it (every replica of every stage that has it), sorted."""
+        out: dict[str, set[int]] = {}
+        for ranks, keys in zip(self.stage_ranks, self.stage_keys):
+            for k in keys:
+                out.setdefault(k, set()).update(ranks)
+        return {k: tuple(sorted(r)) for k, r in out.items()}
+
+    def keys_of(self, rank: int) -> frozenset[str]:
+        return frozenset().union(*(k for r, k in zip(self.stage_ranks, self.stage_keys) if rank in r))
+
+
+@dataclasses.dataclass(frozen=True)
+class Transfer:
+    key: str
+    src: int
+    dst: int
+
+
+def plan_transfers(old: Partition, new: Partition) -> list[Transfer]:
+    """Every (key, from, to) a switch from ``old`` to ``new`` needs, in a fixed order.
+
+    A rank that holds a key under ``new`` but not under ``old`` receives it from one of the
+    key's old holders; the new holders of a key are dealt round-robin over its old holders so a
+    replicated source shares the sending. A key no rank held before (it cannot be, for plans of
+    one model) keeps the receiving rank's own value.
+    """
+    before, after = old.holders(), new.holders()
+    out: list[Transfer] = []
+    for key in sorted(after):
+        sources = before.get(key, ())
+        if not sources:
+            continue
+        gaining = [r for r in after[key] if r not in sources]
+        for i, dst in enumerate(gaining):
+            out.append(Transfer(key, sources[i % len(sources)], dst))
+    return out
+
+
+# -- the exchange -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ExchangeStats:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages: int = 0
+    keys_sent: int = 0
+    keys_received: int = 0
+    peers: list[int] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _Item:
+    kind: str  # "model" or "optim"
+    key: str
+    name: str  # optimizer state entry ("exp_avg"), "" for model tensors
+    tensor: torch.Tensor | None = None
+    dtype: str = ""
+    shape: tuple[int, ...] = ()
+    solo: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * _DTYPES[self.dtype].itemsize
+
+
+def _padded(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _describe(t: torch.Tensor) -> tuple[str, tuple[int, ...]]:
+    name = str(t.dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise PipeshiftError(f"cannot migrate a {t.dtype} tensor")
+    return name, tuple(t.shape)
+
+
+def _outgoing(keys: Sequence[str], values: Mapping[str, torch.Tensor],
+              optimizer_state: Mapping[str, Mapping[str, Any]]) -> tuple[list[_Item], dict[str, dict[str, Any]]]:
+    """What one peer gets: model tensors and optimizer tensors as items, other optimizer values as JSON."""
+    items: list[_Item] = []
+    scalars: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        t = values[key].detach()
+        dtype, shape = _describe(t)
+        items.append(_Item("model", key, "", t, dtype, shape))
+        for name, value in sorted((optimizer_state.get(key) or {}).items()):
+            if torch.is_tensor(value):
+                dtype, shape = _describe(value)
+                items.append(_Item("optim", key, name, value.detach(), dtype, shape))
+            elif value is None or isinstance(value, (bool, int, float, str)):
+                scalars.setdefault(key, {})[name] = value
+            else:
+                raise PipeshiftError(f"cannot migrate optimizer state {key}[{name!r}] of type {type(value).__name__}")
+    for item in items:
+        item.solo = item.nbytes >= SOLO_BYTES
+    return items, scalars
+
+
+def exchange(transfers: Sequence[Transfer], rank: int, values: Mapping[str, torch.Tensor],
+             optimizer_state: Mapping[str, Mapping[str, Any]], destination: Mapping[str, torch.Tensor],
+             comm, where: str = "repartition") -> tuple[ExchangeStats, dict[str, dict[str, Any]]]:
+    """Run this rank's part of ``transfers``; returns its statistics and the optimizer state it received.
+
+    ``values``/``optimizer_state``: this rank's current tensors and FQN-keyed optimizer state
+    (what it sends); ``destination``: the tensors received model keys are written into (the
+    local full model's state, so the regenerated stages adopt them). Three rounds, each posted
+    in full on every rank before anyone waits, so no rank can block another: sizes, then the
+    JSON descriptions, then the payloads. ``comm`` (a Communicator) supplies the deadline and
+    the one-line error naming the peer.
+    """
+    stats = ExchangeStats()
+    device = comm.device
+    sends: dict[int, list[str]] = {}
+    recvs: dict[int, list[str]] = {}
+    for t in transfers:
+        if t.src == rank:
+            sends.setdefault(t.dst, []).append(t.key)
+        if t.dst == rank:
+            recvs.setdefault(t.src, []).append(t.key)
+    stats.peers = sorted(set(sends) | set(recvs))
+    outgoing = {dst: _outgoing(keys, values, optimizer_state) for dst, keys in sorted(sends.items())}
+    metas = {dst: json.dumps({"items": [[i.kind, i.key, i.name, i.dtype, list(i.shape), i.solo] for i in items],
+                              "scalars": scalars}).encode() for dst, (items, scalars) in outgoing.items()}
+
+    def post_send(t: torch.Tensor, dst: int, index: int, what: str) -> tuple:
+        stats.messages += 1
+        stats.bytes_sent += t.numel() * t.element_size()
+        return comm.post(dist.isend, t, dst, MIGRATION_TAG + index, f"sending {what} ({where})"), t, \
+            f"sending {what} ({where})", dst
+
+    def post_recv(t: torch.Tensor, src: int, index: int, what: str) -> tuple:
+        stats.bytes_received += t.numel() * t.element_size()
+        return comm.post(dist.irecv, t, src, MIGRATION_TAG + index, f"waiting for {what} ({where})"), t, \
+            f"waiting for {what} ({where})", src
+
+    def wait_all(works: list[tuple]) -> None:
+        for work, _t, doing, peer in works:
+            comm.wait_work(work, doing, peer)
+
+    # round 1: description sizes
+    works = [post_send(torch.tensor([len(m)], dtype=torch.int64, device=device), dst, 0, "a migration header")
+             for dst, m in metas.items()]
+    sizes = {src: torch.zeros(1, dtype=torch.int64, device=device) for src in sorted(recvs)}
+    works += [post_recv(buf, src, 0, "a migration header") for src, buf in sizes.items()]
+    wait_all(works)
+    # round 2: descriptions
+    works = [post_send(torch.frombuffer(bytearray(m), dtype=torch.uint8).to(device), dst, 1, "the migration list")
+             for dst, m in metas.items()]
+    texts = {src: torch.empty(int(n.item()), dtype=torch.uint8, device=device) for src, n in sizes.items()}
+    works += [post_recv(buf, src, 1, "the migration list") for src, buf in texts.items()]
+    wait_all(works)
+    incoming = {src: _parse_meta(bytes(buf.cpu().numpy().tobytes()), src, recvs[src]) for src, buf in texts.items()}
+    # round 3: payloads
+    works = []
+    for dst, (items, _scalars) in outgoing.items():
+        small = [i for i in items if not i.solo]
+        if small:
+            works.append(post_send(_pack(small, device), dst, 2, f"{len(small)} small tensors"))
+        for k, item in enumerate(i for i in items if i.solo):
+            works.append(post_send(item.tensor.contiguous().to(device), dst, 3 + k, f"{item.key} {item.name}".strip()))
+        stats.keys_sent += len(sends[dst])
+    maybe_fault(rank, "migrate")
+    landing: list[tuple[_Item, torch.Tensor]] = []  # (item, buffer) to place after the receives
+    flats: list[tuple[list[_Item], torch.Tensor]] = []
+    for src, (items, _scalars) in incoming.items():
+        small = [i for i in items if not i.solo]
+        if small:
+            flat = torch.empty(sum(_padded(i.nbytes) for i in small), dtype=torch.uint8, device=device)
+            works.append(post_recv(flat, src, 2, f"{len(small)} small tensors"))
+            flats.append((small, flat))
+        for k, item in enumerate(i for i in items if i.solo):
+            buf = _landing_buffer(item, destination, device)
+            works.append(post_recv(buf, src, 3 + k, f"{item.key} {item.name}".strip()))
+            landing.append((item, buf))
+        stats.keys_received += len(recvs[src])
+    wait_all(works)
+    received_state: dict[str, dict[str, Any]] = {}
+    for items, flat in flats:
+        landing += list(zip(items, _unpack(items, flat)))
+    with torch.no_grad():
+        for item, buf in landing:
+            if item.kind == "model":
+                dest = destination.get(item.key)
+                if dest is None:
+                    raise PipeshiftError(f"{where}: received {item.key!r}, which this model does not have")
+                if buf is not dest:
+                    if tuple(dest.shape) != item.shape:
+                        raise PipeshiftError(f"{where}: {item.key!r} arrived as {list(item.shape)}, "
+                                             f"the model has {list(dest.shape)}")
+                    dest.copy_(buf)
+            else:
+                received_state.setdefault(item.key, {})[item.name] = buf.clone() if not item.solo else buf
+    for _src, (_items, scalars) in incoming.items():
+        for key, entries in scalars.items():
+            received_state.setdefault(key, {}).update(entries)
+    return stats, received_state
+
+
+def _parse_meta(data: bytes, src: int, expected: Sequence[str]) -> tuple[list[_Item], dict[str, dict[str, Any]]]:
+    try:
+        meta = json.loads(data.decode())
+        items = [_Item(kind, key, name, None, dtype, tuple(int(s) for s in shape), bool(solo))
+                 for kind, key, name, dtype, shape, solo in meta["items"]]
+        scalars = meta.get("scalars", {})
+    except (ValueError, KeyError, TypeError) as e:
+        raise PipeshiftError(f"garbled migration list from rank {src}: {e}") from None
+    for item in items:
+        if item.dtype not in _DTYPES or item.kind not in ("model", "optim"):
+            raise PipeshiftError(f"garbled migration list from rank {src}: {item.kind} {item.dtype}")
+    got = sorted({i.key for i in items if i.kind == "model"})
+    if got != sorted(expected):
+        raise PipeshiftError(f"rank {src} sends {got[:3]}… but this rank expected {sorted(expected)[:3]}…: "
+                             "the ranks disagree about the plan")
+    return items, scalars
+
+
+def _pack(items: Sequence[_Item], device: torch.device) -> torch.Tensor:
+    flat = torch.zeros(sum(_padded(i.nbytes) for i in items), dtype=torch.uint8, device=device)
+    offset = 0
+    for i in items:
+        n = i.nbytes
+        if n:
+            flat[offset:offset + n].copy_(i.tensor.contiguous().reshape(-1).view(torch.uint8))
+        offset += _padded(n)
+    return flat
+
+
+def _unpack(items: Sequence[_Item], flat: torch.Tensor) -> list[torch.Tensor]:
+    out, offset = [], 0
+    for i in items:
+        n = i.nbytes
+        out.append(flat[offset:offset + n].view(_DTYPES[i.dtype]).view(i.shape))
+        offset += _padded(n)
+    return out
+
+
+def _landing_buffer(item: _Item, destination: Mapping[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Where a large tensor is received: the full model's own tensor when it fits, else a new one."""
+    dtype = _DTYPES[item.dtype]
+    if item.kind == "model":
+        dest = destination.get(item.key)
+        if (dest is not None and tuple(dest.shape) == item.shape and dest.dtype == dtype and dest.device == device
+                and dest.is_contiguous()):
+            return dest
+    return torch.empty(item.shape, dtype=dtype, device=device)
+
+
+def maybe_fault(rank: int, point: str, step: int | None = None) -> None:
+    """Test hook: kill this rank (SIGKILL, like a lost machine) where ``$PIPESHIFT_FAULT`` says.
+
+    ``RANK@migrate``: in the middle of its next migration, after posting its sends;
+    ``RANK@step:N``: at the synchronisation point after step N. Comma-separated; only in the
+    first attempt (``$PIPESHIFT_ATTEMPT`` unset or 0), so the restarted job runs clean.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or os.environ.get(ATTEMPT_ENV, "0") != "0":
+        return
+    for part in spec.split(","):
+        who, _, where = part.partition("@")
+        name, _, at = where.partition(":")
+        if who.strip() == str(rank) and name == point and (not at or (step is not None and at == str(step))):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+# -- the switch -----------------------------------------------------------------------------------
+
+
+def plan_stage_ranks(plan: Mapping[str, Any]) -> list[list[int]]:
+    """Each stage's ranks as codegen reads them (default: contiguous, stage by stage)."""
+    from pipeshift.codegen import parse_plan
+
+    return [list(st.ranks) for st in parse_plan(dict(plan), "<plan>").stages]
+
+
+def check_plan(plan: Any, world_size: int, microbatches: int, model_spec: Any = None, source: str = "plan") -> None:
+    """The checks every rank makes, identically, before it touches anything for a new plan."""
+    from pipeshift.codegen import parse_plan
+
+    if not isinstance(plan, dict):
+        raise PipeshiftError(f"{source}: a plan must be a JSON object")
+    parsed = parse_plan(plan, source)
+    ranks = sorted(r for st in parsed.stages for r in st.ranks)
+    if ranks != list(range(world_size)):
+        raise PipeshiftError(f"{source}: the stages use ranks {ranks} but this job has ranks 0..{world_size - 1}")
+    if model_spec is not None and parsed.model.to_json() != model_spec:
+        raise PipeshiftError(f"{source}: the plan is for {parsed.model.callable} with other arguments or seed than "
+                             "the running model")
+    stages = len(parsed.stages)
+    if microbatches < stages:
+        raise PipeshiftError(f"{source}: {stages} stages need at least {stages} microbatches (this job has "
+                             f"{microbatches})")
+    for st in parsed.stages:
+        if microbatches % st.replicas:
+            raise PipeshiftError(f"{source}: stage {st.stage_id} has {st.replicas} replicas, which do not divide "
+                                 f"the {microbatches} microbatches")
+
+
+class Repartitioner:
+    """This rank's means to switch plans: its local full model, the captured graph, the current partition.
+
+    ``full_model`` is the rank's whole copy of the model; the current stage's modules should be
+    its modules (then nothing is copied), but need not be (their values are copied in before a
+    switch). ``criterion`` is the package's last entry, reused unchanged: its inputs (the model's
+    outputs and ``target``) do not depend on the split.
+    """
+
+    def __init__(self, rank: int, full_model: nn.Module, criterion: StageEntry, partition: Partition,
+                 model_capture: Any = None):
+        self.rank = rank
+        self.full_model = full_model
+        self.criterion = criterion
+        self.partition = partition
+        self._capture = model_capture
+
+    @property
+    def plan(self) -> dict[str, Any]:
+        return self.partition.plan
+
+    def capture(self) -> Any:
+        """The model's graph, captured once (the part of codegen that does not depend on the split)."""
+        if self._capture is None:
+            from pipeshift.codegen import capture_model
+
+            self._capture = capture_model(self.plan)
+        return self._capture
+
+    def entries(self, plan: Mapping[str, Any]) -> tuple[list[StageEntry], list[list[int]]]:
+        """The new plan's module list (stages over the full model, then the criterion) and stage ranks."""
+        from pipeshift.codegen import build_stages
+
+        stages = build_stages(dict(plan), self.full_model, model_capture=self.capture())
+        return [*stages, self.criterion], plan_stage_ranks(plan)
+
+    def prepare(self, plan: Mapping[str, Any]) -> Prepared:
+        """Render ``plan`` and work out the transfers — deterministic, touches nothing.
+
+        Every rank gets the same answer (or the same error) for the same plan, so a plan that
+        cannot be rendered is refused by all ranks alike, without a word between them.
+        """
+        t0 = time.perf_counter()
+        entries, stage_ranks = self.entries(plan)
+        new = Partition.of(plan, stage_ranks, [m for m, _, _ in entries[:-1]])
+        return Prepared(entries, stage_ranks, new, plan_transfers(self.partition, new), time.perf_counter() - t0)
+
+    def switch(self, pipeline: Pipeline, plan: Mapping[str, Any] | Prepared, where: str = "repartition") -> dict[str, Any]:
+        """Move ``pipeline`` onto ``plan`` (every rank, together, at a synchronisation point).
+
+        Returns this rank's account: what moved, how many bytes, and how long each part took
+        (``pause_s`` includes rendering when ``plan`` was not prepared beforehand).
+        """
+        t0 = time.perf_counter()
+        prepared = plan if isinstance(plan, Prepared) else self.prepare(plan)
+        render_s = prepared.render_s if isinstance(plan, Prepared) else time.perf_counter() - t0
+        new = prepared.partition
+        t_render = time.perf_counter()
+
+        current = pipeline.stage.state_dict()
+        saved = optimizer_state_by_fqn(pipeline.optimizer, pipeline.stage.params)
+        full = self.full_model.state_dict()
+        mine = new.keys_of(self.rank)
+        with torch.no_grad():  # keys this rank keeps: make sure the full model has their values
+            for key in mine & current.keys():
+                if key in full and full[key].data_ptr() != current[key].data_ptr():
+                    full[key].copy_(current[key])
+        pipeline.comm.flush()
+        stats, received = exchange(prepared.transfers, self.rank, current, saved["state"], full, pipeline.comm, where)
+        t_move = time.perf_counter()
+
+        state = {k: v for k, v in saved["state"].items() if k in mine}
+        state.update(received)
+        hyper = {k: v for k, v in (saved["param_groups"] or [{}])[0].items() if k != "params"}
+        module_to_stage = list(range(new.num_stages)) + [new.num_stages - 1]
+        pipeline.rebuild(prepared.entries, module_to_stage, prepared.stage_ranks,
+                         optimizer_state={"state": state, "param_groups": [{**hyper, "params": sorted(mine)}]},
+                         source=where)
+        self.partition = new
+        t_end = time.perf_counter()
+        return {
+            "rank": self.rank, "stage": pipeline.stage_id,
+            "keys_moved_total": len(prepared.transfers), "keys_sent": stats.keys_sent,
+            "keys_received": stats.keys_received, "bytes_sent": stats.bytes_sent,
+            "bytes_received": stats.bytes_received, "messages": stats.messages, "peers": stats.peers,
+            "render_s": render_s, "transfer_s": t_move - t_render, "rebuild_s": t_end - t_move,
+            "pause_s": render_s + (t_end - t_render),
+        }
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A rendered plan, ready to switch to: its module list, ranks, key ownership and transfers."""
+
+    entries: list[StageEntry]
+    stage_ranks: list[list[int]]
+    partition: Partition
+    transfers: list[Transfer]
+    render_s: float
