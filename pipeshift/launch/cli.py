@@ -10,6 +10,10 @@ Everything after the launcher's own flags is passed to ``pipeshift train`` uncha
   one process per rank, for fixed rank placement). With ``--ssh`` it runs the torchrun commands
   over ssh, prefixing every output line with its host, and fails if any machine fails.
 
+* ``--local N --elastic`` runs them under pipeshift's supervisor instead (``supervisor.py``):
+  restarted from the last checkpoint when a rank fails or a resize is asked for, possibly on
+  another number of ranks (needs ``--checkpoint-dir``).
+
 hosts.txt: one machine per line, ``HOST [SLOTS]`` or ``HOST slots=SLOTS`` (processes to start
 there, default 1); ``#`` starts a comment.
 """
@@ -42,6 +46,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                     "(default: this one)")
     p.add_argument("--python", default=None, help="python on the machines (default: this interpreter)")
     p.add_argument("--dry-run", action="store_true", help="with --local: print the torchrun command, do not run it")
+    e = p.add_argument_group("elastic (with --local)")
+    e.add_argument("--elastic", action="store_true",
+                   help="supervise the ranks: restart from the last checkpoint after a failure or a resize")
+    e.add_argument("--max-restarts", type=int, default=3, help="failures tolerated (default %(default)s)")
+    e.add_argument("--on-failure", choices=["restart", "shrink"], default="restart",
+                   help="after a failure restart on as many ranks, or one fewer (default %(default)s)")
+    e.add_argument("--min-workers", type=int, default=1, help="never fewer ranks than this (default %(default)s)")
+    e.add_argument("--max-workers", type=int, default=None, help="never more ranks than this")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="PKG and `pipeshift train` flags")
 
 
@@ -54,9 +66,22 @@ def run(args: argparse.Namespace) -> int:
     if not train_args:
         raise PipeshiftError("give the stage package and train flags, e.g. `pipeshift launch --local 2 stages/ --steps 10`")
     python = args.python or sys.executable
+    if args.elastic and args.local is None:
+        raise PipeshiftError("--elastic works with --local N (across machines use torchrun's elastic agent)")
     if args.local is not None:
         if args.local < 1:
             raise PipeshiftError("--local N needs N >= 1")
+        if args.elastic:
+            from pipeshift.launch.supervisor import Supervisor
+
+            if args.max_restarts < 0:
+                raise PipeshiftError("--max-restarts must be >= 0")
+            sup = Supervisor(train_args, args.local, python=python, max_restarts=args.max_restarts,
+                             min_workers=args.min_workers, max_workers=args.max_workers, on_failure=args.on_failure)
+            try:
+                return sup.run()
+            except KeyboardInterrupt:
+                return 130
         cmd = local_command(python, args.local, train_args)
         if args.dry_run:
             print(shlex.join(cmd))
