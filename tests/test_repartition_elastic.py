@@ -18,7 +18,8 @@ import torch
 import repartition_helpers as h
 from pipeshift.cli import main
 from pipeshift.launch.client import CtlClient
-from pipeshift.launch.master import Master
+from pipeshift.launch.master import Master, load_policy_driver
+from pipeshift.runtime.policy import PolicyConfig
 
 pytestmark = pytest.mark.timeout(240)
 SGD = ["--optimizer", "sgd", "--momentum", "0.9", "--lr", "0.1"]
@@ -115,16 +116,36 @@ def test_operator_repartition_and_grow_through_the_master(tmp_path):
     h.assert_same_weights(h.final_weights(tmp_path / "ck"), h.reference(steps, m, sgd))
 
 
-def test_the_policy_moves_layers_off_a_slowed_worker(tmp_path):
+POLICY = {"persist_windows": 2, "cooldown_windows": 2, "threshold": 0.5, "clear_threshold": 0.2, "fixed_pause_s": 0.0}
+
+
+@pytest.mark.parametrize("where", ["in-process", "master"])
+def test_the_policy_moves_layers_off_a_slowed_worker(tmp_path, where):
     h.package(tmp_path, [6], [[0], [1]])
     steps, m = 40, 2
-    rc, out = h.launch(tmp_path, 2, ["--steps", str(steps), "--microbatches", str(m), *SGD, "--policy", "auto",
-                                     "--report-every", "2", "--slowdown", "1:20@8", "--policy-arg", "persist_windows=2",
-                                     "--policy-arg", "cooldown_windows=2", "--policy-arg", "threshold=0.5",
-                                     "--policy-arg", "clear_threshold=0.2", "--policy-arg", "fixed_pause_s=0"])
+    args = ["--steps", str(steps), "--microbatches", str(m), *SGD, "--report-every", "2", "--slowdown", "1:20@8"]
+    master = None
+    if where == "master":  # the master's PolicyDriver decides; rank 0 polls and broadcasts
+        driver = load_policy_driver(str(tmp_path / "plan.json"), str(tmp_path / "graph.txt"), PolicyConfig(**POLICY),
+                                    "momentum", steps)
+        log = open(tmp_path / "master.jsonl", "w")
+        master = Master("policy-token", port=0, policy=driver, log=log)
+        host, port = master.start_in_thread()
+        args += ["--master", f"{host}:{port}"]
+    else:
+        args += ["--policy", "auto", *[f"--policy-arg={k}={v}" for k, v in POLICY.items()]]
+    try:
+        rc, out = h.launch(tmp_path, 2, args, environ=h.env(PIPESHIFT_TOKEN="policy-token"))
+    finally:
+        if master is not None:
+            master.stop()
+            log.close()
     assert rc == 0, out[-4000:]
-    decisions = h.jsonl(tmp_path / "out" / "decisions.jsonl")
-    assert decisions[0]["event"] == "policy_warmup" and decisions[1]["event"] == "policy_calibrated"
+    if where == "master":
+        decisions = [r for r in h.jsonl(tmp_path / "master.jsonl") if r["event"] == "policy_decision"]
+    else:
+        decisions = h.jsonl(tmp_path / "out" / "decisions.jsonl")
+        assert decisions[0]["event"] == "policy_warmup" and decisions[1]["event"] == "policy_calibrated"
     taken = [d for d in decisions if d.get("repartition")]
     assert taken, decisions
     assert all(d["total_gain_s"] > d["migration_cost_s"] for d in taken)

@@ -428,7 +428,7 @@ class Master:
         step = _field(message, "step", int, required=False)
         try:
             stages = stages_of(plan)
-            if self.policy is not None:
+            if self.policy is not None and stages != self.policy.policy.stages:  # not the policy's own decision
                 self.policy.adopt_plan(plan)
         except PipeshiftError as e:
             raise MessageError(f"invalid plan: {e}") from None
