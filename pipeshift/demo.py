@@ -31,9 +31,9 @@ MODEL_ARGS = ["width=8", "image_size=32", "num_classes=10", "data=digits"]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo-out", help="directory for every file the demo writes")
     p.add_argument("--steps", type=int, default=300, help="training minibatches")
-    p.add_argument("--batch-size", type=int, default=16, help="samples per microbatch")
+    p.add_argument("--batch-size", type=int, default=32, help="samples per microbatch")
     p.add_argument("--microbatches", type=int, default=4)
-    p.add_argument("--slowdown", type=float, default=3.0, help="how much slower worker 1 gets mid-run (1 = none)")
+    p.add_argument("--slowdown", type=float, default=4.0, help="how much slower worker 1 gets mid-run (1 = none)")
     p.add_argument("--no-repartition", action="store_true", help="keep the first plan even when a worker slows")
 
 
@@ -148,11 +148,17 @@ def run(args: argparse.Namespace) -> int:
         if losses:
             marks = sorted({0, len(losses) // 4, len(losses) // 2, 3 * len(losses) // 4, len(losses) - 1})
             print("loss: " + "  ".join(f"step {losses[i][0]}: {losses[i][1]:.3f}" for i in marks))
-    events = _repartitions(run_dir)
-    switched = min((int(e.get("step", 0)) for e in events), default=None)
+    events = [e for e in _repartitions(run_dir) if e.get("event") == "repartition"]
+    # The policy may also move layers before the slowdown, when measured stage times differ from
+    # the profile's; the "during" phase ends at the first repartition after the slowdown.
+    switched = min((int(e["step"]) for e in events if slow_at is not None and int(e["step"]) >= slow_at), default=None)
+    if slow_at is not None:
+        print(f"worker 1 slowed {args.slowdown:g}x from step {slow_at}")
     for e in events:
-        print(f"repartition at step {e.get('step')}: moved {e.get('bytes_moved', '?')} bytes, "
-              f"pause {e.get('pause_s', float('nan')):.3f} s")
+        why = " (before the slowdown: measured stage times differed from the profile)" if (
+            slow_at is not None and int(e["step"]) < slow_at) else ""
+        print(f"repartition after step {e['step']} by {e.get('source', '?')}: moved {e.get('bytes_moved', 0) / 1e3:.1f} kB "
+              f"in {e.get('messages', '?')} messages, pause {e.get('pause_s', float('nan')):.3f} s{why}")
     if last_rank is not None:
         for phase, rate in _phase_rates(metrics[0], slow_at, switched).items():
             print(f"samples/s {phase}: {rate:.0f}")
