@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -79,9 +80,14 @@ class StepFailed(RuntimeError):
     """A pipeshift command failed; carries its command line and last output lines."""
 
 
-def pipeshift(args: list[str], timeout_s: float) -> str:
+# `pipeshift ARGS` with glibc malloc tuned as `pipeshift train` tunes it (runtime/allocator.py)
+_WITH_RUNTIME_ALLOCATOR = ("import sys; from pipeshift.runtime.allocator import keep_freed_memory; keep_freed_memory(); "
+                           "from pipeshift.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def pipeshift(args: list[str], timeout_s: float, runtime_allocator: bool = False) -> str:
     """Run ``python -m pipeshift ARGS`` in its own process group; on timeout, kill the group."""
-    cmd = [sys.executable, "-m", "pipeshift", *args]
+    cmd = [sys.executable, *(["-c", _WITH_RUNTIME_ALLOCATOR] if runtime_allocator else ["-m", "pipeshift"]), *args]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -186,9 +192,11 @@ def stages_alone(stage_dir: Path, batch_size: int, threads: int, iterations: int
     """
     import torch
 
+    from pipeshift.runtime.allocator import keep_freed_memory
     from pipeshift.runtime.package import load_stage_package
     from pipeshift.runtime.stage import Stage
 
+    keep_freed_memory()  # as pipeshift train does
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     pkg = load_stage_package(stage_dir)
@@ -254,16 +262,20 @@ def sim_samples_per_s(stages: list[SimStage], microbatches: int, batch_size: int
     return batch_size / result.time_per_microbatch_s
 
 
-def run_config(cfg: Config, work: Path, profiles: dict[tuple[str, int], Path], log) -> dict[str, Any]:
+def run_config(cfg: Config, work: Path, profiles: dict[tuple[str, int], tuple[Path, Path]], log) -> dict[str, Any]:
     case = cfg.case
     key = (case.name, cfg.threads)
     if key not in profiles:
         prof = work / f"{case.name}-t{cfg.threads}" / "prof"
-        log(f"profile {case.name} (batch {case.batch_size}, {cfg.threads} thread(s))")
-        pipeshift(["profile", *case.spec_args(), "-b", str(case.batch_size), "-o", str(prof),
-                   "--threads", str(cfg.threads), "--iterations", "30", "--quiet"], timeout_s=900)
-        profiles[key] = prof
-    prof = profiles[key]
+        tuned = work / f"{case.name}-t{cfg.threads}" / "prof-runtime-allocator"
+        for where, allocator in ((prof, False), (tuned, True)):
+            log(f"profile {case.name} (batch {case.batch_size}, {cfg.threads} thread(s)"
+                + (", with the runtime's malloc tuning)" if allocator else ")"))
+            pipeshift(["profile", *case.spec_args(), "-b", str(case.batch_size), "-o", str(where),
+                       "--threads", str(cfg.threads), "--iterations", "30", "--quiet"], timeout_s=900,
+                      runtime_allocator=allocator)
+        profiles[key] = (prof, tuned)
+    prof, tuned_prof = profiles[key]
     base = work / f"{case.name}-n{cfg.workers}"
     base.mkdir(parents=True, exist_ok=True)
     topo = base / "topology.json"
@@ -297,12 +309,27 @@ def run_config(cfg: Config, work: Path, profiles: dict[tuple[str, int], Path], l
             stages, rate, overall = measure(out, num_stages, cfg.microbatches, case.batch_size, cfg.warmup)
             runs.append(RunResult(stages, rate, overall, before, load_average()))
             break
-    result = summarize(cfg, plan, alone, runs)
+    tuned = stage_times(tuned_prof / "graph.txt", plan)
+    result = summarize(cfg, plan, alone, tuned, runs)
     result["retried"] = retried
     return result
 
 
-def summarize(cfg: Config, plan: dict[str, Any], alone: list[dict[str, float]], runs: list[RunResult]) -> dict[str, Any]:
+def stage_times(graph_txt: Path, plan: dict[str, Any]) -> list[tuple[float, float]]:
+    """(forward s, backward s) of each plan stage, summed from another profile of the same model.
+
+    The same spec and leaf policy give the same node ids, so the plan's stages can be priced
+    with a second profile without planning again (the split stays the one that was run).
+    """
+    from pipeshift.graph import read_graph_txt
+
+    by_id = read_graph_txt(graph_txt).nodes
+    return [(sum(by_id[n].forward_ms for n in st["nodes"]) / 1e3, sum(by_id[n].backward_ms for n in st["nodes"]) / 1e3)
+            for st in plan["stages"]]
+
+
+def summarize(cfg: Config, plan: dict[str, Any], alone: list[dict[str, float]], tuned: list[tuple[float, float]],
+              runs: list[RunResult]) -> dict[str, Any]:
     batch, m = cfg.case.batch_size, cfg.microbatches
     predicted_stages = stages_from_plan(plan)
     stage_rows = []
@@ -310,29 +337,36 @@ def summarize(cfg: Config, plan: dict[str, Any], alone: list[dict[str, float]], 
         measured = {k: Spread.of(run.stages[s][k] for run in runs) for k in runs[0].stages[s]}
         fb = Spread.of(run.stages[s]["forward_s"] + run.stages[s]["backward_s"] for run in runs)
         predicted = st["costs"]["forward_s"] + st["costs"]["backward_s"]
-        stage_rows.append({"stage": s, "nodes": len(st["nodes"]), "predicted_s": predicted,
-                           "predicted_forward_s": st["costs"]["forward_s"], "predicted_backward_s": st["costs"]["backward_s"],
-                           "measured_s": fb, "gap": relative_gap(fb.median, predicted),
-                           "alone_cpu_s": alone[s]["forward_cpu_s"] + alone[s]["backward_cpu_s"],
-                           "alone_wall_s": alone[s]["forward_s"] + alone[s]["backward_s"],
-                           "gap_alone": relative_gap(alone[s]["forward_cpu_s"] + alone[s]["backward_cpu_s"], predicted),
-                           **{f"measured_{k}": v for k, v in measured.items()}})
+        alone_cpu = alone[s]["forward_cpu_s"] + alone[s]["backward_cpu_s"]
+        stage_rows.append({
+            "stage": s, "nodes": len(st["nodes"]),
+            "predicted_s": predicted, "predicted_forward_s": st["costs"]["forward_s"],
+            "predicted_backward_s": st["costs"]["backward_s"],
+            "tuned_s": sum(tuned[s]), "tuned_forward_s": tuned[s][0], "tuned_backward_s": tuned[s][1],
+            "measured_s": fb, "gap": relative_gap(fb.median, predicted), "gap_tuned": relative_gap(fb.median, sum(tuned[s])),
+            "alone_cpu_s": alone_cpu, "alone_wall_s": alone[s]["forward_s"] + alone[s]["backward_s"],
+            "gap_alone": relative_gap(alone_cpu, predicted), "gap_alone_tuned": relative_gap(alone_cpu, sum(tuned[s])),
+            **{f"measured_{k}": v for k, v in measured.items()}})
+
+    def with_times(times: list[tuple[float, float]]) -> list[SimStage]:
+        return [dataclasses.replace(p, forward_s=f, backward_s=b) for p, (f, b) in zip(predicted_stages, times)]
+
     # The simulator again, fed each repeat's measured stage times: what it leaves out shows as
     # the gap between this and the measured samples/s.
-    replayed = Spread.of(
-        sim_samples_per_s([dataclasses.replace(p, forward_s=run.stages[s]["forward_s"], backward_s=run.stages[s]["backward_s"])
-                           for s, p in enumerate(predicted_stages)], m, batch)
-        for run in runs)
+    replayed = Spread.of(sim_samples_per_s(with_times([(st["forward_s"], st["backward_s"]) for st in run.stages]), m, batch)
+                         for run in runs)
     rate = Spread.of(run.samples_per_s for run in runs)
     simulated = sim_samples_per_s(predicted_stages, m, batch)
+    simulated_tuned = sim_samples_per_s(with_times(tuned), m, batch)
     steady = plan["predicted"]["throughput_samples_per_s"]
     return {
         "model": cfg.case.name, "spec": cfg.case.kwargs, "batch_size": batch, "workers": cfg.workers,
         "threads": cfg.threads, "microbatches": m, "steps": cfg.steps, "warmup": cfg.warmup, "repeats": len(runs),
         "stages": stage_rows,
-        "throughput": {"planner_steady": steady, "simulated": simulated, "measured": rate,
-                       "measured_overall": Spread.of(run.overall_samples_per_s for run in runs),
+        "throughput": {"planner_steady": steady, "simulated": simulated, "simulated_tuned": simulated_tuned,
+                       "measured": rate, "measured_overall": Spread.of(run.overall_samples_per_s for run in runs),
                        "replayed": replayed, "gap": relative_gap(rate.median, simulated),
+                       "gap_tuned": relative_gap(rate.median, simulated_tuned),
                        "gap_steady": relative_gap(rate.median, steady),
                        "gap_replayed": relative_gap(rate.median, replayed.median)},
         "load": Spread.of([run.load_before for run in runs] + [run.load_after for run in runs]),
@@ -350,21 +384,29 @@ def rate_fmt(x: float) -> str:
     return f"{x:.0f}" if math.isfinite(x) else "–"
 
 
-def report(results: list[dict[str, Any]], failures: list[str], quick: bool) -> str:
+def split_ms(total: float, fwd: float, bwd: float) -> str:
+    return f"{ms(total)} ({ms(fwd)} + {ms(bwd)})"
+
+
+def report(results: list[dict[str, Any]], failures: list[str]) -> str:
     out: list[str] = []
     stage_rows, tput_rows = [], []
     for r in results:
         where = f"{r['model']} (b={r['batch_size']})"
         for st in r["stages"]:
-            stage_rows.append([where, r["workers"], st["stage"], st["nodes"], ms(st["predicted_s"]),
-                               st["measured_s"].format(ms), fmt_gap(st["gap"], TARGET),
-                               f"{ms(st['alone_cpu_s'])} / {ms(st['alone_wall_s'])}", fmt_gap(st["gap_alone"], TARGET),
-                               f"{ms(st['predicted_forward_s'])} / {ms(st['predicted_backward_s'])}",
-                               f"{st['measured_forward_s'].format(ms)} / {st['measured_backward_s'].format(ms)}",
-                               st["measured_step_s"].format(ms), st["measured_runtime_compute_s"].format(ms)])
+            stage_rows.append([
+                where, r["workers"], st["stage"], st["nodes"],
+                split_ms(st["predicted_s"], st["predicted_forward_s"], st["predicted_backward_s"]),
+                st["measured_s"].format(ms), fmt_gap(st["gap"], TARGET),
+                split_ms(st["tuned_s"], st["tuned_forward_s"], st["tuned_backward_s"]), fmt_gap(st["gap_tuned"], TARGET),
+                f"{ms(st['alone_cpu_s'])} / {ms(st['alone_wall_s'])}",
+                f"{fmt_gap(st['gap_alone'])} / {fmt_gap(st['gap_alone_tuned'])}",
+                f"{st['measured_forward_s'].format(ms)} + {st['measured_backward_s'].format(ms)}",
+                st["measured_step_s"].format(ms), st["measured_runtime_compute_s"].format(ms)])
         t = r["throughput"]
         tput_rows.append([where, r["workers"], r["microbatches"], rate_fmt(t["planner_steady"]), rate_fmt(t["simulated"]),
                           t["measured"].format(rate_fmt), fmt_gap(t["gap"], TARGET), fmt_gap(t["gap_steady"]),
+                          rate_fmt(t["simulated_tuned"]), fmt_gap(t["gap_tuned"], TARGET),
                           t["replayed"].format(rate_fmt), fmt_gap(t["gap_replayed"]), t["measured_overall"].format(rate_fmt),
                           r["load"].format(lambda x: f"{x:.1f}")])
     if results:
@@ -375,25 +417,29 @@ def report(results: list[dict[str, Any]], failures: list[str], quick: bool) -> s
                    f"{r0['warmup']} are warm-up, {r0['repeats']} repeat(s) per row; profiled and trained at "
                    f"{', '.join(sorted({str(r['threads']) for r in results}))} thread(s) per rank on "
                    f"{os.cpu_count()} cores. ms are per microbatch; figures are medians over repeats (min–max).\n")
-        out.append("### Per-stage compute: predicted (profile) against measured, forward + backward per microbatch\n")
+        out.append("## Per-stage compute: predicted against measured, forward + backward per microbatch\n")
         out.append(markdown_table(
-            ["model", "workers", "stage", "nodes", "predicted ms", "in pipeline ms", "gap",
-             "stage alone ms (CPU / wall)", "alone vs predicted", "predicted F / B ms", "in pipeline F / B ms",
-             "optimizer step ms (per minibatch, not predicted)", "metrics.csv compute_s ÷ M ms"],
-            stage_rows, right=range(1, 13)))
-        out.append("\n*predicted*: plan.json `stages[*].costs` (the profile's per-node times summed; their sum is "
-                   "`predicted.compute_s`). *in pipeline*: median forward + median backward event of the stage's rank "
-                   "in its trace.json (wall clock, during training). *stage alone*: the generated stage run alone in "
-                   "the benchmark process, median process CPU time / wall time. *metrics.csv compute_s ÷ M*: the "
-                   "runtime's compute counter, which also holds data loading, the loss and the optimizer step.")
-        out.append("\n### Throughput: predicted against measured samples/s\n")
+            ["model", "workers", "stage", "nodes", "predicted ms (F + B)", "in pipeline ms", "gap",
+             "predicted, runtime's allocator ms (F + B)", "gap", "stage alone ms (CPU / wall)",
+             "alone CPU vs the two predictions", "in pipeline F + B ms", "optimizer step ms (per minibatch)",
+             "metrics.csv compute_s ÷ M ms"],
+            stage_rows, right=range(1, 14)))
+        out.append("\n*predicted*: plan.json `stages[*].costs` — `pipeshift profile`'s per-node times summed (their "
+                   "sum is `predicted.compute_s`). *predicted, runtime's allocator*: the same stages priced by a "
+                   "second profile taken with glibc malloc tuned as `pipeshift train` tunes it "
+                   "(`pipeshift/runtime/allocator.py`). *in pipeline*: median forward + median backward event of "
+                   "the stage's rank in its trace.json (wall clock, during training). *stage alone*: the generated "
+                   "stage run alone in the benchmark process with the runtime's allocator, median process CPU "
+                   "time / wall time. *metrics.csv compute_s ÷ M*: the runtime's compute counter, which also holds "
+                   "data loading, the loss and the optimizer step (neither is predicted).")
+        out.append("\n## Throughput: predicted against measured samples/s\n")
         out.append(markdown_table(
             ["model", "workers", "M", "planner (steady state)", f"simulated ({SCHEDULE})", "measured (median step)",
-             "gap vs simulated", "gap vs planner", "simulated with measured stage times", "measured vs that",
-             "measured (whole run)", "load avg"],
-            tput_rows, right=range(1, 12)))
+             "gap vs simulated", "gap vs planner", "simulated, runtime's allocator profile", "gap",
+             "simulated with measured stage times", "gap", "measured (whole run)", "load avg"],
+            tput_rows, right=range(1, 14)))
         out.append("\n*planner*: plan.json `predicted.throughput_samples_per_s` (steady state: no bubble). "
-                   f"*simulated*: the simulator (`pipeshift simulate`) on the plan, `{SCHEDULE}` with the same M. "
+                   f"*simulated*: the simulator (`pipeshift simulate`'s code) on the plan, `{SCHEDULE}` with the same M. "
                    "*measured*: the last stage's metrics.csv `samples_per_s`, median over the steps after warm-up "
                    "(*whole run*: those steps' samples over their wall time). *simulated with measured stage times*: "
                    "the simulator fed each repeat's in-pipeline forward/backward medians instead of the profile's.\n")
@@ -406,35 +452,47 @@ def report(results: list[dict[str, Any]], failures: list[str], quick: bool) -> s
     return "\n".join(out)
 
 
+def median_over(stages: list[dict[str, Any]], fn) -> float:
+    return statistics.median(fn(st) for st in stages)
+
+
 def verdict(results: list[dict[str, Any]]) -> str:
     """Say in words how many rows are within the target, and what each gap is made of."""
-    stage_gaps = [st["gap"] for r in results for st in r["stages"] if math.isfinite(st["gap"])]
-    alone_gaps = [st["gap_alone"] for r in results for st in r["stages"] if math.isfinite(st["gap_alone"])]
-    tput_gaps = [r["throughput"]["gap"] for r in results if math.isfinite(r["throughput"]["gap"])]
+    def gaps(key: str, where: str = "stages") -> list[float]:
+        if where == "stages":
+            return [st[key] for r in results for st in r["stages"] if math.isfinite(st[key])]
+        return [r["throughput"][key] for r in results if math.isfinite(r["throughput"][key])]
 
-    def within(gaps: list[float]) -> str:
-        return f"{sum(abs(g) <= TARGET for g in gaps)} of {len(gaps)}"
+    def within(values: list[float]) -> str:
+        return f"{sum(abs(g) <= TARGET for g in values)} of {len(values)}"
 
-    lines = [f"**Within ±{TARGET:.0%}:** stage compute in the pipeline {within(stage_gaps)}; stage compute alone "
-             f"{within(alone_gaps)}; throughput against the simulator {within(tput_gaps)}.", ""]
+    lines = [f"**Within ±{TARGET:.0%}:** stage compute in the pipeline {within(gaps('gap'))} "
+             f"({within(gaps('gap_tuned'))} against the allocator-matched profile); stage compute alone "
+             f"{within(gaps('gap_alone'))} ({within(gaps('gap_alone_tuned'))}); throughput against the simulator "
+             f"{within(gaps('gap', 'throughput'))} ({within(gaps('gap_tuned', 'throughput'))}).", ""]
     for r in results:
-        t, stages = r["throughput"], r["stages"]
-        pipe = statistics.median(st["gap"] for st in stages)
-        alone = statistics.median(st["gap_alone"] for st in stages)
-        slowdown = statistics.median(relative_gap(st["measured_s"].median, st["alone_cpu_s"]) for st in stages)
-        stolen = statistics.median(relative_gap(st["alone_wall_s"], st["alone_cpu_s"]) for st in stages)
-        step = statistics.median(st["measured_step_s"].median for st in stages)
+        t = r["throughput"]
+        med = functools.partial(median_over, r["stages"])
+        slowdown = med(lambda st: relative_gap(st["measured_s"].median, st["alone_cpu_s"]))
+        stolen = med(lambda st: relative_gap(st["alone_wall_s"], st["alone_cpu_s"]))
+        allocator = med(lambda st: relative_gap(st["tuned_s"], st["predicted_s"]))
+        step = med(lambda st: st["measured_step_s"].median)
         rate = t["measured"].median
         minibatch = r["microbatches"] * r["batch_size"] / rate if rate and math.isfinite(rate) else math.nan
-        note = (f"- **{r['model']} on {r['workers']} ranks** (load average {r['load'].format(lambda x: f'{x:.1f}')}): "
-                f"the profile's stage times are {fmt_gap(alone)} off the stages run alone (median over stages) — the "
-                f"additive per-node model; in the pipeline the stages took {fmt_gap(slowdown)} longer than alone — "
-                f"ranks sharing cores with each other and with other work (wall-clock traces count the time the OS "
-                f"gave someone else: even alone, the stages' wall time was {fmt_gap(stolen)} over their CPU time); "
-                f"together {fmt_gap(pipe)}. Throughput is {fmt_gap(t['gap'])} off the simulator; "
-                f"fed the measured stage times the simulator is still {fmt_gap(t['gap_replayed'])} off — what it "
-                f"does not model: the optimizer step ({step * 1000:.1f} ms per stage in a "
-                f"{minibatch * 1000:.0f} ms minibatch), data loading, per-message costs.")
+        note = (f"- **{r['model']} on {r['workers']} ranks** (load average {r['load'].format(lambda x: f'{x:.1f}')}), "
+                f"medians over stages: run alone, the stages took {fmt_gap(med(lambda st: st['gap_alone']))} against "
+                f"the profile's prediction; profiling with the runtime's malloc tuning changes the prediction by "
+                f"{fmt_gap(allocator)}, leaving {fmt_gap(med(lambda st: st['gap_alone_tuned']))} (the additive "
+                f"per-node model). In the pipeline the stages took {fmt_gap(slowdown)} longer "
+                f"than alone: ranks sharing cores with each other and with other work, which wall-clock traces count "
+                f"(even alone, the stages' wall time was {fmt_gap(stolen)} over their CPU time). Throughput is "
+                f"{fmt_gap(t['gap'])} off the simulator ({fmt_gap(t['gap_tuned'])} with the allocator-matched profile); "
+                f"fed the measured stage times, the simulator is {fmt_gap(t['gap_replayed'])} off — what it does not "
+                f"model: the optimizer step ({step * 1000:.1f} ms per stage in a {minibatch * 1000:.0f} ms minibatch), "
+                f"data loading, per-message costs. In the least disturbed repeat: stages "
+                f"{fmt_gap(med(lambda st: relative_gap(st['measured_s'].low, st['tuned_s'])))}, throughput "
+                f"{fmt_gap(relative_gap(t['measured'].high, t['simulated_tuned']))} against the allocator-matched "
+                f"prediction.")
         if r["workers"] > (os.cpu_count() or 1):
             note += (f" {r['workers']} ranks on {os.cpu_count()} cores: the planner assumes a core of its own per "
                      "worker, so this row shows oversubscription, not the planner.")
@@ -466,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench_prediction {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
     results, failures = [], []
-    profiles: dict[tuple[str, int], Path] = {}
+    profiles: dict[tuple[str, int], tuple[Path, Path]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_prediction_") as tmp:
         work = Path(args.keep) if args.keep else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -480,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
                 except StepFailed as e:
                     failures.append(f"{name} on {n} ranks: {e}")
                     log(f"FAILED {name} on {n} ranks: {e}")
-    print(report(results, failures, args.quick))
+    print(report(results, failures))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=lambda o: dataclasses.asdict(o)))
     return 1 if failures or not results else 0
