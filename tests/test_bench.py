@@ -192,3 +192,41 @@ def test_measure_rejects_a_run_missing_a_stage(tmp_path):
     _write_run(tmp_path, 0, 0, [(1.0, 1.0, 1.0), (1.0, 1.0, 2.0)], [("F0", 0.1), ("B0", 0.1), ("step", 0.1)] * 2)
     with pytest.raises(StepFailed, match="expected 0..1"):
         measure(tmp_path, num_stages=2, microbatches=1, batch_size=1, warmup=1)
+
+
+def test_summary_and_report_carry_the_gaps(tmp_path):
+    from benchmarks.bench_prediction import CASES, Config, RunResult, report, stage_times, summarize
+
+    plan = {"stages": [{"nodes": ["node1", "node2"], "replicas": 1, "ranks": [0],
+                        "costs": {"forward_s": 0.010, "backward_s": 0.020}},
+                       {"nodes": ["node3"], "replicas": 1, "ranks": [1],
+                        "costs": {"forward_s": 0.012, "backward_s": 0.018}}],
+            "predicted": {"throughput_samples_per_s": 1000.0}}
+    graph = tmp_path / "graph.txt"
+    graph.write_text(
+        "node1 -- Input0 -- forward_compute_time=1.0, backward_compute_time=0.0, activation_size=4.0, parameter_size=0.0\n"
+        "node2 -- Linear -- forward_compute_time=8.0, backward_compute_time=16.0, activation_size=4.0, parameter_size=4.0\n"
+        "node3 -- Linear -- forward_compute_time=11.0, backward_compute_time=17.0, activation_size=4.0, parameter_size=4.0\n"
+        "\tnode1 -- node2\n\tnode2 -- node3\n")
+    tuned = stage_times(graph, plan)
+    assert tuned == [pytest.approx((0.009, 0.016)), pytest.approx((0.011, 0.017))]
+
+    alone = [{"forward_cpu_s": 0.009, "backward_cpu_s": 0.018, "forward_s": 0.009, "backward_s": 0.019}] * 2
+    runs = [RunResult([{"forward_s": f, "backward_s": 2 * f, "step_s": 0.001, "runtime_compute_s": 3 * f}] * 2,
+                      samples_per_s=rate, overall_samples_per_s=rate, load_before=1.0, load_after=1.5)
+            for f, rate in ((0.011, 700.0), (0.012, 650.0), (0.010, 720.0))]
+    cfg = Config(CASES["mlp"], workers=2, microbatches=4, steps=10, warmup=2, repeats=3, threads=1)
+    result = summarize(cfg, plan, alone, tuned, runs)
+
+    st = result["stages"][0]
+    assert st["measured_s"].median == pytest.approx(3 * 0.011)
+    assert st["gap"] == pytest.approx(3 * 0.011 / 0.030 - 1)
+    assert st["gap_tuned"] == pytest.approx(3 * 0.011 / 0.025 - 1)
+    assert st["gap_alone"] == pytest.approx(0.027 / 0.030 - 1)
+    t = result["throughput"]
+    assert t["measured"].median == 700.0
+    assert t["gap_steady"] == pytest.approx(700.0 / 1000.0 - 1)
+    assert t["gap"] == pytest.approx(700.0 / t["simulated"] - 1)
+    text = report([result], failures=["gpt on 2 ranks: boom"])
+    assert f"{100 * st['gap']:+.1f}%" in text and f"{100 * t['gap']:+.1f}%" in text
+    assert "**failed:** gpt on 2 ranks: boom" in text
