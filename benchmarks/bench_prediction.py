@@ -45,7 +45,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import Spread, fmt_gap, load_average, markdown_table, relative_gap  # noqa: E402
+from benchmarks.common import RunnableSampler, Spread, fmt_gap, load_average, markdown_table, relative_gap  # noqa: E402
 from pipeshift.optimizer.simulator import SimStage, simulate, stages_from_plan  # noqa: E402
 
 TARGET = 0.10  # the relative gap we aim to stay under
@@ -154,6 +154,7 @@ class RunResult:
     overall_samples_per_s: float  # the same steps' samples over their wall time
     load_before: float
     load_after: float
+    runnable: float = math.nan  # threads runnable machine-wide during the run (ours included), mean
 
 
 def measure(out_dir: Path, num_stages: int, microbatches: int, batch_size: int, warmup: int) -> tuple[list, float, float]:
@@ -296,10 +297,11 @@ def run_config(cfg: Config, work: Path, profiles: dict[tuple[str, int], tuple[Pa
             out = base / f"run{r}" if attempt == 0 else base / f"run{r}-retry"
             before = load_average()
             try:
-                pipeshift(["launch", "--local", str(cfg.workers), str(stage_dir), "--schedule", SCHEDULE,
-                           "--microbatches", str(cfg.microbatches), "--steps", str(cfg.steps),
-                           "--threads", str(cfg.threads), "--trace-steps", str(cfg.steps), "--output-dir", str(out),
-                           "--no-progress", "--timeout", "120"], timeout_s=600)
+                with RunnableSampler() as runnable:
+                    pipeshift(["launch", "--local", str(cfg.workers), str(stage_dir), "--schedule", SCHEDULE,
+                               "--microbatches", str(cfg.microbatches), "--steps", str(cfg.steps),
+                               "--threads", str(cfg.threads), "--trace-steps", str(cfg.steps), "--output-dir", str(out),
+                               "--no-progress", "--timeout", "120"], timeout_s=600)
             except StepFailed as e:
                 if attempt:
                     raise
@@ -307,7 +309,7 @@ def run_config(cfg: Config, work: Path, profiles: dict[tuple[str, int], tuple[Pa
                 log(f"training run failed, retrying once: {e}")
                 continue
             stages, rate, overall = measure(out, num_stages, cfg.microbatches, case.batch_size, cfg.warmup)
-            runs.append(RunResult(stages, rate, overall, before, load_average()))
+            runs.append(RunResult(stages, rate, overall, before, load_average(), runnable.mean))
             break
     tuned = stage_times(tuned_prof / "graph.txt", plan)
     result = summarize(cfg, plan, alone, tuned, runs)
@@ -370,6 +372,7 @@ def summarize(cfg: Config, plan: dict[str, Any], alone: list[dict[str, float]], 
                        "gap_steady": relative_gap(rate.median, steady),
                        "gap_replayed": relative_gap(rate.median, replayed.median)},
         "load": Spread.of([run.load_before for run in runs] + [run.load_after for run in runs]),
+        "runnable": Spread.of(run.runnable for run in runs),
     }
 
 
@@ -408,7 +411,7 @@ def report(results: list[dict[str, Any]], failures: list[str]) -> str:
                           t["measured"].format(rate_fmt), fmt_gap(t["gap"], TARGET), fmt_gap(t["gap_steady"]),
                           rate_fmt(t["simulated_tuned"]), fmt_gap(t["gap_tuned"], TARGET),
                           t["replayed"].format(rate_fmt), fmt_gap(t["gap_replayed"]), t["measured_overall"].format(rate_fmt),
-                          r["load"].format(lambda x: f"{x:.1f}")])
+                          r["load"].format(lambda x: f"{x:.1f}"), r["runnable"].format(lambda x: f"{x:.1f}")])
     if results:
         r0 = results[0]
         out.append(f"How far pipeshift's predictions are from what training measures — the gap PipeDream's users "
@@ -436,13 +439,16 @@ def report(results: list[dict[str, Any]], failures: list[str]) -> str:
         out.append(markdown_table(
             ["model", "workers", "M", "planner (steady state)", f"simulated ({SCHEDULE})", "measured (median step)",
              "gap vs simulated", "gap vs planner", "simulated, runtime's allocator profile", "gap",
-             "simulated with measured stage times", "gap", "measured (whole run)", "load avg"],
-            tput_rows, right=range(1, 14)))
+             "simulated with measured stage times", "gap", "measured (whole run)", "load avg",
+             "runnable threads during runs"],
+            tput_rows, right=range(1, 15)))
         out.append("\n*planner*: plan.json `predicted.throughput_samples_per_s` (steady state: no bubble). "
                    f"*simulated*: the simulator (`pipeshift simulate`'s code) on the plan, `{SCHEDULE}` with the same M. "
                    "*measured*: the last stage's metrics.csv `samples_per_s`, median over the steps after warm-up "
                    "(*whole run*: those steps' samples over their wall time). *simulated with measured stage times*: "
-                   "the simulator fed each repeat's in-pipeline forward/backward medians instead of the profile's.\n")
+                   "the simulator fed each repeat's in-pipeline forward/backward medians instead of the profile's. "
+                   "*runnable threads*: machine-wide, sampled every 50 ms while the ranks ran (ours included); above "
+                   "the core count, every rank waited for a core.\n")
         out.append(verdict(results))
     for r in results:
         for note in r.get("retried", []):
@@ -479,7 +485,10 @@ def verdict(results: list[dict[str, Any]]) -> str:
         step = med(lambda st: st["measured_step_s"].median)
         rate = t["measured"].median
         minibatch = r["microbatches"] * r["batch_size"] / rate if rate and math.isfinite(rate) else math.nan
-        note = (f"- **{r['model']} on {r['workers']} ranks** (load average {r['load'].format(lambda x: f'{x:.1f}')}), "
+        busy = r["runnable"].median
+        note = (f"- **{r['model']} on {r['workers']} ranks** (load average {r['load'].format(lambda x: f'{x:.1f}')}; "
+                f"{busy:.1f} threads runnable during training on {os.cpu_count()} cores, so a rank had about "
+                f"{min(1.0, (os.cpu_count() or 1) / busy) if busy > 0 else 1.0:.0%} of a core), "
                 f"medians over stages: run alone, the stages took {fmt_gap(med(lambda st: st['gap_alone']))} against "
                 f"the profile's prediction; profiling with the runtime's malloc tuning changes the prediction by "
                 f"{fmt_gap(allocator)}, leaving {fmt_gap(med(lambda st: st['gap_alone_tuned']))} (the additive "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -97,3 +98,49 @@ def load_average() -> float:
         return os.getloadavg()[0]
     except (OSError, AttributeError):
         return math.nan
+
+
+class RunnableSampler:
+    """How many threads were runnable machine-wide while a block ran (Linux ``procs_running``).
+
+    The load average trails by a minute; this says what a measurement actually competed with.
+    With ``R`` runnable threads on ``C`` cores, each gets about ``min(1, C / R)`` of a core, so
+    a wall-clock figure taken then is inflated by about ``max(1, R / C)``. The sampling thread
+    itself is not counted.
+    """
+
+    def __init__(self, interval_s: float = 0.05):
+        self.interval_s = interval_s
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="runnable-sampler", daemon=True)
+
+    @staticmethod
+    def read() -> int | None:
+        try:
+            with open("/proc/stat") as f:
+                for line in f:
+                    if line.startswith("procs_running"):
+                        return int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            return None
+        return None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            n = self.read()
+            if n is None:
+                return
+            self.samples.append(max(0, n - 1))  # this thread was running while it read
+
+    def __enter__(self) -> RunnableSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.samples) if self.samples else math.nan

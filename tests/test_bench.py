@@ -230,3 +230,23 @@ def test_summary_and_report_carry_the_gaps(tmp_path):
     text = report([result], failures=["gpt on 2 ranks: boom"])
     assert f"{100 * st['gap']:+.1f}%" in text and f"{100 * t['gap']:+.1f}%" in text
     assert "**failed:** gpt on 2 ranks: boom" in text
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs Linux /proc/stat")
+@pytest.mark.timeout(30)
+def test_runnable_sampler_counts_a_busy_process():
+    import subprocess
+
+    from benchmarks.common import RunnableSampler
+
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)  # past the interpreter's start-up
+        with RunnableSampler(interval_s=0.02) as s:
+            time.sleep(0.5)
+    finally:
+        spinner.wait(timeout=10)
+    assert len(s.samples) >= 5
+    assert min(s.samples) >= 1  # the spinner is always runnable; the sampler does not count itself
