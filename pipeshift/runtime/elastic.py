@@ -235,8 +235,27 @@ class ControlConfig:
     output_dir: Path = Path(".")
 
 
+@dataclasses.dataclass
+class _Scheduled:
+    """A switch every rank has agreed on, to happen at the synchronisation point after ``step``."""
+
+    step: int
+    plan: dict[str, Any]
+    source: str
+    strict: bool  # a forced switch: a plan that does not fit is an error, not a logged refusal
+    prepared: Any
+    forced_index: int | None = None
+    command_id: int | None = None
+
+
 class Controller:
-    """What runs at the trainer's synchronisation points; see the module docstring."""
+    """What runs at the trainer's synchronisation points; see the module docstring.
+
+    A switch agreed at one synchronisation point happens at the next one (the following step):
+    in between, every rank renders the new stages and — in a background thread, while training
+    goes on — allocates and touches the buffers the migration will land in, so the pause holds
+    little more than the transfer itself.
+    """
 
     def __init__(self, rank: int, world_size: int, repartitioner: Repartitioner | None, config: ControlConfig, *,
                  forced: Sequence[ForcedSwitch] = (), slowdowns: Sequence[Slowdown] = (), master=None, policy=None,
@@ -251,6 +270,7 @@ class Controller:
         self.policy = policy
         self.chain = chain
         self.applied: list[int] = []  # indices of forced switches already applied
+        self.scheduled: list[_Scheduled] = []
         self.pending: list[dict[str, Any]] = []  # rank 0: operator commands waiting for their at_step
         self._window = np.zeros(3)
         self._window_steps = 0
@@ -271,6 +291,7 @@ class Controller:
     def next_sync(self, step: int) -> int | None:
         """The next step after ``step`` that must end a segment (asynchronous schedules)."""
         candidates = [f.step for f in self.forced if f.step > step and f.index not in self.applied]
+        candidates += [x.step for x in self.scheduled if x.step > step]
         if self.ticking:
             k = self.config.report_every
             candidates.append((step // k + 1) * k)
@@ -285,27 +306,43 @@ class Controller:
         """After a resume: apply the forced switches of the resumed step not applied before it."""
         trainer.pipeline.slowdown = slowdown_at(self.slowdowns, self.rank, trainer.step)
         self.applied = list(trainer.resumed_switches)
-        self._forced(trainer)
         if self.rank == 0 and self.plan is not None:
             self._master("announce_plan", self.plan, trainer.step)
+        self._forced(trainer)
+        self._prefetch_forced(trainer)
 
     def at_boundary(self, trainer) -> str | None:
         """Called at every synchronisation point; returns ``"regroup"`` when the job must restart."""
         if trainer.step >= self.config.total_steps:
             return None
+        for item in [x for x in self.scheduled if x.step == trainer.step]:
+            self.scheduled.remove(item)
+            self._execute(trainer, item)
         self._forced(trainer)
         k = self.config.report_every
         if self.ticking and trainer.step % k == 0:
-            return self._tick(trainer)
+            if self._tick(trainer) == "regroup":
+                return "regroup"
+        self._prefetch_forced(trainer)
         return None
 
     # -- forced switches ------------------------------------------------------------------------
 
     def _forced(self, trainer) -> None:
+        """Forced switches due now that were not prepared a step ahead (e.g. right after a resume)."""
         for f in self.forced:
             if f.step == trainer.step and f.index not in self.applied:
-                self._switch(trainer, f.plan, source=f"--repartition-at {f.step}:{f.path}", strict=True)
-                self.applied.append(f.index)
+                item = self._schedule(trainer, f.plan, f"--repartition-at {f.step}:{f.path}", strict=True,
+                                      forced_index=f.index, at=trainer.step, reserve=False)
+                self.scheduled.remove(item)
+                self._execute(trainer, item)
+
+    def _prefetch_forced(self, trainer) -> None:
+        for f in self.forced:
+            due = f.step == trainer.step + 1 and f.index not in self.applied
+            if due and not any(x.forced_index == f.index for x in self.scheduled):
+                self._schedule(trainer, f.plan, f"--repartition-at {f.step}:{f.path}", strict=True,
+                               forced_index=f.index, at=f.step)
 
     # -- the tick -------------------------------------------------------------------------------
 
@@ -332,9 +369,14 @@ class Controller:
         if not decided:
             return None
         if decided["action"] == "switch":
-            ok = self._switch(trainer, decided["plan"], source=decided["source"], strict=False)
-            if decided.get("id") is not None:
-                self._master("ack", decided["id"], "applied" if ok else "rejected")
+            if trainer.step + 1 >= self.config.total_steps:
+                self._reject(trainer, decided["source"], "the run ends at the next step")
+                ok = False
+            else:
+                ok = self._schedule(trainer, decided["plan"], decided["source"], strict=False,
+                                    command_id=decided.get("id"), at=trainer.step + 1) is not None
+            if not ok and decided.get("id") is not None:
+                self._master("ack", decided["id"], "rejected")
             return None
         if decided["action"] == "resize":
             return self._resize(trainer, int(decided["world_size"]), decided)
@@ -393,8 +435,10 @@ class Controller:
 
     # -- carrying it out ------------------------------------------------------------------------
 
-    def _switch(self, trainer, plan: dict[str, Any], source: str, strict: bool) -> bool:
-        p, rp = trainer.pipeline, self.repartitioner
+    def _schedule(self, trainer, plan: dict[str, Any], source: str, strict: bool, at: int, reserve: bool = True,
+                  forced_index: int | None = None, command_id: int | None = None) -> _Scheduled | None:
+        """Check and render ``plan`` now (every rank alike) and reserve its landing buffers; None if refused."""
+        rp = self.repartitioner
         if rp is None:
             raise PipeshiftError("repartitioning needs a stage package written by `pipeshift codegen`")
         try:
@@ -405,7 +449,22 @@ class Controller:
             if strict:
                 raise
             self._reject(trainer, source, str(e))
-            return False
+            return None
+        if reserve:
+            rp.reserve(prepared, trainer.pipeline.optimizer, trainer.pipeline.device)
+        item = _Scheduled(at, plan, source, strict, prepared, forced_index, command_id)
+        self.scheduled.append(item)
+        return item
+
+    def _execute(self, trainer, item: _Scheduled) -> None:
+        self._switch(trainer, item.plan, item.source, item.prepared)
+        if item.forced_index is not None:
+            self.applied.append(item.forced_index)
+        if item.command_id is not None:
+            self._master("ack", item.command_id, "applied")
+
+    def _switch(self, trainer, plan: dict[str, Any], source: str, prepared) -> None:
+        p, rp = trainer.pipeline, self.repartitioner
         if trainer.config.checkpoint_dir and trainer.last_saved != trainer.step:
             trainer.save()  # the consistent state a failed migration restarts from
         t0 = time.perf_counter()
@@ -444,7 +503,6 @@ class Controller:
                   f"{len(plan['stages'])} stages, {record['keys_moved']} tensors moved "
                   f"({record['bytes_moved'] / 1e6:.2f} MB), pause {record['pause_s']:.3f} s",
                   file=sys.stderr, flush=True)
-        return True
 
     def _reject(self, trainer, source: str, why: str) -> None:
         if self.rank == 0:
@@ -616,14 +674,15 @@ def prepare_job(args, pkg, bundle, rank: int, world_size: int) -> Job:
     from pipeshift.codegen import build_stages, capture_model, render_package
 
     full = bundle.model
+    # Capture the model's graph now rather than at the first switch: it builds and runs a fresh
+    # copy of the model, seconds for a large one, which would otherwise lengthen the first pause.
+    model_capture = capture_model(plan or base)
     if plan is None:
         plan = base
         original = _accepts_original(pkg.module.model)
         module = _WithOriginal(pkg.module.model, full) if original else pkg.module
         job.entries = dataclasses.replace(pkg, module=module).entries(criterion)
-        model_capture = None
     else:
-        model_capture = capture_model(plan)
         inputs = render_package(plan, model_capture).layout.criterion_inputs
         job.entries = [*build_stages(plan, full, model_capture=model_capture), (criterion, inputs, ["loss"])]
         job.source = "the checkpoint's plan.json"

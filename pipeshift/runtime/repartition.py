@@ -27,6 +27,7 @@ import dataclasses
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -47,6 +48,7 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128)}
 FAULT_ENV = "PIPESHIFT_FAULT"  # test hook, see maybe_fault
 ATTEMPT_ENV = "PIPESHIFT_ATTEMPT"  # set by the elastic supervisor; faults fire on attempt 0 only
+RESERVE_ENV = "PIPESHIFT_RESERVE"  # "0": no landing buffers reserved ahead (to measure what they save)
 
 
 # -- partitions -------------------------------------------------------------------------------
@@ -181,7 +183,9 @@ def _outgoing(keys: Sequence[str], values: Mapping[str, torch.Tensor],
 
 def exchange(transfers: Sequence[Transfer], rank: int, values: Mapping[str, torch.Tensor],
              optimizer_state: Mapping[str, Mapping[str, Any]], destination: Mapping[str, torch.Tensor],
-             comm, where: str = "repartition") -> tuple[ExchangeStats, dict[str, dict[str, Any]]]:
+             comm, where: str = "repartition",
+             pool: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] | None = None,
+             ) -> tuple[ExchangeStats, dict[str, dict[str, Any]]]:
     """Run this rank's part of ``transfers``; returns its statistics and the optimizer state it received.
 
     ``values``/``optimizer_state``: this rank's current tensors and FQN-keyed optimizer state
@@ -189,7 +193,7 @@ def exchange(transfers: Sequence[Transfer], rank: int, values: Mapping[str, torc
     local full model's state, so the regenerated stages adopt them). Three rounds, each posted
     in full on every rank before anyone waits, so no rank can block another: sizes, then the
     JSON descriptions, then the payloads. ``comm`` (a Communicator) supplies the deadline and
-    the one-line error naming the peer.
+    the one-line error naming the peer; ``pool``, buffers reserved for large optimizer tensors.
     """
     stats = ExchangeStats()
     device = comm.device
@@ -252,7 +256,7 @@ def exchange(transfers: Sequence[Transfer], rank: int, values: Mapping[str, torc
             works.append(post_recv(flat, src, 2, f"{len(small)} small tensors"))
             flats.append((small, flat))
         for k, item in enumerate(i for i in items if i.solo):
-            buf = _landing_buffer(item, destination, device)
+            buf = _landing_buffer(item, destination, device, pool or {})
             works.append(post_recv(buf, src, 3 + k, f"{item.key} {item.name}".strip()))
             landing.append((item, buf))
         stats.keys_received += len(recvs[src])
@@ -317,14 +321,17 @@ def _unpack(items: Sequence[_Item], flat: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def _landing_buffer(item: _Item, destination: Mapping[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Where a large tensor is received: the full model's own tensor when it fits, else a new one."""
+def _landing_buffer(item: _Item, destination: Mapping[str, torch.Tensor], device: torch.device,
+                    pool: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]]) -> torch.Tensor:
+    """Where a large tensor is received: the full model's own tensor, a reserved buffer, or a new one."""
     dtype = _DTYPES[item.dtype]
     if item.kind == "model":
         dest = destination.get(item.key)
         if (dest is not None and tuple(dest.shape) == item.shape and dest.dtype == dtype and dest.device == device
                 and dest.is_contiguous()):
             return dest
+    elif pool.get((item.shape, dtype)):
+        return pool[(item.shape, dtype)].pop()
     return torch.empty(item.shape, dtype=dtype, device=device)
 
 
@@ -394,6 +401,8 @@ class Repartitioner:
         self.criterion = criterion
         self.partition = partition
         self._capture = model_capture
+        self._pool: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = {}
+        self._pool_thread: threading.Thread | None = None
 
     @property
     def plan(self) -> dict[str, Any]:
@@ -415,7 +424,7 @@ class Repartitioner:
         return [*stages, self.criterion], plan_stage_ranks(plan)
 
     def prepare(self, plan: Mapping[str, Any]) -> Prepared:
-        """Render ``plan`` and work out the transfers — deterministic, touches nothing.
+        """Render ``plan``: its stage modules and which keys each stage holds — deterministic, touches nothing.
 
         Every rank gets the same answer (or the same error) for the same plan, so a plan that
         cannot be rendered is refused by all ranks alike, without a word between them.
@@ -423,19 +432,58 @@ class Repartitioner:
         t0 = time.perf_counter()
         entries, stage_ranks = self.entries(plan)
         new = Partition.of(plan, stage_ranks, [m for m, _, _ in entries[:-1]])
-        return Prepared(entries, stage_ranks, new, plan_transfers(self.partition, new), time.perf_counter() - t0)
+        return Prepared(entries, stage_ranks, new, time.perf_counter() - t0)
+
+    def reserve(self, prepared: Prepared, optimizer: torch.optim.Optimizer, device: torch.device) -> int:
+        """Allocate, in the background, the optimizer-state buffers this rank will receive; returns their bytes.
+
+        Fresh memory costs a page fault per 4 KiB page the first time it is written — for a
+        100M-parameter migration that is most of the pause on a CPU — so buffers shaped like the
+        parameters this rank is about to receive (as many per parameter as its optimizer keeps,
+        e.g. two for Adam) are allocated and touched by a thread while training goes on, and the
+        transfer lands in them. A guess that does not fit just falls back to fresh buffers.
+        """
+        self.release()
+        per_param = _state_tensors_per_param(optimizer)
+        if not per_param or os.environ.get(RESERVE_ENV, "1") == "0":
+            return 0
+        full = dict(self.full_model.named_parameters())
+        gaining = [t.key for t in plan_transfers(self.partition, prepared.partition) if t.dst == self.rank]
+        buffers = [torch.empty(full[k].shape, dtype=full[k].dtype, device=device)
+                   for k in gaining if k in full for _ in range(per_param)]
+        for b in buffers:
+            self._pool.setdefault((tuple(b.shape), b.dtype), []).append(b)
+        self._pool_thread = threading.Thread(target=lambda: [b.zero_() for b in buffers], name="pipeshift-reserve",
+                                             daemon=True)
+        self._pool_thread.start()
+        return sum(b.numel() * b.element_size() for b in buffers)
+
+    def release(self) -> None:
+        if self._pool_thread is not None:
+            self._pool_thread.join()
+        self._pool_thread = None
+        self._pool = {}
 
     def switch(self, pipeline: Pipeline, plan: Mapping[str, Any] | Prepared, where: str = "repartition") -> dict[str, Any]:
         """Move ``pipeline`` onto ``plan`` (every rank, together, at a synchronisation point).
 
-        Returns this rank's account: what moved, how many bytes, and how long each part took
-        (``pause_s`` includes rendering when ``plan`` was not prepared beforehand).
+        Returns this rank's account: what moved, how many bytes, and how long each part took.
+        ``pause_s`` is what training waits for once every rank has arrived (rendering included
+        when ``plan`` was not prepared beforehand); ``sync_wait_s``, the wait for the others.
         """
         t0 = time.perf_counter()
         prepared = plan if isinstance(plan, Prepared) else self.prepare(plan)
-        render_s = prepared.render_s if isinstance(plan, Prepared) else time.perf_counter() - t0
+        render_s = 0.0 if isinstance(plan, Prepared) else time.perf_counter() - t0
         new = prepared.partition
-        t_render = time.perf_counter()
+        transfers = plan_transfers(self.partition, new)
+        # Ranks reach a synchronisation point at different times (the last stage's optimizer step
+        # may still run); that wait is the pipeline's, not the migration's, so it is kept apart.
+        t_sync = time.perf_counter()
+        pipeline.comm.flush()
+        pipeline.comm.barrier(f"{where}: waiting for every rank to reach the switch")
+        t_start = time.perf_counter()
+        if self._pool_thread is not None:
+            self._pool_thread.join()
 
         current = pipeline.stage.state_dict()
         saved = optimizer_state_by_fqn(pipeline.optimizer, pipeline.stage.params)
@@ -445,8 +493,9 @@ class Repartitioner:
             for key in mine & current.keys():
                 if key in full and full[key].data_ptr() != current[key].data_ptr():
                     full[key].copy_(current[key])
-        pipeline.comm.flush()
-        stats, received = exchange(prepared.transfers, self.rank, current, saved["state"], full, pipeline.comm, where)
+        stats, received = exchange(transfers, self.rank, current, saved["state"], full, pipeline.comm, where,
+                                   pool=self._pool)
+        self.release()
         t_move = time.perf_counter()
 
         state = {k: v for k, v in saved["state"].items() if k in mine}
@@ -460,20 +509,30 @@ class Repartitioner:
         t_end = time.perf_counter()
         return {
             "rank": self.rank, "stage": pipeline.stage_id,
-            "keys_moved_total": len(prepared.transfers), "keys_sent": stats.keys_sent,
+            "keys_moved_total": len(transfers), "keys_sent": stats.keys_sent,
             "keys_received": stats.keys_received, "bytes_sent": stats.bytes_sent,
             "bytes_received": stats.bytes_received, "messages": stats.messages, "peers": stats.peers,
-            "render_s": render_s, "transfer_s": t_move - t_render, "rebuild_s": t_end - t_move,
-            "pause_s": render_s + (t_end - t_render),
+            "render_s": render_s if render_s else prepared.render_s, "rendered_before": render_s == 0.0,
+            "sync_wait_s": t_start - t_sync, "transfer_s": t_move - t_start, "rebuild_s": t_end - t_move,
+            "pause_s": render_s + (t_end - t_start),
         }
 
 
 @dataclasses.dataclass
 class Prepared:
-    """A rendered plan, ready to switch to: its module list, ranks, key ownership and transfers."""
+    """A rendered plan, ready to switch to: its module list, ranks and key ownership."""
 
     entries: list[StageEntry]
     stage_ranks: list[list[int]]
     partition: Partition
-    transfers: list[Transfer]
     render_s: float
+
+
+def _state_tensors_per_param(optimizer: torch.optim.Optimizer) -> int:
+    """How many parameter-shaped tensors the optimizer keeps per parameter (momentum 1, Adam 2)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state:
+                return sum(1 for v in state.values() if torch.is_tensor(v) and v.shape == p.shape and v.dim() > 0)
+    return 0
