@@ -8,8 +8,13 @@ tables — becomes a section of ``bench-out/REPORT.md``; its standard error goes
 last lines it wrote to standard error, and the command exits non-zero.
 
 The header records what the figures depend on: date, cores, load average before and after,
-torch version and git commit. Without ``--quick`` the whole set takes roughly 15–25 minutes
-on a 2-core machine; ``--quick`` about 3–5.
+torch version and git commit.
+
+Duration on this project's 2-core machine (measured under a load average of 2–6): ``--quick``
+about 5 minutes (planner 55 s, runtime 42 s, prediction 54 s, repartition 155 s). Without it,
+planner 1.7 min, runtime 2.2 min and prediction 4–5 min were measured, and the repartition
+benchmark's full run (three repeats, a 100M-parameter move) adds several more: expect about
+20 minutes for ``make bench``, and use ``python -m benchmarks.run_all --quick`` for a look.
 """
 
 from __future__ import annotations
@@ -88,16 +93,34 @@ def title_of(path: Path) -> str:
     return first or path.stem
 
 
-def demote_headings(markdown: str, levels: int = 1) -> str:
-    """Push every ATX heading down ``levels`` (a benchmark's ``##`` nests under its section)."""
-    out, fenced = [], False
-    for line in markdown.splitlines():
+def _heading_level(line: str) -> int:
+    match = re.match(r"(#{1,6}) ", line)
+    return len(match.group(1)) if match else 0
+
+
+def nest_headings(markdown: str, top: int = 3) -> str:
+    """Shift a benchmark's ATX headings so its shallowest becomes level ``top``.
+
+    Each benchmark's output goes under its own ``##`` section, whatever level its author
+    started at; lines inside fenced code blocks are not headings and stay as they are.
+    """
+    lines = markdown.splitlines()
+    fenced, levels, in_fence = False, [], []
+    for line in lines:
         if line.lstrip().startswith(("```", "~~~")):
             fenced = not fenced
-        if not fenced and re.match(r"#{1,6} ", line):
-            hashes = len(line) - len(line.lstrip("#"))
-            line = "#" * min(6, hashes + levels) + line[hashes:]
-        out.append(line)
+            in_fence.append(True)
+            continue
+        in_fence.append(fenced)
+        if not fenced and _heading_level(line):
+            levels.append(_heading_level(line))
+    if not levels:
+        return markdown
+    shift = top - min(levels)
+    out = []
+    for line, fence in zip(lines, in_fence):
+        level = 0 if fence else _heading_level(line)
+        out.append("#" * max(1, min(6, level + shift)) + line[level:] if level else line)
     return "\n".join(out)
 
 
@@ -201,7 +224,7 @@ def section(outcome: Outcome, path: Path, timeout_s: float) -> str:
         if outcome.stdout.strip():
             lines += ["What it printed before failing:", ""]
     if outcome.stdout.strip():
-        lines += [demote_headings(outcome.stdout.strip()), ""]
+        lines += [nest_headings(outcome.stdout.strip()), ""]
     return "\n".join(lines)
 
 

@@ -59,10 +59,13 @@ def test_markdown_table_shape_alignment_and_escaping():
 # -- run_all --------------------------------------------------------------------------------
 
 
-def test_demote_headings_leaves_code_blocks_alone():
+def test_nest_headings_shifts_to_the_section_level_and_leaves_code_blocks_alone():
     text = "## Speed\n\n| a |\n```\n# not a heading\n```\n### Deeper"
-    assert run_all.demote_headings(text).splitlines() == [
+    assert run_all.nest_headings(text).splitlines() == [
         "### Speed", "", "| a |", "```", "# not a heading", "```", "#### Deeper"]
+    # an author who started at ### lands at the same level; text without headings is unchanged
+    assert run_all.nest_headings("### A\n#### B").splitlines() == ["### A", "#### B"]
+    assert run_all.nest_headings("plain\n#hashtag") == "plain\n#hashtag"
 
 
 def test_tail_keeps_last_lines_and_final_progress_redraw():
