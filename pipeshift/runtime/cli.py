@@ -204,6 +204,7 @@ def _train(args: argparse.Namespace, info) -> int:
     tracer = Tracer(info.rank, enabled=cfg.trace_steps > 0)
     if job.note and info.rank == 0:
         print(f"pipeshift train: {job.note}", file=sys.stderr, flush=True)
+    check_partition(job.stage_ranks or pkg.stage_to_rank, cfg)
     pipeline = Pipeline(info.rank, entries, job.module_to_stage or pkg.module_to_stage,
                         job.stage_ranks or pkg.stage_to_rank, schedule=cfg.schedule,
                         microbatches=cfg.microbatches, optimizer=optimizer, lr_scheduler=scheduler,
@@ -211,7 +212,6 @@ def _train(args: argparse.Namespace, info) -> int:
                         source=job.source or str(pkg.path / "conf.json"))
     del entries  # other stages' modules are not needed on this rank (a repartitioner keeps the full model)
     job.entries = None
-    check_partition(pipeline, cfg)
     controller = job.controller(pipeline, cfg)
     data = bundle.data or (lambda b, split, seed: bundle.synthetic_data(b, seed + (split != "train")))
     trainer = Trainer(pipeline, cfg, data=data, controller=controller, meta={

@@ -26,7 +26,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,13 +118,18 @@ def agree(comm, rank: int, config: dict[str, Any], error: str | None, info: Any 
     return [d["info"] for d in everyone]
 
 
-def check_partition(pipeline: Pipeline, config: TrainConfig) -> None:
-    """The configuration errors every rank finds identically (configs agree by now)."""
-    topo = pipeline.topology
-    m, s = config.microbatches, topo.num_stages
+def check_partition(stage_ranks: Mapping[int, Sequence[int]] | Sequence[Sequence[int]], config: TrainConfig) -> None:
+    """The configuration errors every rank finds identically (configs agree by now).
+
+    Call it before building a :class:`Pipeline`: that creates process groups collectively, and a
+    rank leaving with this error while a peer is still inside ``new_group`` would turn a clear
+    message into a connection reset on the peer.
+    """
+    rank_lists = [stage_ranks[k] for k in sorted(stage_ranks)] if isinstance(stage_ranks, Mapping) else list(stage_ranks)
+    m, s = config.microbatches, len(rank_lists)
     if m < s:
         raise PipeshiftError(f"--microbatches {m} is fewer than the {s} pipeline stages: use at least {s}")
-    for stage, ranks in enumerate(topo.stage_ranks):
+    for stage, ranks in enumerate(rank_lists):
         if m % len(ranks):
             raise PipeshiftError(
                 f"stage {stage} has {len(ranks)} replicas but a minibatch has {m} microbatches: its replicas would "
@@ -265,7 +270,7 @@ class Trainer:
 
     def after_switch(self) -> None:
         """The pipeline now runs another partition (called by the controller after a switch)."""
-        check_partition(self.pipeline, self.config)
+        check_partition(self.pipeline.topology.stage_ranks, self.config)
         self.pipeline.where_prefix = f"step {self.step + 1}, "
 
     # -- checkpoints --------------------------------------------------------------------------
