@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         if args.dry_run:
             print(shlex.join(cmd))
             return 0
-        return _run_local(cmd)
+        return _run_local(cmd, args.local)
     hosts = read_hosts(args.hosts)
     if not 0 < args.port < 65536:
         raise PipeshiftError(f"--port {args.port}: not a port number")
@@ -103,8 +103,20 @@ def local_command(python: str, n: int, train_args: list[str]) -> list[str]:
             "-m", "pipeshift", "train", *train_args]
 
 
-def _run_local(cmd: list[str]) -> int:
-    proc = subprocess.Popen(cmd)
+def _local_env(n: int) -> dict[str, str]:
+    """Share the cores among the local ranks unless the user chose a thread count.
+
+    torchrun sets ``OMP_NUM_THREADS=1`` for every worker when the variable is unset, which the
+    train command then has to honour as the user's choice; on a many-core host that leaves all
+    but N cores idle. Setting it here to cores ÷ N keeps torchrun's intent (no oversubscription).
+    """
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, n))))
+    return env
+
+
+def _run_local(cmd: list[str], n: int) -> int:
+    proc = subprocess.Popen(cmd, env=_local_env(n))
     try:
         return proc.wait()
     except KeyboardInterrupt:  # torchrun forwards the signal to its workers and exits

@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     timing.add_argument("--iterations", type=int, default=20, help="measured steps (default 20)")
     timing.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (default 3)")
     timing.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
+    timing.add_argument("--no-malloc-tuning", action="store_true",
+                        help="leave glibc malloc as it is (default: tuned as `pipeshift train` tunes it, so the "
+                             "profile times what training will run; see runtime/allocator.py)")
     p.add_argument("--top", type=int, default=15, metavar="N", help="rows in the heaviest-nodes table (0: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no table")
 
@@ -107,6 +110,12 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise PipeshiftError(f"-o {out}: exists and is not a directory")
+    if not args.no_malloc_tuning:
+        # Train keeps freed memory for reuse; profiling without it measured backward 15–25% slower
+        # than training runs it (benchmarks/bench_prediction.py), so profile under the same allocator.
+        from pipeshift.runtime.allocator import keep_freed_memory
+
+        keep_freed_memory()
     warned = False
     for b in batch_sizes:
         directory = out if len(batch_sizes) == 1 else out / f"b{b}"
