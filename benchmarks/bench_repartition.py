@@ -23,7 +23,8 @@ asserted — it reports):
    training again: the point-to-point transfer and the rebuild (the stages were regenerated
    through codegen a step ahead; render time shown apart), from ``repartitions.jsonl``. The
    last row repeats the 100M case without the landing buffers reserved a step ahead
-   (``PIPESHIFT_RESERVE=0``), i.e. with the page faults of fresh memory inside the pause.
+   (``PIPESHIFT_RESERVE=0``), i.e. with the page faults of fresh memory inside the pause (the
+   last column counts them: the largest rank's, summed over the row's switches).
 """
 
 from __future__ import annotations
@@ -215,8 +216,8 @@ def pause_runs(args, work: Path) -> str:
         optimizers.append(("adam", ["--optimizer", "adam", "--lr", "0.0001"], {}))
     lines = ["### Pause against bytes moved (two ranks; six width×width layers change owner per switch)", "",
              "| model | optimizer | parameters moved | bytes moved | messages | pause s, median (min–max) | "
-             "transfer s | render s | rebuild s | effective GB/s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "transfer s | render s (ahead) | rebuild s | effective GB/s | page faults in pauses |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for width in widths:
         spec = ModelSpec("pipeshift.models:mlp", {"in_features": 64, "width": width, "depth": 8, "num_classes": 10},
                          seed=0)
@@ -256,7 +257,8 @@ def pause_runs(args, work: Path) -> str:
             transfer = statistics.median(max(x["transfer_s"] for x in r["per_rank"]) for r in samples)
             lines.append(f"| MLP width {width} | {opt_name} | {moved_params / 1e6:.1f}M | {moved / 1e6:.0f} MB | "
                          f"{statistics.median(r['messages'] for r in samples):.0f} | {summary(pause, '{:.3f}')} | "
-                         f"{transfer:.3f} | {part('render_s')} | {part('rebuild_s')} | {moved / 1e9 / transfer:.2f} |")
+                         f"{transfer:.3f} | {part('render_s')} | {part('rebuild_s')} | {moved / 1e9 / transfer:.2f} | "
+                         f"{sum(max(x.get('page_faults', 0) for x in r['per_rank']) for r in samples)} |")
     return "\n".join(lines)
 
 

@@ -90,7 +90,7 @@ def launch(workdir: Path, workers: int, args: list[str], *, elastic: list[str] |
            environ: dict[str, str] | None = None) -> tuple[int, str]:
     """``pipeshift launch --local N --elastic … train-args`` (always the supervisor: explicit ranks)."""
     cmd = [PY, "-m", "pipeshift", "launch", "--local", str(workers), "--elastic", *(elastic or []), "--",
-           "stages", "--no-progress", "--threads", "1", "--timeout", "20", "--output-dir", "out",
+           "stages", "--no-progress", "--threads", "1", "--timeout", "60", "--output-dir", "out",
            "--checkpoint-dir", "ck", *args]
     return run(cmd, workdir, limit, environ)
 

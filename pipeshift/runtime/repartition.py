@@ -482,8 +482,10 @@ class Repartitioner:
         pipeline.comm.flush()
         pipeline.comm.barrier(f"{where}: waiting for every rank to reach the switch")
         t_start = time.perf_counter()
+        faults = _page_faults()
         if self._pool_thread is not None:
             self._pool_thread.join()
+        t_reserved = time.perf_counter()
 
         current = pipeline.stage.state_dict()
         saved = optimizer_state_by_fqn(pipeline.optimizer, pipeline.stage.params)
@@ -497,6 +499,7 @@ class Repartitioner:
                                    pool=self._pool)
         self.release()
         t_move = time.perf_counter()
+        faults = _page_faults() - faults
 
         state = {k: v for k, v in saved["state"].items() if k in mine}
         state.update(received)
@@ -513,7 +516,8 @@ class Repartitioner:
             "keys_received": stats.keys_received, "bytes_sent": stats.bytes_sent,
             "bytes_received": stats.bytes_received, "messages": stats.messages, "peers": stats.peers,
             "render_s": render_s if render_s else prepared.render_s, "rendered_before": render_s == 0.0,
-            "sync_wait_s": t_start - t_sync, "transfer_s": t_move - t_start, "rebuild_s": t_end - t_move,
+            "sync_wait_s": t_start - t_sync, "reserve_wait_s": t_reserved - t_start,
+            "transfer_s": t_move - t_reserved, "rebuild_s": t_end - t_move, "page_faults": faults,
             "pause_s": render_s + (t_end - t_start),
         }
 
@@ -526,6 +530,16 @@ class Prepared:
     stage_ranks: list[list[int]]
     partition: Partition
     render_s: float
+
+
+def _page_faults() -> int:
+    """Minor page faults of this process so far (first touches of fresh memory), 0 where unknown."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    except (ImportError, OSError):
+        return 0
 
 
 def _state_tensors_per_param(optimizer: torch.optim.Optimizer) -> int:
