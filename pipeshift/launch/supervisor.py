@@ -142,11 +142,12 @@ class Supervisor:
         deadline = None
         try:
             while any(p.poll() is None for p in procs):
-                for r, p in enumerate(procs):
-                    code = p.poll()
-                    if code not in (None, 0, EXIT_REGROUP) and first is None:
-                        first = r
-                        deadline = time.monotonic() + self.grace_s
+                failed = [(r, p.poll()) for r, p in enumerate(procs) if p.poll() not in (None, 0, EXIT_REGROUP)]
+                if failed and first is None:
+                    # A dead rank's peers fail right after it, often before we look: within one
+                    # look, one killed by a signal is the cause, the others' errors its effect.
+                    first = min(failed, key=lambda rc: (rc[1] >= 0, rc[0]))[0]
+                    deadline = time.monotonic() + self.grace_s
                 if deadline is not None and time.monotonic() > deadline:
                     for p in procs:
                         if p.poll() is None:

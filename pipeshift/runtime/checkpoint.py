@@ -6,6 +6,8 @@ Layout of ``--checkpoint-dir D``::
     D/step-00000010/meta.json step, schedule, microbatches, ranks, package, data position
     D/step-00000010/stage0.pt {"model": FQN -> tensor, "optimizer": FQN-keyed state, "lr_scheduler": …}
     D/step-00000010/rank0.pt  this rank's RNG states
+    D/step-00000010/plan.json the plan in force, when the job can repartition (a restart resumes on it)
+    D/elastic.json            a resize in progress: the number of ranks to restart with
 
 A stage file is written by the stage's first replica (replicas hold identical weights after
 their all-reduced steps). ``latest`` moves only after every rank has written (a barrier), so a
