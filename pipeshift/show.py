@@ -7,12 +7,12 @@ graphviz where it is installed.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import pandas as pd
 
+from pipeshift.jsonfile import read_json_object
 from pipeshift.errors import InputFileError, PipeshiftError
 from pipeshift.graph import read_graph_txt
 from pipeshift.graph.render import render_graph
@@ -44,18 +44,8 @@ def _graph_table(path: Path, top: int) -> pd.DataFrame:
     return df.assign(total_ms=df.fwd_ms + df.bwd_ms).nlargest(top, "total_ms").drop(columns="total_ms")
 
 
-def _load_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputFileError(str(path), e.lineno, f"invalid JSON: {e.msg}") from None
-    if not isinstance(data, dict):
-        raise InputFileError(str(path), None, "expected a JSON object")
-    return data
-
-
 def _plan_table(path: Path) -> pd.DataFrame:
-    plan = _load_json(path)
+    plan = read_json_object(path)
     stages = plan.get("stages")
     if not isinstance(stages, list) or not stages:
         raise InputFileError(str(path), None, "no 'stages' list: not a plan.json")
@@ -85,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if path.is_dir():
         if (path / "conf.json").is_file():
-            conf = _load_json(path / "conf.json")
+            conf = read_json_object(path / "conf.json")
             print(f"{path}: stage package, stage_to_rank_map={conf.get('stage_to_rank_map')}")
             path = path / "plan.json"
         elif (path / "plan.json").is_file():

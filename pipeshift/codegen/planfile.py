@@ -10,12 +10,12 @@ through untouched (they are copied into the package with the rest of the plan).
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 from pipeshift.codegen.support import FQN_RE
+from pipeshift.jsonfile import read_json_object
 from pipeshift.errors import InputFileError, PipeshiftError
 from pipeshift.graph.capture import LeafPolicy
 from pipeshift.spec import ModelSpec
@@ -127,16 +127,6 @@ def plan_path(path: str | Path) -> Path:
 def read_plan(path: str | Path) -> Plan:
     """Read and validate plan.json (``path`` is the file or the directory holding it)."""
     file = plan_path(path)
-    if not file.is_file():
-        raise PipeshiftError(f"{file}: no such plan file (expected the directory `pipeshift plan -o` wrote)")
-    if file.stat().st_size > MAX_PLAN_BYTES:
-        raise InputFileError(str(file), None, f"larger than {MAX_PLAN_BYTES} bytes; not a plan")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise InputFileError(str(file), None, f"not UTF-8 text ({e.reason})") from None
-    except json.JSONDecodeError as e:
-        raise InputFileError(str(file), e.lineno, f"invalid JSON: {e.msg} (column {e.colno})") from None
-    except RecursionError:
-        raise InputFileError(str(file), None, "JSON nested too deeply; not a plan") from None
+    data = read_json_object(file, "plan file", " (expected the directory `pipeshift plan -o` wrote)",
+                            max_bytes=MAX_PLAN_BYTES)
     return parse_plan(data, str(file))

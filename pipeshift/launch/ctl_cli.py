@@ -10,9 +10,9 @@ import argparse
 import json
 import os
 import time
-from pathlib import Path
 from typing import Any
 
+from pipeshift.jsonfile import read_json_object
 from pipeshift.errors import InputFileError, PipeshiftError
 from pipeshift.launch import protocol
 from pipeshift.launch.client import CtlClient
@@ -42,17 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_plan(path: str) -> dict[str, Any]:
     """A plan.json, checked to be a plan with stages before it goes anywhere near the workers."""
-    p = Path(path)
-    try:
-        plan = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputFileError(path, None, "no such file") from None
-    except IsADirectoryError:
-        raise InputFileError(path, None, "is a directory, expected a plan.json file") from None
-    except json.JSONDecodeError as e:
-        raise InputFileError(path, e.lineno, f"invalid JSON: {e.msg}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputFileError(path, None, f"cannot read: {e}") from None
+    plan = read_json_object(path, "plan.json file")
     try:
         stages_of(plan)
     except PipeshiftError as e:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeshift.jsonfile import read_json_object
 from pipeshift.errors import InputFileError, PipeshiftError
 from pipeshift.optimizer.schedules import SCHEDULES
 from pipeshift.optimizer.simulator import simulate, stages_from_plan
@@ -38,17 +39,7 @@ def _positive_int(text: str, flag: str) -> int:
 def load_plan(path: str) -> tuple[Path, dict]:
     p = Path(path)
     file = p / "plan.json" if p.is_dir() else p
-    if not file.is_file():
-        raise PipeshiftError(f"{file}: no such plan file (expected the directory `pipeshift plan -o` wrote)")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise InputFileError(str(file), None, "not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise InputFileError(str(file), e.lineno, f"invalid JSON: {e.msg}") from None
-    if not isinstance(data, dict):
-        raise InputFileError(str(file), None, "expected a JSON object")
-    return file, data
+    return file, read_json_object(file, "plan file", " (expected the directory `pipeshift plan -o` wrote)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeshift.jsonfile import read_json_object
 from pipeshift.errors import InputFileError, PipeshiftError
 from pipeshift.runtime import checkpoint as ckpt
 from pipeshift.runtime.repartition import Repartitioner, check_plan
@@ -64,15 +65,8 @@ class ForcedSwitch:
 def read_plan_file(path: str) -> dict[str, Any]:
     p = Path(path)
     p = p / "plan.json" if p.is_dir() else p
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputFileError(str(p), None, "no such plan file") from None
-    except json.JSONDecodeError as e:
-        raise InputFileError(str(p), e.lineno, f"invalid JSON: {e.msg}") from None
-    except (OSError, UnicodeDecodeError, RecursionError) as e:
-        raise InputFileError(str(p), None, f"cannot read: {e}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("stages"), list):
+    data = read_json_object(p, "plan file")
+    if not isinstance(data.get("stages"), list):
         raise InputFileError(str(p), None, "not a plan.json (no 'stages' list)")
     return data
 
