@@ -24,6 +24,7 @@ from pipeshift.errors import PipeshiftError
 from pipeshift.graph import Graph
 from pipeshift.optimizer import cost as ps_cost
 from pipeshift.optimizer import pipedream_cost as pd_cost
+from pipeshift.optimizer import placement
 from pipeshift.optimizer.dp import LevelSolution, solve_level, trace
 from pipeshift.optimizer.states import (
     GraphArrays,
@@ -68,6 +69,7 @@ class Stage:
     dp_value: float  # the stage's time per microbatch as the DP charged it (all levels applied)
     row: int
     end: int
+    placed: bool = False  # chosen by the placement search on the measured link matrix
 
 
 @dataclasses.dataclass
@@ -411,6 +413,12 @@ def _make_plan(graph: Graph, topo: Topology, opt: PlanOptions) -> PlanResult:
             best = (value, states, solved)
     assert best is not None
     value, states, solved = best
+    placed = _best_placement(g, topo, opt, closure, notes, candidates)
+    if placed is not None and placed[0] < value * (1 - 1e-9):
+        # the levels' worst links over-charge this topology: a placed straight pipeline is faster
+        p_value, p_states, p_stages = placed
+        stages = _assign(graph, p_stages, p_states, g, notes)
+        return PlanResult(p_value, stages, p_states, g, [], notes, candidates)
     if not math.isfinite(value):
         raise PipeshiftError(_why_infeasible(g, states, topo, opt))
     stages = _flatten(solved, states, topo)
@@ -418,6 +426,50 @@ def _make_plan(graph: Graph, topo: Topology, opt: PlanOptions) -> PlanResult:
     comp_state = states.members.astype(np.float64) @ (g.compute_ms / 1000.0)
     splits = _level_splits(solved, states, topo, comp_state) if len(solved.levels[0]) == 1 else []
     return PlanResult(value, stages, states, g, splits, notes, candidates)
+
+
+def _best_placement(g: GraphArrays, topo: Topology, opt: PlanOptions, closure, notes: list[str],
+                    candidates: dict[str, float]) -> tuple[float, StateSpace, list[Stage]] | None:
+    """The straight pipeline placed on the measured link matrix, when the topology has one."""
+    links = topo.links
+    if links is None or links.num_workers < 2:
+        return None
+    if opt.cost_model != "pipeshift":
+        notes.append("the measured link matrix is summarised to its levels' worst links: "
+                     "PipeDream's cost model has one bandwidth per level (use --cost-model pipeshift to place ranks)")
+        return None
+    if links.num_workers > placement.MAX_WORKERS:
+        notes.append(f"rank placement is searched for up to {placement.MAX_WORKERS} workers; "
+                     f"{links.num_workers} were planned on the levels' worst links")
+        return None
+    speeds = np.array(topo.speeds if topo.speeds is not None else [1.0] * topo.num_workers)
+    memory = ps_cost.Memory(opt.memory_limit, opt.optimizer_states)
+    best: tuple[float, StateSpace, list[Stage]] | None = None
+    for states in _state_spaces(g, topo, opt, closure):
+        if states.size == 0:
+            continue
+        if placement.estimated_work(states.size, links.num_workers) > 4 * opt.work_budget:
+            notes.append(f"rank placement skipped for {states.size} states (over the work budget)")
+            continue
+        valid = _valid_rows(states)
+        members = states.members.astype(np.float64)
+        cut = frontier_bytes(g, states.members)
+        if opt.compression is not None:
+            cut = cut / opt.compression
+        found = placement.solve(
+            _range_sums(members @ (g.compute_ms / 1000.0), valid, np.inf),
+            _range_sums(members @ g.parameter, valid, 0.0),
+            _range_sums(members @ g.stash, valid, 0.0),
+            cut, states.successors(), links, speeds, opt.schedule, memory, opt.fewer_machines,
+        )
+        if found is None:
+            continue
+        candidates[f"placement:{states.order_name or states.mode}"] = found.value
+        if best is None or found.value < best[0]:
+            stages = [Stage([], 1, [st.worker], [(st.worker, 1)] * len(topo.levels), None, st.value, st.row, st.end,
+                            placed=True) for st in found.stages]
+            best = (found.value, states, stages)
+    return best
 
 
 def _why_infeasible(g: GraphArrays, states: StateSpace, topo: Topology, opt: PlanOptions) -> str:

@@ -74,7 +74,9 @@ def stage_table(graph: Graph, result: PlanResult, topo: Topology, opt: PlanOptio
             sched = opt.schedule
             mem = ps_cost.stage_memory(sched, memory, params, stash, downstream[i], st.replicas)
         link = None
-        if i + 1 < K:
+        if i + 1 < K and topo.links is not None:
+            link = _measured_link(topo, st.workers, result.stages[i + 1].workers, cut_bytes[i])
+        elif i + 1 < K:
             lv = result.stages[i + 1].cut_level
             level = topo.levels[lv if lv is not None else 0]
             link = {"level": lv, "bandwidth_bytes_per_s": level.bandwidth, "latency_s": level.latency}
@@ -103,6 +105,16 @@ def stage_table(graph: Graph, result: PlanResult, topo: Topology, opt: PlanOptio
     return rows
 
 
+def _measured_link(topo: Topology, senders: list[int], receivers: list[int], nbytes: float) -> dict[str, Any]:
+    """The slowest measured pair a boundary crosses (every sender may feed every receiver)."""
+    assert topo.links is not None
+    times = topo.links.cut_time(nbytes)
+    a, b = max(((x, y) for x in senders for y in receivers), key=lambda xy: times[xy])
+    return {"level": None, "from_worker": a, "to_worker": b, "from": topo.worker_name(a), "to": topo.worker_name(b),
+            "bandwidth_bytes_per_s": float(topo.links.bandwidth[a, b]), "latency_s": float(topo.links.latency[a, b]),
+            "time_s": float(times[a, b])}
+
+
 def plan_document(
     graph: Graph,
     graph_path: str,
@@ -126,6 +138,14 @@ def plan_document(
         )
         one = total_compute / fastest
     t = result.optimum
+    notes = list(result.notes)
+    if t > one * (1 + 1e-9):
+        slow = [st["costs"]["output_link"] for st in stages if st["costs"]["output_link"]]
+        worst = max(slow, key=lambda lk: lk.get("time_s") or 0.0, default=None)
+        where = (f"; its slowest boundary crosses {worst['from']} -> {worst['to']} "
+                 f"({worst['bandwidth_bytes_per_s'] / 1e6:.4g} MB/s)") if worst and "from" in worst else ""
+        notes.append(f"the plan is slower than one worker ({one / t:.3g}x){where}: "
+                     "the network costs more than the split saves; try --use-fewer-machines")
     batch = profile.get("batch_size")
     memory_per_worker = [st["predicted"]["memory_bytes"] for st in stages for _ in st["ranks"]]
     rank_to_worker = [w for st in stages for w in st["workers"]]
@@ -163,7 +183,8 @@ def plan_document(
         },
         "memory_per_worker_bytes": memory_per_worker,
         "rank_to_worker": rank_to_worker,
-        "notes": result.notes,
+        "placement": "measured links" if any(st.placed for st in result.stages) else "levels",
+        "notes": notes,
     }
 
 
@@ -222,6 +243,7 @@ def summary(doc: dict[str, Any]) -> str:
                 "first..last": f"{nodes[0]}..{nodes[-1]}" if len(nodes) > 1 else nodes[0],
                 "replicas": st["replicas"],
                 "ranks": _ranks(st["ranks"]),
+                "workers": ",".join(map(str, st["workers"])),
                 "compute ms": round(st["predicted"]["compute_s"] * 1000, 3),
                 "time ms": round(st["predicted"]["time_s"] * 1000, 3),
                 "memory GB": round(st["predicted"]["memory_bytes"] / 1e9, 3),
@@ -240,5 +262,11 @@ def summary(doc: dict[str, Any]) -> str:
         f"speed-up over data parallelism: {p['speedup_over_data_parallel']:.3f}x   "
         f"over one worker: {p['speedup_over_one_worker']:.3f}x",
     ]
+    for st in doc["stages"]:
+        link = st["costs"].get("output_link")
+        if link and "from" in link:
+            lines.append(f"boundary {st['stage_id']}->{st['stage_id'] + 1}: {st['costs']['output_bytes'] / 1e6:.4g} MB "
+                         f"over {link['from']} -> {link['to']} ({link['bandwidth_bytes_per_s'] / 1e6:.4g} MB/s, "
+                         f"{link['latency_s'] * 1e6:.4g} us): {link['time_s'] * 1000:.4g} ms per microbatch")
     lines += [f"note: {n}" for n in doc.get("notes", [])]
     return "\n".join(lines)

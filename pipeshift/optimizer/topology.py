@@ -19,9 +19,16 @@ A topology can also come from a file (``--topology FILE``), for example the JSON
      "workers_per_host": 4,                                 # optional, default 1
      "intra_host": {"bandwidth_bytes_per_s": 1e10, "latency_s": 5e-6}}   # needed if workers_per_host > 1
 
-A measured matrix becomes one level of hosts using its slowest link and largest latency
-(off the diagonal): the planner's cost model has one bandwidth per level, and the slowest link
-is the one a ring all-reduce or a pipeline cut may land on.
+The JSON ``pipeshift netcheck`` writes is the second shape with one entry per *worker* (rank):
+``hosts`` names each worker's machine (repeats allowed), the matrices are worker × worker, and
+its ``levels`` summarise them.
+
+A matrix is kept whole (:attr:`Topology.links`, worker × worker; a host matrix is expanded with
+``intra_host`` for the pairs inside a host): the planner places stages on workers so that a slow
+link carries the smallest activation or nothing (:mod:`pipeshift.optimizer.placement`). It is
+also summarised to levels — the given ``levels``, or one level of hosts at its slowest link and
+largest latency (off the diagonal) — for the hierarchical dynamic program, whose cost model has
+one bandwidth per level; the summary never assumes more than was measured.
 """
 
 from __future__ import annotations
@@ -33,7 +40,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeshift.errors import InputFileError, PipeshiftError
+from pipeshift.optimizer.placement import Links
 
 DEFAULT_BANDWIDTH = 1e9  # PipeDream's default for -b
 
@@ -56,6 +66,8 @@ class Topology:
 
     levels: tuple[Level, ...]
     speeds: tuple[float, ...] | None = None
+    links: Links | None = dataclasses.field(default=None, compare=False)  # measured, worker × worker
+    hosts: tuple[str, ...] | None = None  # the machine of each worker, where known
 
     @property
     def num_workers(self) -> int:
@@ -72,7 +84,18 @@ class Topology:
         out: dict[str, Any] = {"levels": [lv.to_json() for lv in self.levels]}
         if self.speeds is not None:
             out["worker_speeds"] = list(self.speeds)
+        if self.hosts is not None:
+            out["hosts"] = list(self.hosts)
+        if self.links is not None:
+            n = self.links.num_workers
+            out["bandwidth_bytes_per_s"] = [[None if i == j else float(self.links.bandwidth[i, j]) for j in range(n)]
+                                            for i in range(n)]
+            out["latency_s"] = [[0.0 if i == j else float(self.links.latency[i, j]) for j in range(n)]
+                                for i in range(n)]
         return out
+
+    def worker_name(self, worker: int) -> str:
+        return f"{worker}" if self.hosts is None else f"{worker}:{self.hosts[worker]}"
 
 
 def _positive(value: Any, what: str, integer: bool = False) -> float:
@@ -172,18 +195,29 @@ def _matrix(obj: Any, n: int, what: str, positive: bool) -> list[list[float]]:
     return obj
 
 
+def _expand(host_matrix: list[list[float]], per_host: int, intra: float) -> np.ndarray:
+    """A host × host matrix as worker × worker (machine-major); pairs inside a host get ``intra``."""
+    m = np.array([[0.0 if v is None else float(v) for v in row] for row in host_matrix], dtype=np.float64)
+    out = np.kron(m, np.ones((per_host, per_host)))
+    host = np.arange(out.shape[0]) // per_host
+    return np.where(host[:, None] == host[None, :], intra, out)
+
+
 def parse_topology(data: Any) -> Topology:
     if not isinstance(data, dict):
         raise PipeshiftError("a topology must be a JSON object with 'levels' or a 'hosts' matrix")
+    levels: tuple[Level, ...] | None = None
     if "levels" in data:
-        levels = data["levels"]
-        if not isinstance(levels, list) or not levels:
+        raw = data["levels"]
+        if not isinstance(raw, list) or (not raw and "hosts" not in data):
             raise PipeshiftError("'levels' must be a non-empty list, innermost level first")
-        topo = Topology(tuple(_level(lv, f"levels[{i}]") for i, lv in enumerate(levels)))
-    elif "hosts" in data:
+        levels = tuple(_level(lv, f"levels[{i}]") for i, lv in enumerate(raw)) or None
+    links = None
+    names = None
+    if "hosts" in data and "bandwidth_bytes_per_s" in data:
         hosts = data["hosts"]
-        if not isinstance(hosts, list) or not hosts:
-            raise PipeshiftError("'hosts' must be a non-empty list")
+        if not isinstance(hosts, list) or not hosts or not all(isinstance(h, str) for h in hosts):
+            raise PipeshiftError("'hosts' must be a non-empty list of host names")
         n = len(hosts)
         bw = _matrix(data.get("bandwidth_bytes_per_s"), n, "bandwidth_bytes_per_s", positive=True)
         lat = _matrix(data.get("latency_s", [[0.0] * n for _ in range(n)]), n, "latency_s", positive=False)
@@ -191,16 +225,25 @@ def parse_topology(data: Any) -> Topology:
         host_bw = min((bw[i][j] for i, j in off), default=DEFAULT_BANDWIDTH)
         host_lat = max((lat[i][j] for i, j in off), default=0.0)
         per_host = int(_positive(data.get("workers_per_host", 1), "workers_per_host", integer=True))
-        levels_list = []
+        intra_level = None
         if per_host > 1:
             intra = data.get("intra_host")
             if not isinstance(intra, dict):
                 raise PipeshiftError("workers_per_host > 1 needs 'intra_host': {bandwidth_bytes_per_s, latency_s}")
-            levels_list.append(_level({"workers": per_host, **intra}, "intra_host"))
-        levels_list.append(Level(n, float(host_bw), float(host_lat)))
-        topo = Topology(tuple(levels_list))
-    else:
+            intra_level = _level({"workers": per_host, **intra}, "intra_host")
+        if levels is None:
+            levels = (intra_level,) * (intra_level is not None) + (Level(n, float(host_bw), float(host_lat)),)
+        if n * per_host > 1:
+            links = Links(_expand(bw, per_host, intra_level.bandwidth if intra_level else np.inf),
+                          _expand(lat, per_host, intra_level.latency if intra_level else 0.0))
+            names = tuple(h for h in hosts for _ in range(per_host))
+    elif "hosts" in data and levels is None:
+        raise PipeshiftError("a 'hosts' topology needs its 'bandwidth_bytes_per_s' matrix")
+    if levels is None:
         raise PipeshiftError("a topology needs 'levels' (list, innermost first) or 'hosts' with a bandwidth matrix")
+    topo = Topology(levels, links=links, hosts=names)
+    if links is not None and links.num_workers != topo.num_workers:
+        raise PipeshiftError(f"'levels' describe {topo.num_workers} workers but the matrix has {links.num_workers}")
     speeds = data.get("worker_speeds")
     if speeds is not None:
         if not isinstance(speeds, list):
