@@ -465,11 +465,11 @@ def test_cli_writes_the_package(tmp_path: Path) -> None:
 
 
 def test_cli_error_is_one_line(tmp_path: Path) -> None:
-    (tmp_path / "plan.json").write_text('{"version": 1, "model": null}')
+    (tmp_path / "plan.json").write_text('{"version": 1,\n "stages": [{"nodes": ["node1"]}],\n "model": null}')
     result = _cli(str(tmp_path), "-o", str(tmp_path / "stages"), cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
-    assert "plan.json" in result.stderr and "model" in result.stderr
+    assert "plan.json:3: model: no 'model' spec" in result.stderr
 
 
 def test_module_called_in_two_stages_is_recorded_as_shared(tmp_path: Path) -> None:

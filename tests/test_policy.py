@@ -102,9 +102,11 @@ def test_diff_plans_rejects_plans_over_different_nodes():
     "plan, message",
     [
         ({}, "no 'stages'"),
-        ({"stages": [{"nodes": []}]}, "at least one node"),
+        ({"stages": [{"nodes": []}]}, "no stage may be empty"),
+        ([["a"], []], "at least one node"),
+        ([["a"], ["a"]], "stage 0 and stage 1"),
         ({"stages": [{"nodes": ["a"]}, {"nodes": ["a"]}]}, "stage 0 and stage 1"),
-        ({"stages": [{"stage_id": 1, "nodes": ["a"]}]}, "in order"),
+        ({"stages": [{"stage_id": 1, "nodes": ["a"]}]}, "pipeline order"),
         ({"stages": [{"nodes": [3]}]}, "strings"),
         ({"stages": [{"nodes": ["a"], "ranks": ["x"]}]}, "ranks"),
         ("stages", "JSON object"),

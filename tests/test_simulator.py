@@ -147,10 +147,10 @@ def test_cli_simulate_errors(tmp_path: Path, capsys) -> None:
     (tmp_path / "p1" / "plan.json").write_text("{not json")
     cases.append(([str(tmp_path / "p1")], "invalid JSON"))
     (tmp_path / "p2").mkdir()
-    (tmp_path / "p2" / "plan.json").write_text(json.dumps({"stages": [{"replicas": 0, "ranks": []}]}))
+    (tmp_path / "p2" / "plan.json").write_text(json.dumps({"stages": [{"nodes": ["node1"], "replicas": 0, "ranks": []}]}))
     cases.append(([str(tmp_path / "p2")], "replicas must be a positive integer"))
     (tmp_path / "p3").mkdir()
-    (tmp_path / "p3" / "plan.json").write_text(json.dumps({"stages": [{"replicas": 1, "costs": {"forward_s": -1}}]}))
+    (tmp_path / "p3" / "plan.json").write_text(json.dumps({"stages": [{"nodes": ["node1"], "replicas": 1, "costs": {"forward_s": -1}}]}))
     cases.append(([str(tmp_path / "p3")], "forward_s must be a non-negative number"))
     cases.append(([str(tmp_path / "p2"), "--microbatches", "zero"], "not an integer"))
     for argv, message in cases:

@@ -23,17 +23,13 @@ from pipeshift.codegen.package import (
     render_package,
 )
 from pipeshift.codegen.partition import CodegenError
-from pipeshift.codegen.planfile import Plan, parse_plan, read_plan
 
 __all__ = [
     "CodegenError",
     "ModelCapture",
-    "Plan",
     "build_stages",
     "capture_model",
     "generate_package",
     "load_package",
-    "parse_plan",
-    "read_plan",
     "render_package",
 ]

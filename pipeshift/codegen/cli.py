@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from pipeshift.codegen.package import render_package, write_package
+from pipeshift.codegen.planfile import model_spec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     rendered = render_package(args.plan)
     out = write_package(rendered, args.output)
     lay = rendered.layout
-    print(f"wrote {out}/: {len(lay.stages)} stages of {rendered.plan.model.callable}")
+    print(f"wrote {out}/: {len(lay.stages)} stages of {model_spec(rendered.plan).callable}")
     for st in lay.stages:
         ins = ", ".join(st.input_names) or "-"
         outs = ", ".join(st.output_names)

@@ -26,10 +26,10 @@ import torch
 import torch.fx
 from torch import nn
 
-from pipeshift.codegen.planfile import Plan
 from pipeshift.codegen.support import adopt
 from pipeshift.errors import InputFileError, PipeshiftError
 from pipeshift.graph.capture import CapturedGraph, NodeGroup
+from pipeshift.plan import Plan
 
 # The shape of a group's value: None for a tensor, (kind, children) for a tuple/list. ``kind``
 # is "tuple", "list", or the qualified name of a torch.return_types structseq.
@@ -146,7 +146,7 @@ def _profile_candidates(plan: Plan) -> list[Path]:
     here = None if plan.source.startswith("<") else Path(plan.source).parent  # "<plan>": a dict, no file
     if here is not None:
         found.append(here / "profile.json")
-    graph = plan.raw.get("graph")
+    graph = plan.graph
     if isinstance(graph, str) and graph and "\x00" not in graph:
         g = Path(graph)
         found.append(g.parent / "profile.json")
@@ -171,7 +171,7 @@ def check_profile(plan: Plan, captured: CapturedGraph) -> None:
         nodes = data.get("nodes") if isinstance(data, dict) else None
         if not isinstance(nodes, dict):
             continue
-        if isinstance(data.get("model"), dict) and data["model"] != plan.raw.get("model"):
+        if isinstance(data.get("model"), dict) and data["model"] != plan.model:
             continue  # another model's profile; nothing to compare with
         by_id = captured.by_id()
         for node_id, meta in nodes.items():
@@ -262,10 +262,10 @@ def layout(plan: Plan, captured: CapturedGraph, structures: dict[str, Structure]
     n_stages = len(plan.stages)
     stage_of: dict[str, int] = {}
     for st in plan.stages:
-        for node_id in st.nodes:
+        for j, node_id in enumerate(st.nodes):
             if node_id not in groups:
-                raise InputFileError(
-                    plan.source, None,
+                raise plan.error(
+                    ("stages", st.stage_id, "nodes", j),
                     f"stage {st.stage_id} lists {node_id}, but the model's graph has node1..node{len(groups)}: "
                     "the model or its leaf policy changed since profiling; re-run profile and plan",
                 )

@@ -12,11 +12,10 @@ import os
 import time
 from typing import Any
 
-from pipeshift.jsonfile import read_json_object
-from pipeshift.errors import InputFileError, PipeshiftError
+from pipeshift.errors import PipeshiftError
 from pipeshift.launch import protocol
 from pipeshift.launch.client import CtlClient
-from pipeshift.runtime.policy import stages_of
+from pipeshift.plan import read_plan
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,16 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="earliest step to resize at (default: the step after the latest reported)")
     policy = sub.add_parser("policy", help="switch automatic repartitioning on or off")
     policy.add_argument("state", choices=["on", "off"])
-
-
-def read_plan(path: str) -> dict[str, Any]:
-    """A plan.json, checked to be a plan with stages before it goes anywhere near the workers."""
-    plan = read_json_object(path, "plan.json file")
-    try:
-        stages_of(plan)
-    except PipeshiftError as e:
-        raise InputFileError(path, None, str(e)) from None
-    return plan
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -107,14 +96,15 @@ def run(args: argparse.Namespace) -> int:
     if not token:
         raise PipeshiftError(f"no token: pass --token or set {protocol.TOKEN_ENV} (the master printed it at start)")
     address = args.master or os.environ.get(protocol.MASTER_ENV) or f"127.0.0.1:{protocol.DEFAULT_PORT}"
+    # a plan file is checked here, before it goes anywhere near the workers
     plan = read_plan(args.plan) if args.action == "repartition" else None
     with CtlClient(address, token, timeout_s=args.timeout) as ctl:
         if args.action == "status":
             status = ctl.status()
             print(json.dumps(status, indent=1) if args.json else format_status(status))
         elif args.action == "repartition":
-            reply = ctl.repartition(plan, at_step=args.at_step)
-            print(f"queued repartition #{reply['id']} ({len(plan['stages'])} stages) for step {reply['at_step']} "
+            reply = ctl.repartition(plan.to_json(), at_step=args.at_step)
+            print(f"queued repartition #{reply['id']} ({plan.num_stages} stages) for step {reply['at_step']} "
                   f"at {time.strftime('%H:%M:%S')}")
         elif args.action == "resize":
             if args.workers < 1:

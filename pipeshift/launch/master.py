@@ -542,29 +542,19 @@ def load_policy_driver(plan_path: str, graph_path: str | None, config: PolicyCon
     """The automatic policy for a running job: its plan.json and the profiled graph.txt."""
     from pipeshift.errors import InputFileError
     from pipeshift.graph.graphtxt import read_graph_txt
+    from pipeshift.plan import read_plan
     from pipeshift.runtime.policy import chain_from_graph
 
-    path = Path(plan_path)
-    try:
-        plan = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputFileError(str(path), None, "no such file") from None
-    except json.JSONDecodeError as e:
-        raise InputFileError(str(path), e.lineno, f"invalid JSON: {e.msg}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputFileError(str(path), None, f"cannot read: {e}") from None
-    try:
-        stages_of(plan)
-    except PipeshiftError as e:
-        raise InputFileError(str(path), None, str(e)) from None
+    plan = read_plan(plan_path)
+    path = Path(plan.source)
     if graph_path is None:
-        named = plan.get("graph")
-        if not isinstance(named, str):
+        named = plan.graph
+        if named is None:
             raise InputFileError(str(path), None, "plan names no 'graph'; pass --graph")
         candidates = [path.parent / named, Path(named), path.parent / Path(named).name]
         graph_path = str(next((c for c in candidates if c.is_file()), candidates[0]))
     chain = chain_from_graph(read_graph_txt(graph_path), optimizer=optimizer)
     try:
-        return PolicyDriver(plan, chain, config, total_steps)
+        return PolicyDriver(plan.to_json(), chain, config, total_steps)
     except PipeshiftError as e:
         raise InputFileError(str(path), None, f"does not match {graph_path}: {e}") from None

@@ -10,12 +10,10 @@ import argparse
 import json
 from pathlib import Path
 
-import pandas as pd
-
-from pipeshift.jsonfile import read_json_object
-from pipeshift.errors import InputFileError, PipeshiftError
+from pipeshift.errors import PipeshiftError
 from pipeshift.optimizer.schedules import SCHEDULES
 from pipeshift.optimizer.simulator import simulate, stages_from_plan
+from pipeshift.plan import read_plan
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,32 +34,20 @@ def _positive_int(text: str, flag: str) -> int:
     return value
 
 
-def load_plan(path: str) -> tuple[Path, dict]:
-    p = Path(path)
-    file = p / "plan.json" if p.is_dir() else p
-    return file, read_json_object(file, "plan file", " (expected the directory `pipeshift plan -o` wrote)")
-
-
 def run(args: argparse.Namespace) -> int:
+    import pandas as pd
+
     steps = _positive_int(args.steps, "--steps")
     if args.microbatches is not None:
         _positive_int(args.microbatches, "--microbatches")
-    file, plan = load_plan(args.plan)
-    stages = stages_from_plan(plan, str(file))
-    planned = plan.get("schedule") if isinstance(plan.get("schedule"), dict) else {}
-    kind = args.schedule or planned.get("kind") or "1f1b"
+    plan = read_plan(args.plan)
+    file = Path(plan.source)
+    stages = stages_from_plan(plan)
+    kind = args.schedule or plan.schedule or "1f1b"
     if kind not in SCHEDULES:
-        raise InputFileError(str(file), None, f"schedule.kind {kind!r} is not one of {', '.join(SCHEDULES)}")
-    if args.microbatches is not None:
-        M = _positive_int(args.microbatches, "--microbatches")
-    else:
-        M = planned.get("microbatches", 4)
-        if isinstance(M, bool) or not isinstance(M, int) or M < 1:
-            raise InputFileError(str(file), None, f"schedule.microbatches must be a positive integer, got {M!r}")
-    mem = plan.get("memory") if isinstance(plan.get("memory"), dict) else {}
-    opt_states = mem.get("optimizer_states", 2.0)
-    if isinstance(opt_states, bool) or not isinstance(opt_states, (int, float)) or opt_states < 0:
-        opt_states = 2.0
+        raise plan.error(("schedule", "kind"), f"{kind!r} is not one of {', '.join(SCHEDULES)}")
+    M = _positive_int(args.microbatches, "--microbatches") if args.microbatches is not None else plan.microbatches or 4
+    opt_states = plan.optimizer_states
     result = simulate(stages, kind, M, steps, float(opt_states))
     out = Path(args.output) if args.output else file.parent / "trace.json"
     try:
@@ -74,16 +60,16 @@ def run(args: argparse.Namespace) -> int:
         for r in result.ranks
     ]
     print(pd.DataFrame(rows).to_string(index=False))
-    batch = plan.get("batch_size")
+    batch = plan.batch_size
     print()
     print(f"schedule {kind}, {M} microbatches x {steps} minibatches on {len(result.ranks)} workers")
     line = f"time per minibatch: {result.time_per_minibatch_s * 1000:.3f} ms ({result.time_per_microbatch_s * 1000:.3f} ms per microbatch"
-    if isinstance(batch, int) and not isinstance(batch, bool) and batch > 0 and result.time_per_microbatch_s > 0:
+    if batch is not None and result.time_per_microbatch_s > 0:
         line += f", {batch / result.time_per_microbatch_s:.1f} samples/s"
     print(line + ")")
     if result.steady_time_per_microbatch_s is not None:
         print(f"steady state: {result.steady_time_per_microbatch_s * 1000:.3f} ms per microbatch")
-    predicted = plan.get("predicted", {}).get("time_per_minibatch_s") if isinstance(plan.get("predicted"), dict) else None
+    predicted = plan.predicted.get("time_per_minibatch_s")
     if isinstance(predicted, (int, float)):
         print(f"planner's steady-state prediction: {predicted * 1000:.3f} ms per microbatch")
     print(f"bubble fraction: {result.bubble_fraction:.3f}")

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from pipeshift.errors import PipeshiftError
+from pipeshift.plan import Plan, as_plan
 from pipeshift.optimizer.schedules import FLUSHING, Action, schedule_actions, stage_warmup
 
 COMPUTE, COMM = 0, 1
@@ -216,54 +218,21 @@ def simulate(
     return SimResult(kind, M, steps, makespan, makespan / steps, makespan / total_mb, steady, bubble, stats, events)
 
 
-def stages_from_plan(plan: dict[str, Any], source: str = "plan.json") -> list[SimStage]:
-    """Per-stage durations and sizes from a plan.json document (validated: it is user input)."""
-
-    def bad(msg: str) -> PipeshiftError:
-        return PipeshiftError(f"{source}: {msg}")
-
-    def num(value: Any, where: str, default: float | None = None) -> float:
-        if value is None and default is not None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise bad(f"{where} must be a non-negative number, got {value!r}")
-        return float(value)
-
-    raw = plan.get("stages") if isinstance(plan, dict) else None
-    if not isinstance(raw, list) or not raw:
-        raise bad("'stages' must be a non-empty list")
+def stages_from_plan(plan: Plan | Mapping[str, Any], source: str = "plan.json") -> list[SimStage]:
+    """Per-stage durations and sizes of a plan: the planner's ``costs``, or else its ``predicted.compute_s``."""
+    plan = as_plan(plan, source)
     out = []
-    for i, st in enumerate(raw):
-        where = f"stages[{i}]"
-        if not isinstance(st, dict):
-            raise bad(f"{where} must be an object")
-        replicas = st.get("replicas", 1)
-        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
-            raise bad(f"{where}.replicas must be a positive integer, got {replicas!r}")
-        ranks = st.get("ranks", [])
-        if not isinstance(ranks, list) or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in ranks):
-            raise bad(f"{where}.ranks must be a list of non-negative integers")
-        costs = st.get("costs")
-        pred = st.get("predicted") if isinstance(st.get("predicted"), dict) else {}
-        if isinstance(costs, dict):
-            fwd = num(costs.get("forward_s"), f"{where}.costs.forward_s")
-            bwd = num(costs.get("backward_s"), f"{where}.costs.backward_s")
-            link = costs.get("output_link") or {}
-            if not isinstance(link, dict):
-                raise bad(f"{where}.costs.output_link must be an object")
-            bw = num(link.get("bandwidth_bytes_per_s"), f"{where}.costs.output_link.bandwidth_bytes_per_s", math.inf)
-            if bw == 0:
-                raise bad(f"{where}.costs.output_link.bandwidth_bytes_per_s must be positive")
+    for st in plan.stages:
+        c = st.costs
+        if c is not None:
             out.append(SimStage(
-                forward_s=fwd, backward_s=bwd, replicas=replicas, ranks=tuple(ranks),
-                output_bytes=num(costs.get("output_bytes"), f"{where}.costs.output_bytes", 0.0),
-                link_bandwidth=bw,
-                link_latency=num(link.get("latency_s"), f"{where}.costs.output_link.latency_s", 0.0),
-                allreduce_s=num(costs.get("allreduce_s"), f"{where}.costs.allreduce_s", 0.0),
-                parameter_bytes=num(costs.get("parameter_bytes"), f"{where}.costs.parameter_bytes", 0.0),
-                stash_bytes=num(costs.get("stash_bytes_per_microbatch"), f"{where}.costs.stash_bytes_per_microbatch", 0.0),
+                forward_s=c.forward_s, backward_s=c.backward_s, replicas=st.replicas, ranks=st.ranks,
+                output_bytes=c.output_bytes, link_bandwidth=c.link_bandwidth, link_latency=c.link_latency,
+                allreduce_s=c.allreduce_s, parameter_bytes=c.parameter_bytes, stash_bytes=c.stash_bytes,
             ))
-        else:  # a hand-written plan: forward ≈ one third of the step, as in most profiles
-            comp = num(pred.get("compute_s"), f"{where}.predicted.compute_s (or a 'costs' object)")
-            out.append(SimStage(forward_s=comp / 3, backward_s=2 * comp / 3, replicas=replicas, ranks=tuple(ranks)))
+        elif st.compute_s is not None:  # a hand-written plan: forward ≈ one third of the step, as in most profiles
+            comp = st.compute_s
+            out.append(SimStage(forward_s=comp / 3, backward_s=2 * comp / 3, replicas=st.replicas, ranks=st.ranks))
+        else:
+            raise plan.error(("stages", st.stage_id), "has neither 'costs' nor 'predicted.compute_s' to simulate")
     return out

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeshift.jsonfile import read_json_object
+from pipeshift.plan import read_plan
 from pipeshift.errors import InputFileError, PipeshiftError
 from pipeshift.runtime import checkpoint as ckpt
 from pipeshift.runtime.repartition import Repartitioner, check_plan
@@ -63,12 +63,7 @@ class ForcedSwitch:
 
 
 def read_plan_file(path: str) -> dict[str, Any]:
-    p = Path(path)
-    p = p / "plan.json" if p.is_dir() else p
-    data = read_json_object(p, "plan file")
-    if not isinstance(data.get("stages"), list):
-        raise InputFileError(str(p), None, "not a plan.json (no 'stages' list)")
-    return data
+    return read_plan(path).to_json()
 
 
 def parse_repartition_at(values: Sequence[str]) -> list[ForcedSwitch]:

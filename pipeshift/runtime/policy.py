@@ -36,6 +36,7 @@ import numpy as np
 
 from pipeshift.errors import PipeshiftError
 from pipeshift.graph.ir import Graph
+from pipeshift.plan import Plan, as_plan, parse_plan
 
 # Optimizer state held per parameter byte: SGD none, momentum one buffer, Adam two moments.
 OPTIMIZER_STATE_FACTOR: dict[str, float] = {"sgd": 0.0, "momentum": 1.0, "adam": 2.0, "adamw": 2.0}
@@ -50,42 +51,28 @@ Stages = list[list[str]]
 
 
 def stages_of(plan: Any) -> Stages:
-    """The node lists of a plan (a plan.json object, or already a list of node lists), validated.
+    """The node lists of a plan (a :class:`Plan`, a plan.json object, or already a list of node lists).
 
-    Every stage must be a non-empty list of node-id strings and no node may appear twice; a
-    ``stage_id``, where present, must equal the stage's position (stages are in pipeline order).
+    A plan document is checked by :func:`pipeshift.plan.parse_plan`; bare node lists must be
+    non-empty lists of strings with no node twice.
     """
+    if isinstance(plan, Plan):
+        return plan.node_lists
     if isinstance(plan, Mapping):
-        raw = plan.get("stages")
-        if not isinstance(raw, list) or not raw:
-            raise PlanFormatError("plan has no 'stages' list")
-        stages = []
-        for k, stage in enumerate(raw):
-            if not isinstance(stage, Mapping):
-                raise PlanFormatError(f"stage {k} is not an object")
-            if "stage_id" in stage and stage["stage_id"] != k:
-                raise PlanFormatError(f"stage {k} has stage_id {stage['stage_id']!r}; stages must be in order")
-            ranks = stage.get("ranks", [])
-            if not isinstance(ranks, list) or not all(isinstance(r, int) and r >= 0 for r in ranks):
-                raise PlanFormatError(f"stage {k}: 'ranks' must be a list of non-negative integers")
-            stages.append(stage.get("nodes"))
-    elif isinstance(plan, Sequence) and not isinstance(plan, str):
-        stages = list(plan)
-    else:
+        return parse_plan(plan).node_lists
+    if not isinstance(plan, Sequence) or isinstance(plan, str) or not plan:
         raise PlanFormatError("a plan must be a JSON object with 'stages'")
-    if not stages:
-        raise PlanFormatError("plan has no stages")
     seen: dict[str, int] = {}
-    for k, nodes in enumerate(stages):
+    for k, nodes in enumerate(plan):
         if not isinstance(nodes, (list, tuple)) or not nodes:
-            raise PlanFormatError(f"stage {k} has no 'nodes' list (every stage needs at least one node)")
+            raise PlanFormatError(f"stage {k} has no nodes (every stage needs at least one node)")
         for node in nodes:
             if not isinstance(node, str):
                 raise PlanFormatError(f"stage {k}: node ids must be strings, got {node!r}")
             if node in seen:
                 raise PlanFormatError(f"node {node} is in stage {seen[node]} and stage {k}")
             seen[node] = k
-    return [list(nodes) for nodes in stages]
+    return [list(nodes) for nodes in plan]
 
 
 def stage_of_node(stages: Stages) -> dict[str, int]:
@@ -471,34 +458,8 @@ class RepartitionPolicy:
 
 # -- writing the new split back as a plan.json ------------------------------------------
 def replace_stages(
-    plan: Mapping[str, Any], new_stages: Stages, predicted_compute_s: Sequence[float] | None = None,
+    plan: Plan | Mapping[str, Any], new_stages: Stages, predicted_compute_s: Sequence[float] | None = None,
     node_fqns: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """A copy of ``plan`` (plan.json) with new node lists; ranks and replicas stay with the stage."""
-    old_stages = plan.get("stages")
-    if not isinstance(old_stages, list) or len(old_stages) != len(new_stages):
-        raise PlanFormatError("the new split must have as many stages as the plan")
-    fqn_of = dict(node_fqns or {})
-    for stage in old_stages:  # a plan whose fqns line up with its nodes tells us the rest
-        nodes, fqns = stage.get("nodes", []), stage.get("fqns")
-        if isinstance(fqns, list) and len(fqns) == len(nodes):
-            fqn_of.update({n: f for n, f in zip(nodes, fqns) if isinstance(f, str) and n not in fqn_of})
-    out = dict(plan)
-    stages = []
-    for k, (old, nodes) in enumerate(zip(old_stages, new_stages)):
-        stage = dict(old)
-        stage["stage_id"] = k
-        stage["nodes"] = list(nodes)
-        stage["fqns"] = list(dict.fromkeys(fqn_of[n] for n in nodes if n in fqn_of))
-        if predicted_compute_s is not None:
-            predicted = dict(stage.get("predicted") or {})
-            predicted["compute_s"] = float(predicted_compute_s[k])
-            predicted["time_s"] = float(predicted_compute_s[k])
-            stage["predicted"] = predicted
-        stages.append(stage)
-    out["stages"] = stages
-    if predicted_compute_s is not None:
-        predicted = dict(plan.get("predicted") or {})
-        predicted["time_per_minibatch_s"] = float(max(predicted_compute_s))
-        out["predicted"] = predicted
-    return out
+    """A copy of ``plan`` (as plan.json) with new node lists; ranks and replicas stay with the stage."""
+    return as_plan(plan).with_stages(new_stages, predicted_compute_s, node_fqns).to_json()

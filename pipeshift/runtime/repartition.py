@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeshift.errors import PipeshiftError
+from pipeshift.plan import Plan, as_plan, parse_plan
 from pipeshift.runtime.pipeline import Pipeline, optimizer_state_by_fqn
 from pipeshift.runtime.stage import StageEntry
 
@@ -355,25 +356,22 @@ def maybe_fault(rank: int, point: str, step: int | None = None) -> None:
 # -- the switch -----------------------------------------------------------------------------------
 
 
-def plan_stage_ranks(plan: Mapping[str, Any]) -> list[list[int]]:
-    """Each stage's ranks as codegen reads them (default: contiguous, stage by stage)."""
-    from pipeshift.codegen import parse_plan
-
-    return [list(st.ranks) for st in parse_plan(dict(plan), "<plan>").stages]
+def plan_stage_ranks(plan: Plan | Mapping[str, Any]) -> list[list[int]]:
+    """Each stage's ranks (default: contiguous, stage by stage)."""
+    return as_plan(plan).stage_ranks
 
 
 def check_plan(plan: Any, world_size: int, microbatches: int, model_spec: Any = None, source: str = "plan") -> None:
     """The checks every rank makes, identically, before it touches anything for a new plan."""
-    from pipeshift.codegen import parse_plan
+    from pipeshift.codegen.planfile import model_spec as spec_of
 
-    if not isinstance(plan, dict):
-        raise PipeshiftError(f"{source}: a plan must be a JSON object")
-    parsed = parse_plan(plan, source)
-    ranks = sorted(r for st in parsed.stages for r in st.ranks)
-    if ranks != list(range(world_size)):
-        raise PipeshiftError(f"{source}: the stages use ranks {ranks} but this job has ranks 0..{world_size - 1}")
-    if model_spec is not None and parsed.model.to_json() != model_spec:
-        raise PipeshiftError(f"{source}: the plan is for {parsed.model.callable} with other arguments or seed than "
+    parsed = plan if isinstance(plan, Plan) else parse_plan(plan, source)
+    if parsed.world_size != world_size:
+        raise PipeshiftError(f"{source}: the stages use ranks 0..{parsed.world_size - 1} but this job has ranks "
+                             f"0..{world_size - 1}")
+    spec = spec_of(parsed)
+    if model_spec is not None and spec.to_json() != model_spec:
+        raise PipeshiftError(f"{source}: the plan is for {spec.callable} with other arguments or seed than "
                              "the running model")
     stages = len(parsed.stages)
     if microbatches < stages:
