@@ -46,6 +46,7 @@ SECTIONS = {
     "bench_runtime": "Runtime samples/s against torch.distributed.pipelining",
     "bench_prediction": "Predicted against measured per-stage time and throughput",
     "bench_repartition": "Repartition recovery and pause",
+    "bench_startup": "Command-line start-up",
 }
 STDERR_TAIL = 20
 

@@ -408,7 +408,7 @@ def test_reference_matches_pipedream(profiles_dir: Path) -> None:
     """Every entry of reference.json, through our command line with PipeDream's flags."""
     entries = _reference_entries(profiles_dir)
     assert len(entries) >= 11
-    parser, _ = build_parser()
+    parser = build_parser("plan")
     for e in entries:
         argv = ["plan", "-f", str(profiles_dir / e["profile"]), *shlex.split(e["flags"]), "--cost-model", "pipedream"]
         args = parser.parse_args(argv)

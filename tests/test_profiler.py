@@ -385,13 +385,14 @@ def test_picture_without_dot_writes_dot_file(tmp_path, monkeypatch):
 
 
 def test_picture_survives_a_broken_graphviz(tmp_path, monkeypatch):
-    graphviz = pytest.importorskip("graphviz")
+    from pipeshift.graph import render
+
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/dot")
 
     def broken(*args, **kwargs):
-        raise graphviz.ExecutableNotFound(["dot"])
+        raise FileNotFoundError(2, "No such file or directory", "dot")
 
-    monkeypatch.setattr(graphviz, "Source", broken)
+    monkeypatch.setattr(render.subprocess, "run", broken)
     path, warning = report.write_picture(_small_profile(), tmp_path)
     assert path.name == "graph.dot" and "graphviz failed" in warning
 

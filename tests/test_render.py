@@ -36,13 +36,14 @@ def _attributes(source: str, node_id: str) -> str:
 
 
 def _broken_graphviz(monkeypatch) -> None:
-    graphviz = pytest.importorskip("graphviz")
+    from pipeshift.graph import render
+
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/dot")
 
     def broken(*args, **kwargs):
         raise subprocess.CalledProcessError(1, ["dot"], stderr="Error: syntax error\nmore detail")
 
-    monkeypatch.setattr(graphviz, "Source", broken)
+    monkeypatch.setattr(render.subprocess, "run", broken)
 
 
 def test_dot_source_has_every_node_and_edge_and_stage_colours() -> None:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from pipeshift.graph import Graph, write_graph_txt
 from pipeshift.graph.render import render_graph
@@ -23,6 +22,7 @@ from pipeshift.optimizer import pipedream_cost as pd_cost
 from pipeshift.optimizer.planner import PlanOptions, PlanResult
 from pipeshift.optimizer.states import stash_bytes
 from pipeshift.optimizer.topology import Topology
+from pipeshift.textable import text_table
 
 
 def _fqns(graph: Graph, nodes: list[str]) -> list[str]:
@@ -249,7 +249,7 @@ def summary(doc: dict[str, Any]) -> str:
                 "memory GB": round(st["predicted"]["memory_bytes"] / 1e9, 3),
             }
         )
-    table = pd.DataFrame(rows).to_string(index=False)
+    table = text_table(rows)
     p = doc["predicted"]
     tput = p["throughput_samples_per_s"]
     lines = [

@@ -14,6 +14,7 @@ from pipeshift.errors import PipeshiftError
 from pipeshift.optimizer.schedules import SCHEDULES
 from pipeshift.optimizer.simulator import simulate, stages_from_plan
 from pipeshift.plan import read_plan
+from pipeshift.textable import text_table
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,8 +36,6 @@ def _positive_int(text: str, flag: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import pandas as pd
-
     steps = _positive_int(args.steps, "--steps")
     if args.microbatches is not None:
         _positive_int(args.microbatches, "--microbatches")
@@ -59,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
          if result.makespan_s else 0.0, "peak in flight": r.peak_in_flight, "peak memory GB": round(r.peak_memory_bytes / 1e9, 3)}
         for r in result.ranks
     ]
-    print(pd.DataFrame(rows).to_string(index=False))
+    print(text_table(rows))
     batch = plan.batch_size
     print()
     print(f"schedule {kind}, {M} microbatches x {steps} minibatches on {len(result.ranks)} workers")
