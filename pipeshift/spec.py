@@ -111,12 +111,19 @@ class ModelSpec:
             raise PipeshiftError("model spec 'kwargs' must be an object")
         return cls(**data)
 
-    def build(self) -> ModelBundle:
-        """Import and call the spec under the recorded seed; wrap a bare module into a bundle."""
+    def build(self, *, weights: bool = True) -> ModelBundle:
+        """Import and call the spec under the recorded seed; wrap a bare module into a bundle.
+
+        The model's initial weights are :mod:`pipeshift.materialize`'s: per module, from the seed
+        and the module's name, so a rank that materialises only its stages gets the same values.
+        ``weights=False`` leaves the re-creatable parameters on the meta device (nothing
+        allocated) for :func:`~pipeshift.materialize.materialize` or a weights loader.
+        """
+        from pipeshift.materialize import build_deferred, materialize
+
         fn = import_callable(self.callable)
-        torch.manual_seed(self.seed)
         try:
-            made = fn(**self.kwargs)
+            made = build_deferred(fn, self.kwargs, self.seed)
         except TypeError as e:
             raise PipeshiftError(f"{self.callable}({_kwargs_text(self.kwargs)}): {e}") from None
         if isinstance(made, ModelBundle):
@@ -127,6 +134,8 @@ class ModelSpec:
             bundle = ModelBundle(model=made, example_inputs=self._input_fn())
         else:
             raise PipeshiftError(f"{self.callable} returned {type(made).__name__}, expected an nn.Module")
+        if weights:
+            materialize(bundle.model, seed=self.seed)
         return bundle
 
     def _input_fn(self) -> Callable[[int], tuple[torch.Tensor, ...]]:

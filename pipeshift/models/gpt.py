@@ -36,6 +36,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = dropout
         self.c_attn = nn.Linear(width, 3 * width)  # queries, keys and values in one matmul
         self.c_proj = nn.Linear(width, width)
+        self.c_proj.residual_projection = True  # GPT-2 shrinks the init of projections into the residual
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,6 +54,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(width, 4 * width)
         self.gelu = nn.GELU()
         self.c_proj = nn.Linear(4 * width, width)
+        self.c_proj.residual_projection = True
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,19 +84,22 @@ class GPT(nn.Module):
         self.h = nn.ModuleList(Block(width, heads, dropout) for _ in range(depth))
         self.ln_f = nn.LayerNorm(width)
         self.lm_head = nn.Linear(width, vocab_size, bias=False)
-        self.reset_parameters(depth)
+        self.residual_std = 0.02 / math.sqrt(2 * depth)
+        self.apply(self._init_weights)
         if tie_weights:
             self.lm_head.weight = self.wte.weight
 
-    def reset_parameters(self, depth: int) -> None:
-        """GPT-2's initialisation: N(0, 0.02), residual projections shrunk by sqrt(2 * depth)."""
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * depth))
-            elif p.dim() >= 2:
-                nn.init.normal_(p, 0.0, 0.02)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
+    def _init_weights(self, module: nn.Module) -> None:
+        """GPT-2's initialisation of one module: N(0, 0.02), residual projections shrunk by sqrt(2 * depth).
+
+        Per module (the convention :mod:`pipeshift.materialize` calls), so a rank that builds only
+        its stages initialises them exactly as a whole-model build does.
+        """
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            residual = isinstance(module, nn.Linear) and getattr(module, "residual_projection", False)
+            nn.init.normal_(module.weight, 0.0, self.residual_std if residual else 0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(tokens.size(1), device=tokens.device)

@@ -210,18 +210,20 @@ class Inception3(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.dropout = nn.Dropout(p=dropout)
         self.fc = nn.Linear(self.Mixed_7c.out_channels, num_classes)
-        self.reset_parameters()
+        self.apply(self._init_weights)
 
-    def reset_parameters(self) -> None:
-        """torchvision's initialisation: truncated N(0, 0.1) weights, the aux classifier's at 0.001."""
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.trunc_normal_(m.weight, mean=0.0, std=0.1, a=-2.0, b=2.0)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        if self.AuxLogits is not None:
-            nn.init.trunc_normal_(self.AuxLogits.fc.weight, mean=0.0, std=0.001, a=-2.0, b=2.0)
+    def _init_weights(self, m: nn.Module) -> None:
+        """torchvision's initialisation of one module: truncated N(0, 0.1) weights, the aux classifier's at 0.001.
+
+        Per module (the convention :mod:`pipeshift.materialize` calls), so a rank building only
+        its stages initialises them as a whole-model build does.
+        """
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            aux = self.AuxLogits is not None and m is self.AuxLogits.fc
+            nn.init.trunc_normal_(m.weight, mean=0.0, std=0.001 if aux else 0.1, a=-2.0, b=2.0)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
     def _normalize_like_imagenet(self, x: torch.Tensor) -> torch.Tensor:
         """Map ImageNet-normalised input to the [-1, 1] scaling the original weights expect."""

@@ -85,7 +85,7 @@ class ResNet(nn.Module):
         self.layer4 = self._stage(block, width * 8, blocks_per_stage[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(width * 8 * block.expansion, num_classes)
-        self.reset_parameters()
+        self.apply(self._init_weights)
 
     def _stage(self, block: type[BasicBlock] | type[Bottleneck], channels: int, count: int, stride: int) -> nn.Sequential:
         out_channels = channels * block.expansion
@@ -97,14 +97,13 @@ class ResNet(nn.Module):
         layers += [block(out_channels, channels) for _ in range(1, count)]
         return nn.Sequential(*layers)
 
-    def reset_parameters(self) -> None:
-        """torchvision's ResNet initialisation: He-normal (fan-out) convs, BatchNorm at 1 and 0."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+    def _init_weights(self, m: nn.Module) -> None:
+        """torchvision's ResNet initialisation of one module: He-normal (fan-out) convs, BatchNorm at 1 and 0."""
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

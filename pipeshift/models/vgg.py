@@ -53,20 +53,19 @@ class VGG(nn.Module):
             nn.Dropout(p=dropout),
             nn.Linear(hidden, num_classes),
         )
-        self.reset_parameters()
+        self.apply(self._init_weights)
 
-    def reset_parameters(self) -> None:
-        """torchvision's VGG initialisation: He-normal convs, N(0, 0.01) linears, zero biases."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+    def _init_weights(self, m: nn.Module) -> None:
+        """torchvision's VGG initialisation of one module: He-normal convs, N(0, 0.01) linears, zero biases."""
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.avgpool(self.features(x))

@@ -65,6 +65,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-scheduler-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="scheduler keyword, e.g. step_size=10")
     g.add_argument("--seed", type=int, default=0, help="seed of the data stream and of dropout")
+    g.add_argument("--init-from", default=None, metavar="PATH",
+                   help="initial weights: a .safetensors file, a sharded safetensors directory (its "
+                        "model.safetensors.index.json), a pipeshift checkpoint or a .pt state_dict; each rank "
+                        "reads only its own stages' tensors (default: per-module initialisation from the "
+                        "model spec's seed)")
     g = p.add_argument_group("evaluation, checkpoints and outputs")
     g.add_argument("--eval-steps", type=int, default=0, help="forward-only minibatches of the val split")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every K steps (default: at the end)")
@@ -178,7 +183,7 @@ def _train(args: argparse.Namespace, info) -> int:
         pkg = load_stage_package(args.package)
         optimizer = optimizer_factory(args)
         scheduler = scheduler_factory(args)
-        bundle = pkg.bundle()
+        bundle = pkg.bundle(weights=False)  # nothing allocated: this rank materialises only its stages
         microbatches = args.microbatches or 2 * pkg.num_stages
         batch_size = args.batch_size or pkg.batch_size or 32
         job = elastic.prepare_job(args, pkg, bundle, info.rank, info.world_size)
@@ -218,6 +223,8 @@ def _train(args: argparse.Namespace, info) -> int:
         "package": str(pkg.path), "model": pkg.spec.to_json() if pkg.spec else None,
         "world_size": info.world_size,
     })
+    if job.local is not None:
+        _record_weights(trainer.out_dir / "weights.json", job.local, args.init_from, pkg)
     try:
         trainer.fit()
     finally:
@@ -230,6 +237,16 @@ def _train(args: argparse.Namespace, info) -> int:
     sys.stderr.flush()
     _destroy()
     return elastic.EXIT_REGROUP if trainer.regroup else 0
+
+
+def _record_weights(path: Path, local, init_from: str | None, pkg) -> None:
+    """``rankR/weights.json``: where this rank's initial weights came from and which tensors it holds and read."""
+    import json
+
+    record = {"init": "file" if init_from else "seed", "init_from": init_from,
+              "seed": pkg.spec.seed if pkg.spec else None, "held": local.held, "read": local.loaded}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
 
 
 def _set_threads(args: argparse.Namespace, info, hosts: list[str]) -> None:

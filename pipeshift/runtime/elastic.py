@@ -43,6 +43,7 @@ import numpy as np
 from pipeshift.plan import read_plan
 from pipeshift.errors import InputFileError, PipeshiftError
 from pipeshift.runtime import checkpoint as ckpt
+from pipeshift.runtime.local import LocalBuild, local_entries
 from pipeshift.runtime.repartition import Repartitioner, check_plan
 
 EXIT_REGROUP = 75  # every rank exits with this after a resize: restart me with elastic.json's world size
@@ -622,6 +623,7 @@ class Job:
     master: Any = None
     policy: Any = None
     chain: Any = None
+    local: LocalBuild | None = None  # which tensors this rank materialised, and read from --init-from
 
     def controller(self, pipeline, cfg) -> Controller | None:
         args = self.args
@@ -655,7 +657,8 @@ def prepare_job(args, pkg, bundle, rank: int, world_size: int) -> Job:
     plan, job.note = resume_plan(args.checkpoint_dir if args.resume else None, world_size, base, chain)
     criterion = bundle.criterion()
     if plan is None and not wants:
-        job.entries = pkg.entries(criterion)
+        job.local = package_entries(pkg, bundle.model, criterion, rank, args.init_from)
+        job.entries = job.local.entries
         return _connect(job, None)
     if base is None:
         raise PipeshiftError(f"{pkg.path}: repartitioning needs a stage package written by `pipeshift codegen` "
@@ -669,12 +672,22 @@ def prepare_job(args, pkg, bundle, rank: int, world_size: int) -> Job:
     if plan is None:
         plan = base
         original = _accepts_original(pkg.module.model)
-        module = _WithOriginal(pkg.module.model, full) if original else pkg.module
-        job.entries = dataclasses.replace(pkg, module=module).entries(criterion)
+
+        def make(model):  # a package that cannot adopt builds its own model; a switch copies its values in
+            module = _WithOriginal(pkg.module.model, model) if original else pkg.module
+            return dataclasses.replace(pkg, module=module).entries(criterion)
     else:
         inputs = render_package(plan, model_capture).layout.criterion_inputs
-        job.entries = [*build_stages(plan, full, model_capture=model_capture), (criterion, inputs, ["loss"])]
+
+        def make(model):
+            return [*build_stages(plan, model, model_capture=model_capture), (criterion, inputs, ["loss"])]
         job.source = "the checkpoint's plan.json"
+    stage_ranks = plan_stage_ranks(plan)
+    # A job that may repartition keeps every layer on every rank, so a switch has them at hand.
+    job.local = local_entries(make, full, list(range(len(stage_ranks))) + [len(stage_ranks) - 1],
+                              range(len(stage_ranks)), seed=pkg.spec.seed if pkg.spec else 0,
+                              init_from=args.init_from, who=f"rank {rank}")
+    job.entries = job.local.entries
     job.stage_ranks = plan_stage_ranks(plan)
     job.module_to_stage = list(range(len(job.stage_ranks))) + [len(job.stage_ranks) - 1]
     partition = Partition.of(plan, job.stage_ranks, [m for m, _, _ in job.entries[:-1]])
@@ -701,6 +714,37 @@ class _WithOriginal:
 
     def model(self, criterion):
         return self._fn(criterion, self._original)
+
+
+def package_entries(pkg, model, criterion, rank: int, init_from: str | None) -> LocalBuild:
+    """The package's entries with only this rank's stages' tensors real (see :mod:`pipeshift.runtime.local`).
+
+    A hand-written package whose ``model(criterion)`` cannot adopt from a given model builds its
+    own whole model; weights from ``init_from`` are then loaded into this rank's stages only.
+    """
+    from pipeshift.runtime.local import stage_tensor_names
+
+    stages = [s for s, ranks in pkg.stage_to_rank.items() if rank in ranks]
+    who = f"rank {rank} (stage {', '.join(map(str, stages))})"
+    if _accepts_original(pkg.module.model):
+        def make(m):
+            return dataclasses.replace(pkg, module=_WithOriginal(pkg.module.model, m)).entries(criterion)
+
+        return local_entries(make, model, pkg.module_to_stage, stages, seed=pkg.spec.seed if pkg.spec else 0,
+                             init_from=init_from, who=who)
+    entries = pkg.entries(criterion)
+    held: list[str] = []
+    loaded: list[str] = []
+    for i, (module, _, _) in enumerate(entries[:-1]):
+        if pkg.module_to_stage[i] in stages:
+            state = module.state_dict(keep_vars=True)
+            mine = sorted(set(state) & stage_tensor_names(module))
+            held += mine
+            if init_from is not None:
+                from pipeshift.weights import load_into, open_weights
+
+                loaded += load_into(state, open_weights(init_from), mine, who=who)
+    return LocalBuild(entries, held, loaded)
 
 
 def _accepts_original(fn) -> bool:

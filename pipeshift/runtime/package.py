@@ -48,11 +48,12 @@ class StagePackage:
         b = self.plan.get("batch_size")
         return b if isinstance(b, int) and not isinstance(b, bool) and b > 0 else None
 
-    def bundle(self) -> ModelBundle:
+    def bundle(self, *, weights: bool = True) -> ModelBundle:
+        """The spec's bundle; ``weights=False``: the model's parameters on meta (see :mod:`pipeshift.materialize`)."""
         if self.spec is None:
             raise InputFileError(self.path / "plan.json", None,
                                  "no 'model' spec: the runtime needs it for the data and the loss")
-        return self.spec.build()
+        return self.spec.build(weights=weights)
 
     def entries(self, criterion: nn.Module) -> list[StageEntry]:
         """``model(criterion)`` with every entry checked against the contract."""

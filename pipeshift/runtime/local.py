@@ -1,0 +1,72 @@
+"""This rank's stages, and nothing else: the model built on the meta device, only its own tensors made real.
+
+A stage package's ``model(criterion, original)`` adopts the original model's submodules by FQN,
+which costs nothing on a model whose parameters are still on the meta device
+(:meth:`ModelSpec.build(weights=False) <pipeshift.spec.ModelSpec.build>`). Building the entries
+once over that model tells which tensors each stage holds; this rank's are then materialised —
+initialised per module from the recorded seed (the same values whichever rank, and however many,
+build them), or read from ``--init-from`` tensor by tensor — and the entries are built again
+over the partly real model. The other stages' modules stay on meta and are dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from pipeshift.materialize import materialize
+from pipeshift.runtime.stage import StageEntry
+
+
+@dataclasses.dataclass
+class LocalBuild:
+    """What :func:`local_entries` made: the entries, and which tensors this rank holds and read."""
+
+    entries: list[StageEntry]
+    held: list[str]  # state_dict keys of the model this rank materialised
+    loaded: list[str]  # the keys read from --init-from (empty without it)
+
+
+def stage_tensor_names(module: nn.Module) -> set[str]:
+    """Every parameter and buffer name (original FQNs) a stage module holds, tied duplicates included."""
+    return ({n for n, _ in module.named_parameters(remove_duplicate=False)}
+            | {n for n, _ in module.named_buffers(remove_duplicate=False)})
+
+
+def local_entries(make: Callable[[nn.Module], list[StageEntry]], model: nn.Module, module_to_stage: Sequence[int],
+                  stages: Sequence[int], *, seed: int, init_from: str | None = None, who: str = "") -> LocalBuild:
+    """``make(model)`` (stages over ``model`` plus the criterion) with only ``stages``' tensors real.
+
+    ``model`` comes from ``build(weights=False)``; afterwards it holds real tensors for exactly
+    the FQNs of ``stages`` (and is otherwise on meta), so a caller may keep it as the rank's
+    landing place for repartitioning.
+    """
+    entries = make(model)
+    names: set[str] = set()
+    for i, (module, _, _) in enumerate(entries[:-1]):
+        if module_to_stage[i] in stages:
+            names |= stage_tensor_names(module)
+    loaded: list[str] = []
+    if init_from is None:
+        held = materialize(model, names, seed=seed)
+    else:
+        from pipeshift.weights import load_into, open_weights
+
+        held = materialize(model, names, initialize=False)
+        source = open_weights(init_from)
+        state = model.state_dict(keep_vars=True)
+        loaded = load_into(state, source, held, who=who, aliases=_aliases(model))
+        source.close()
+    return LocalBuild(make(model), held, loaded)
+
+
+def _aliases(model: nn.Module) -> dict[str, list[str]]:
+    """For a tensor with several names (tied weights), the other names: files keep only one of them."""
+    by_id: dict[int, list[str]] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for name, t in [*module._parameters.items(), *module._buffers.items()]:
+            if t is not None:
+                by_id.setdefault(id(t), []).append(f"{prefix}.{name}" if prefix else name)
+    return {n: [m for m in names if m != n] for names in by_id.values() if len(names) > 1 for n in names}

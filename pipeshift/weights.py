@@ -1,0 +1,243 @@
+"""Reading a model's weights tensor by tensor, so a rank reads only the tensors it owns.
+
+:func:`open_weights` accepts what people keep weights in:
+
+- a ``.safetensors`` file, or a directory with ``model.safetensors``;
+- a sharded directory with ``model.safetensors.index.json`` (the Hugging Face layout: a
+  ``weight_map`` from tensor name to shard file);
+- a pipeshift checkpoint (a ``--checkpoint-dir`` or one ``step-N`` directory in it: per-stage
+  files keyed by FQN), or a ``.pt`` state_dict such as ``pipeshift export -o model.pt`` writes;
+- a ``torch.distributed.checkpoint`` directory (its ``.metadata`` file).
+
+Safetensors files are opened lazily (``safe_open``: a header, then one tensor per
+``get_tensor``); torch files are memory-mapped (``torch.load(mmap=True)``), so only the pages of
+the tensors read are ever touched. :attr:`WeightSource.opened` lists the keys read, in order.
+
+:func:`load_into` copies the named tensors into a model's own tensors (which
+:func:`pipeshift.materialize.materialize` allocated), converting dtypes, and names the tensor
+and the file in every error: a missing key, a shape that differs, a file that is not what it
+claims. Serving and training use the same function.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeshift.errors import InputFileError, PipeshiftError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+MAX_INDEX_BYTES = 64 * 1024 * 1024
+
+
+class WeightSource:
+    """Named tensors in one or more files, read one at a time."""
+
+    def __init__(self, path: Path, files: Mapping[str, Path], kind: str):
+        self.path = path
+        self.kind = kind
+        self._file_of = dict(files)  # key -> the file holding it
+        self._open: dict[Path, Any] = {}
+        self.opened: list[str] = []
+
+    def keys(self) -> set[str]:
+        return set(self._file_of)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._file_of
+
+    def file_of(self, key: str) -> Path:
+        return self._file_of[key]
+
+    def files(self) -> list[Path]:
+        """The files that hold any of this source's keys (in the order first named)."""
+        return list(dict.fromkeys(self._file_of.values()))
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor ``key`` (read now, and only it)."""
+        path = self._file_of[key]
+        handle = self._handle(path)
+        try:
+            t = handle.get_tensor(key) if self.kind == "safetensors" else handle[key]
+        except Exception as e:  # a truncated or corrupt file: one line naming it and the tensor
+            raise InputFileError(path, None, f"cannot read tensor {key!r} ({type(e).__name__}: {e})") from None
+        if not torch.is_tensor(t):
+            raise InputFileError(path, None, f"entry {key!r} is not a tensor")
+        self.opened.append(key)
+        return t
+
+    def _handle(self, path: Path) -> Any:
+        if path not in self._open:
+            self._open[path] = _safe_open(path) if self.kind == "safetensors" else _torch_state(path)
+        return self._open[path]
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+def _safe_open(path: Path) -> Any:
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:
+        raise InputFileError(path, None, f"not a safetensors file ({type(e).__name__}: {e})") from None
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    return list(_safe_open(path).keys())
+
+
+def _torch_state(path: Path) -> dict[str, Any]:
+    """A torch file's FQN -> tensor dict, memory-mapped (a pipeshift stage file's ``model`` part)."""
+    if not path.is_file():
+        raise InputFileError(path, None, "file not found")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # hostile or truncated input
+        raise InputFileError(path, None, f"cannot be read as a torch file ({type(e).__name__}: {e})") from None
+    if isinstance(data, dict) and isinstance(data.get("model"), dict):
+        data = data["model"]
+    if not isinstance(data, dict):
+        raise InputFileError(path, None, "holds no state_dict (an object of tensors by name)")
+    return data
+
+
+def open_weights(path: str | Path) -> WeightSource:
+    """The weights at ``path`` (see the module docstring for the layouts)."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / INDEX).is_file():
+            return _sharded(p, p / INDEX)
+        if (p / SINGLE).is_file():
+            return _single_safetensors(p / SINGLE)
+        if (p / ".metadata").is_file():
+            return _dcp(p)
+        from pipeshift.runtime import checkpoint as ckpt
+
+        if (p / "meta.json").is_file() or (p / ckpt.LATEST).is_file():
+            return _pipeshift_checkpoint(p)
+        shards = sorted(p.glob("*.safetensors"))
+        if len(shards) == 1:
+            return _single_safetensors(shards[0])
+        raise PipeshiftError(f"{p}: no weights found (expected {INDEX}, {SINGLE}, a pipeshift checkpoint "
+                             "or a torch.distributed.checkpoint directory)")
+    if not p.exists():
+        raise PipeshiftError(f"{p}: no such file or directory")
+    if p.suffix == ".safetensors":
+        return _single_safetensors(p)
+    if p.suffix in (".pt", ".pth", ".bin"):
+        return WeightSource(p, {k: p for k in _torch_state(p)}, "torch")
+    raise PipeshiftError(f"{p}: unknown weights format (expected .safetensors, .pt, or a directory)")
+
+
+def _single_safetensors(path: Path) -> WeightSource:
+    return WeightSource(path, {k: path for k in safetensors_keys(path)}, "safetensors")
+
+
+def _sharded(root: Path, index: Path) -> WeightSource:
+    if index.stat().st_size > MAX_INDEX_BYTES:
+        raise InputFileError(index, None, f"larger than {MAX_INDEX_BYTES} bytes")
+    try:
+        data = json.loads(index.read_text())
+    except UnicodeDecodeError:
+        raise InputFileError(index, None, "not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise InputFileError(index, e.lineno, f"invalid JSON: {e.msg}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise InputFileError(index, None, "no 'weight_map' object (tensor name -> shard file)")
+    files: dict[str, Path] = {}
+    resolved = root.resolve()
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise InputFileError(index, None, f"weight_map[{key!r}] = {name!r} is not a file name in {root}")
+        shard = root / name
+        if not shard.resolve().is_relative_to(resolved):
+            raise InputFileError(index, None, f"weight_map[{key!r}] = {name!r} leaves {root}")
+        files[key] = shard
+    for shard in dict.fromkeys(files.values()):
+        if not shard.is_file():
+            raise InputFileError(index, None, f"names shard {shard.name}, which does not exist")
+    return WeightSource(root, files, "safetensors")
+
+
+def _pipeshift_checkpoint(root: Path) -> WeightSource:
+    from pipeshift.runtime import checkpoint as ckpt
+
+    where = ckpt.resolve(root)
+    meta = ckpt.read_meta(where)
+    files: dict[str, Path] = {}
+    for s in range(meta["num_stages"]):
+        path = where / f"stage{s}.pt"
+        for key in _torch_state(path):
+            files.setdefault(key, path)
+    return WeightSource(where, files, "torch")
+
+
+class _DCPSource(WeightSource):
+    """A ``torch.distributed.checkpoint`` directory: reads are planned for the requested keys only."""
+
+    def __init__(self, path: Path, metadata: Any):
+        keys = {k: path for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
+        super().__init__(path, keys, "dcp")
+        self._meta = metadata
+
+    def read_into(self, targets: Mapping[str, torch.Tensor]) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.load(dict(targets), checkpoint_id=str(self.path), no_dist=True)
+        self.opened.extend(targets)
+
+    def get(self, key: str) -> torch.Tensor:
+        info = self._meta.state_dict_metadata[key]
+        t = torch.empty(tuple(info.size), dtype=info.properties.dtype)
+        self.read_into({key: t})
+        return t
+
+
+def _dcp(root: Path) -> WeightSource:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(root)).read_metadata()
+    except Exception as e:
+        raise InputFileError(root / ".metadata", None, f"not a torch.distributed.checkpoint ({type(e).__name__}: {e})") from None
+    return _DCPSource(root, metadata)
+
+
+def load_into(targets: Mapping[str, torch.Tensor], source: WeightSource, keys: Iterable[str] | None = None, *,
+              who: str = "", aliases: Mapping[str, Iterable[str]] | None = None) -> list[str]:
+    """Copy ``source``'s tensors into ``targets`` (FQN -> the model's own tensor) for ``keys`` (default: all).
+
+    ``aliases`` maps a key to the other names its tensor goes by (a tied weight saved once under
+    either name). ``who`` ("rank 1 (stage 1)") prefixes errors. Returns the keys loaded.
+    """
+    wanted = list(targets if keys is None else keys)
+    names = {k: [k, *((aliases or {}).get(k, ()))] for k in wanted}
+    missing = [k for k in wanted if not any(n in source for n in names[k])]
+    lead = f"{who}: " if who else ""
+    if missing:
+        sample = sorted(source.keys())[:3]
+        raise PipeshiftError(f"{lead}--init-from {source.path}: no tensor {missing[0]!r}"
+                             f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; it holds "
+                             f"{len(source.keys())} tensors, e.g. {sample}")
+    if isinstance(source, _DCPSource):
+        source.read_into({next(n for n in names[k] if n in source): targets[k] for k in wanted})
+        return wanted
+    with torch.no_grad():
+        for key in wanted:
+            name = next(n for n in names[key] if n in source)
+            value = source.get(name)
+            dest = targets[key]
+            if tuple(value.shape) != tuple(dest.shape):
+                raise PipeshiftError(f"{lead}--init-from {source.file_of(name)}: tensor {name!r} has shape "
+                                     f"{list(value.shape)}, the model's {key!r} has {list(dest.shape)}")
+            dest.copy_(value)
+            del value
+    return wanted

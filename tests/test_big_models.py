@@ -1,0 +1,188 @@
+"""Models bigger than one worker: ranks build only their stages, read only their tensors, export by streaming.
+
+In-process tests build models on the meta device and materialise parts of them; the
+multi-process ones train a tiny codegen package on 2 and 3 ranks and compare with
+single-process training built the same way (``ModelSpec.build``). Every run has a hard timeout.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import repartition_helpers as h
+from pipeshift.errors import PipeshiftError
+from pipeshift.materialize import build_deferred, materialize
+from pipeshift.runtime import checkpoint as ckpt
+from pipeshift.spec import ModelSpec
+from pipeshift.weights import INDEX, load_into, open_weights
+
+SPECS = [
+    ModelSpec("pipeshift.models:gpt", {"vocab_size": 31, "width": 16, "depth": 3, "heads": 2, "block_size": 8,
+                                       "tie_weights": True}, seed=5),
+    ModelSpec("pipeshift.models:resnet18", {"width": 4, "num_classes": 5}, seed=2),
+    h.SPEC,
+]
+
+
+def _groups(model: nn.Module, n: int) -> list[list[str]]:
+    """The model's top-level children dealt into ``n`` contiguous groups (a stand-in for stages)."""
+    names = [name for name, _ in model.named_children()]
+    size = -(-len(names) // n)
+    return [names[i:i + size] for i in range(0, len(names), size)]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.callable.rpartition(":")[2])
+def test_each_part_materialised_alone_equals_the_full_build(spec):
+    full = spec.build().model.state_dict()
+    seen: dict[str, torch.Tensor] = {}
+    for group in _groups(spec.build(weights=False).model, 3):
+        model = spec.build(weights=False).model
+        held = materialize(model, group, seed=spec.seed)
+        state = model.state_dict()
+        assert held and set(held) <= set(state)
+        for key, value in state.items():
+            if key in held:
+                assert torch.equal(value, full[key]), key
+                seen[key] = value
+            else:
+                assert value.device.type == "meta", f"{key} is real but not in {group}"
+    assert set(seen) == set(full)
+
+
+class Custom(nn.Module):
+    """A module that cannot re-create its parameter (no reset_parameters): the constructor's value is kept."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(4))
+        self.proj = nn.Linear(4, 4)
+        self.register_buffer("table", torch.arange(4.0))
+
+    def forward(self, x):
+        return self.proj(x * self.scale + self.table)
+
+
+class ForgetsBias(nn.Linear):
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def test_constructor_values_are_kept_and_an_unset_parameter_is_refused():
+    a = build_deferred(lambda: nn.Sequential(Custom(), Custom()), {}, seed=1)
+    assert a[0].proj.weight.device.type == "meta" and a[0].scale.device.type == "cpu"
+    materialize(a, seed=1)
+    b = build_deferred(lambda: nn.Sequential(Custom(), Custom()), {}, seed=1)
+    materialize(b, ["1"], seed=1)
+    for key, value in b.state_dict().items():
+        if key.startswith("1."):
+            assert torch.equal(value, a.state_dict()[key]), key
+        else:
+            assert value.device.type == "meta", key
+    with pytest.raises(PipeshiftError, match="'bias'.*no defined initial value"):
+        materialize(build_deferred(lambda: ForgetsBias(3, 3), {}, seed=0), seed=0)
+
+
+def _write_sharded(state: dict[str, torch.Tensor], out: Path, shards: int = 2) -> Path:
+    out.mkdir(parents=True)
+    keys = sorted(state)
+    weight_map = {}
+    for s in range(shards):
+        part = keys[s::shards]
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({k: state[k].contiguous() for k in part}, str(out / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    (out / INDEX).write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    return out
+
+
+def test_weight_sources_read_only_the_tensors_asked_for(tmp_path):
+    state = {k: v.clone() for k, v in SPECS[0].build().model.state_dict().items() if k != "lm_head.weight"}
+    sharded = open_weights(_write_sharded(state, tmp_path / "w"))
+    model = SPECS[0].build(weights=False).model
+    held = materialize(model, ["h.1"], initialize=False)
+    load_into(model.state_dict(keep_vars=True), sharded, held)
+    assert sorted(sharded.opened) == sorted(held)
+    assert all(torch.equal(model.state_dict()[k], state[k]) for k in held)
+    # a tied head saved once under the embedding's name loads through its alias
+    model = SPECS[0].build(weights=False).model
+    held = materialize(model, ["lm_head"], initialize=False)
+    from pipeshift.runtime.local import _aliases
+
+    load_into(model.state_dict(keep_vars=True), open_weights(tmp_path / "w"), held, aliases=_aliases(model))
+    assert torch.equal(model.lm_head.weight, state["wte.weight"])
+    with pytest.raises(PipeshiftError, match="rank 3: --init-from .*no tensor 'nope'"):
+        load_into({"nope": torch.zeros(1)}, sharded, who="rank 3")
+    bad = dict(state)
+    bad["ln_f.weight"] = torch.zeros(7)
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(PipeshiftError, match=r"'ln_f.weight' has shape \[7\]"):
+        load_into({"ln_f.weight": torch.zeros(16)}, open_weights(tmp_path / "bad.safetensors"))
+
+
+def _reference_from(state: dict[str, torch.Tensor] | None, steps: int, microbatches: int) -> nn.Module:
+    bundle = h.SPEC.build()
+    model, crit = bundle.model, bundle.criterion()
+    if state is not None:
+        model.load_state_dict(state)
+    data = bundle.data(h.BATCH, "train", 0) if bundle.data else bundle.synthetic_data(h.BATCH, 0)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(steps):
+        for _ in range(microbatches):
+            x, y = next(data)
+            (crit(model(*x), y) / microbatches).backward()
+        opt.step()
+        opt.zero_grad()
+    return model
+
+
+def _records(workdir: Path, world: int) -> list[dict]:
+    return [json.loads((workdir / "out" / f"rank{r}" / "weights.json").read_text()) for r in range(world)]
+
+
+def test_three_ranks_build_only_their_stages_and_train_like_one_process(tmp_path):
+    h.package(tmp_path, [4, 8], [[0], [1], [2]])
+    code, out = h.launch(tmp_path, 3, ["--steps", "3", "--microbatches", "3", "--optimizer", "adam"])
+    assert code == 0, out
+    held = [set(r["held"]) for r in _records(tmp_path, 3)]
+    every = set(h.SPEC.build().model.state_dict())
+    assert all(held) and set().union(*held) == every and sum(map(len, held)) == len(every)
+    h.assert_same_weights(h.final_weights(tmp_path / "ck"), _reference_from(None, 3, 3))
+
+
+@pytest.fixture(scope="module")
+def loaded_run(tmp_path_factory):
+    """Two ranks trained from a sharded safetensors directory of other weights (another seed)."""
+    workdir = tmp_path_factory.mktemp("init_from")
+    h.package(workdir, [6], [[0], [1]])
+    other = ModelSpec(h.SPEC.callable, h.SPEC.kwargs, seed=99).build().model.state_dict()
+    _write_sharded(other, workdir / "weights")
+    code, out = h.launch(workdir, 2, ["--steps", "2", "--microbatches", "2", "--optimizer", "adam",
+                                      "--init-from", "weights"])
+    assert code == 0, out
+    return workdir, other
+
+
+def test_init_from_a_sharded_directory_reads_only_owned_tensors(loaded_run):
+    workdir, other = loaded_run
+    records = _records(workdir, 2)
+    for r in records:
+        assert r["init"] == "file" and sorted(r["read"]) == sorted(r["held"])
+    assert set(records[0]["read"]).isdisjoint(records[1]["read"])
+    assert set(records[0]["read"]) | set(records[1]["read"]) == set(other)
+    h.assert_same_weights(h.final_weights(workdir / "ck"), _reference_from(other, 2, 2))
+
+
+def test_a_pipeshift_checkpoint_is_a_weight_source(loaded_run):
+    workdir, _ = loaded_run
+    source = open_weights(workdir / "ck")
+    final = h.final_weights(workdir / "ck")
+    assert source.keys() == set(final)
+    key = sorted(final)[0]
+    assert torch.equal(source.get(key), final[key]) and source.opened == [key]
+    assert ckpt.resolve(workdir / "ck") == source.path
