@@ -22,7 +22,7 @@ claims. Serving and training use the same function.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -241,3 +241,88 @@ def load_into(targets: Mapping[str, torch.Tensor], source: WeightSource, keys: I
             dest.copy_(value)
             del value
     return wanted
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+DEFAULT_SHARD_BYTES = 5 * 1000**3  # transformers' default max_shard_size ("5GB")
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def write_safetensors(path: Path, names: list[str], get: Callable[[str], torch.Tensor],
+                      metadata: Mapping[str, str] | None = None) -> int:
+    """Write ``names`` to one safetensors file, fetching and writing one tensor at a time; returns the bytes.
+
+    The format is a little-endian u64 header length, a JSON header (dtype, shape, byte range per
+    tensor, plus ``__metadata__``), then the tensors' bytes back to back. The header needs only
+    shapes and dtypes, so ``get`` is called twice per tensor: a memory-mapped source makes the
+    first call cost nothing; the second reads the data, which is written and dropped.
+    """
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name in names:
+        t = get(name)
+        if t.dtype not in _ST_DTYPES:
+            raise PipeshiftError(f"{name!r}: dtype {t.dtype} cannot be stored in safetensors")
+        n = tensor_bytes(t)
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for name in names:
+            t = get(name).detach().cpu().contiguous()
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            del t
+    tmp.replace(path)
+    return offset
+
+
+def shard_names(sizes: Mapping[str, int], max_bytes: int) -> list[list[str]]:
+    """Keys in order, cut into shards of at most ``max_bytes`` (a larger tensor gets a shard of its own)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, n in sizes.items():
+        if shards[-1] and used + n > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += n
+    return shards
+
+
+def write_sharded(out: Path, sizes: Mapping[str, int], get: Callable[[str], torch.Tensor],
+                  max_bytes: int = DEFAULT_SHARD_BYTES) -> list[Path]:
+    """A directory as ``save_pretrained`` writes it: ``model.safetensors``, or shards and their index."""
+    out.mkdir(parents=True, exist_ok=True)
+    shards = shard_names(sizes, max_bytes)
+    if len(shards) == 1:
+        write_safetensors(out / SINGLE, shards[0], get)
+        stale = out / INDEX
+        if stale.exists():
+            stale.unlink()
+        return [out / SINGLE]
+    if (out / SINGLE).exists():  # a previous unsharded export would shadow the index
+        (out / SINGLE).unlink()
+    files, weight_map = [], {}
+    for i, names in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(out / name, names, get)
+        weight_map.update({k: name for k in names})
+        files.append(out / name)
+    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+    tmp = out / (INDEX + ".tmp")
+    tmp.write_text(json.dumps(index, indent=2) + "\n")
+    tmp.replace(out / INDEX)
+    return files

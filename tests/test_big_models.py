@@ -186,3 +186,33 @@ def test_a_pipeshift_checkpoint_is_a_weight_source(loaded_run):
     key = sorted(final)[0]
     assert torch.equal(source.get(key), final[key]) and source.opened == [key]
     assert ckpt.resolve(workdir / "ck") == source.path
+
+
+def test_export_picks_the_format_from_the_output_and_round_trips(loaded_run, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from pipeshift import cli
+
+    workdir, _ = loaded_run
+    final = h.final_weights(workdir / "ck")
+    total = sum(v.numel() * v.element_size() for v in final.values())
+    out = tmp_path / "sharded"
+    assert cli.main(["export", str(workdir / "ck"), "-o", f"{out}/", "--max-shard-size", str(total // 3)]) == 0
+    index = json.loads((out / INDEX).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 3 and all((out / s).is_file() for s in shards)
+    assert set(index["weight_map"]) == set(final)
+    assert "checked against" in capsys.readouterr().out
+    model = h.SPEC.build(weights=False).model
+    held = materialize(model, initialize=False)
+    load_into(model.state_dict(keep_vars=True), open_weights(out), held)
+    h.assert_same_weights(final, model, rtol=0)
+    assert cli.main(["export", str(workdir / "ck"), "-o", str(tmp_path / "one.safetensors")]) == 0
+    one = load_file(str(tmp_path / "one.safetensors"))
+    assert set(one) == set(final) and all(torch.equal(one[k], final[k]) for k in final)
+    assert cli.main(["export", str(workdir / "ck"), "-o", str(tmp_path / "m.pt")]) == 0
+    fresh = h.SPEC.build().model
+    fresh.load_state_dict(torch.load(tmp_path / "m.pt"))
+    h.assert_same_weights(final, fresh, rtol=0)
+    assert cli.main(["export", str(workdir / "ck"), "-o", str(tmp_path / "m.onnx")]) == 1
+    assert "unknown format '.onnx'" in capsys.readouterr().err

@@ -101,19 +101,20 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
     return meta
 
 
-def load_file(path: Path) -> Any:
+def load_file(path: Path, mmap: bool = False) -> Any:
+    """A checkpoint file; ``mmap``: its tensors memory-mapped, so only the pages a reader touches are read."""
     if not path.is_file():
         raise InputFileError(path, None, "file not found: the checkpoint is incomplete")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # hostile or truncated input: one clear line
         raise InputFileError(path, None, f"cannot be read as a checkpoint ({type(e).__name__}: {e})") from None
 
 
-def stage_files(ckpt: Path, meta: Mapping[str, Any]) -> list[dict[str, Any]]:
+def stage_files(ckpt: Path, meta: Mapping[str, Any], mmap: bool = False) -> list[dict[str, Any]]:
     out = []
     for s in range(meta["num_stages"]):
-        data = load_file(ckpt / f"stage{s}.pt")
+        data = load_file(ckpt / f"stage{s}.pt", mmap=mmap)
         if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
             raise InputFileError(ckpt / f"stage{s}.pt", None, "no 'model' state_dict inside")
         out.append(data)

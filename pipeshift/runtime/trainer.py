@@ -329,7 +329,7 @@ class Trainer:
                     f"{where}/meta.json: written with {key}={meta.get(key)!r} but this run has {mine!r}; "
                     "resuming would not continue the same training"
                 )
-        stages = ckpt.stage_files(where, meta)
+        stages = ckpt.stage_files(where, meta, mmap=True)  # only the pages of this rank's tensors are read
         p.stage.load_state_dict(ckpt.assemble_state_dict(stages, where), source=str(where))
         load_optimizer_state_by_fqn(p.optimizer, p.stage.params, ckpt.merged_optimizer_state(stages))
         if p.lr_scheduler is not None:
