@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "master": ("pipeshift.launch.master_cli", "run the control-plane master"),
     "ctl": ("pipeshift.launch.ctl_cli", "talk to a running master (status, repartition, policy)"),
     "netcheck": ("pipeshift.launch.netcheck", "measure latency/bandwidth between hosts"),
+    "serve": ("pipeshift.serve.cli", "serve a stage package over HTTP (batching, pipelined forward)"),
+    "loadtest": ("pipeshift.serve.loadtest", "load-test a pipeshift serve endpoint"),
     "show": ("pipeshift.show", "summarise a graph.txt, plan.json or stage package"),
     "demo": ("pipeshift.demo", "run the end-to-end demo"),
 }

@@ -1,0 +1,384 @@
+"""Serve a stage package over HTTP: ``pipeshift serve STAGES --local N [--port P] [--max-batch B …]``.
+
+Launch like training: ``--local N`` starts N ranks on this machine through torchrun; under
+torchrun, or per machine with ``--rank R --world-size W --dist-addr HOST:PORT``, each process is
+one rank. Every rank runs its stage; the front-end rank (``--frontend-rank``, default 0) also
+serves HTTP on 127.0.0.1 (``--host`` to change), batches requests (``--max-batch``,
+``--max-delay-ms``), keeps ``--inflight`` batches in the pipeline and answers 503 at once when
+its ``--queue`` is full. A dead or silent rank makes every waiting request fail with 503 within
+``--timeout`` and the server exit non-zero (torchrun, or ``launch --elastic``, restarts it).
+A bearer token is required when ``$PIPESHIFT_SERVE_TOKEN`` or ``--token-file`` gives one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from pipeshift.errors import PipeshiftError
+
+TOKEN_ENV = "PIPESHIFT_SERVE_TOKEN"
+_LOCAL_ONLY = {"local", "dry_run"}  # flags of the launcher, not of the ranks
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("package", help="stage package directory (pipeshift codegen's output)")
+    g = p.add_argument_group("processes")
+    g.add_argument("--local", type=int, metavar="N", help="run N ranks on this machine (torchrun)")
+    g.add_argument("--dry-run", action="store_true", help="with --local: print the torchrun command, do not run it")
+    g.add_argument("--rank", type=int, default=None, help="explicit launch: this process's rank")
+    g.add_argument("--world-size", type=int, default=None, help="explicit launch: number of ranks")
+    g.add_argument("--dist-addr", default=None, help="explicit launch: HOST:PORT where rank 0 listens")
+    g.add_argument("--frontend-rank", type=int, default=0, help="the rank that serves HTTP (default 0)")
+    g.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds without an answer from a rank before it counts as dead (default %(default)s)")
+    g.add_argument("--threads", type=int, default=None, help="torch intra-op threads per rank")
+    g = p.add_argument_group("HTTP")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    g.add_argument("--port", type=int, default=8000, help="port (default %(default)s; 0: any free port)")
+    g.add_argument("--port-file", default=None, help="write the port actually bound to this file")
+    g.add_argument("--token-file", default=None, help=f"file holding the bearer token (default ${TOKEN_ENV})")
+    g.add_argument("--name", default=None, help="model name in /v1/models (default: the package directory's)")
+    g.add_argument("--max-body-bytes", type=int, default=64 << 20, help="larger bodies get 413 (default 64 MiB)")
+    g.add_argument("--request-timeout", type=float, default=30.0,
+                   help="seconds before a request is answered 504 (default %(default)s)")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="/v1/completions: largest max_tokens")
+    g = p.add_argument_group("batching")
+    g.add_argument("--max-batch", type=int, default=8, help="samples per batch at most (default %(default)s)")
+    g.add_argument("--max-delay-ms", type=float, default=5.0,
+                   help="wait at most this long after a batch's first request for more (default %(default)s)")
+    g.add_argument("--queue", type=int, default=64, help="requests waiting at most; more get 503 (default %(default)s)")
+    g.add_argument("--inflight", type=int, default=None, help="batches in the pipeline at once (default: 2 x ranks)")
+    g = p.add_argument_group("repartitioning while serving (needs a package written by `pipeshift codegen`)")
+    g.add_argument("--repartition-at", action="append", default=[], metavar="BATCHES:PLAN",
+                   help="switch to PLAN (a plan.json) once BATCHES batches were dispatched; repeatable")
+    g.add_argument("--slowdown", action="append", default=[], metavar="RANK:FACTOR[@BATCH]",
+                   help="experiment: from batch BATCH on, rank RANK's forward takes FACTOR times as long")
+    p.set_defaults(serve_parser=p)
+
+
+def _check(args: argparse.Namespace) -> None:
+    for name in ("max_batch", "queue", "max_body_bytes", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise PipeshiftError(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("inflight", "threads", "local"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise PipeshiftError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_delay_ms < 0:
+        raise PipeshiftError("--max-delay-ms must be >= 0")
+    for name in ("timeout", "request_timeout"):
+        if not getattr(args, name) > 0:
+            raise PipeshiftError(f"--{name.replace('_', '-')} must be positive")
+    if not 0 <= args.port < 65536:
+        raise PipeshiftError(f"--port {args.port}: not a port number")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check(args)
+    if args.local is not None:
+        return _launch_local(args)
+    return _serve_rank(args)
+
+
+# -- the launcher ---------------------------------------------------------------------------
+
+
+def rank_argv(args: argparse.Namespace) -> list[str]:
+    """This command line without the launcher's flags: what every rank runs."""
+    parser: argparse.ArgumentParser = args.serve_parser
+    out = [args.package]
+    for action in parser._actions:
+        dest = action.dest
+        if not action.option_strings or dest in _LOCAL_ONLY or dest == "help":
+            continue
+        value = getattr(args, dest, None)
+        if value == action.default:
+            continue
+        flag = action.option_strings[-1] if action.option_strings[-1].startswith("--") else action.option_strings[0]
+        if isinstance(action, argparse._StoreTrueAction):
+            out.append(flag)
+        elif isinstance(action, argparse._AppendAction):
+            for v in value:
+                out += [flag, str(v)]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def _launch_local(args: argparse.Namespace) -> int:
+    from pipeshift.launch.cli import _local_env
+
+    if args.rank is not None or args.world_size is not None or args.dist_addr is not None:
+        raise PipeshiftError("--local starts every rank itself: drop --rank/--world-size/--dist-addr")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.local),
+           "-m", "pipeshift", "serve", *rank_argv(args)]
+    if args.dry_run:
+        print(shlex.join(cmd))
+        return 0
+    proc = subprocess.Popen(cmd, env=_local_env(args.local))
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.wait()
+        return 130
+
+
+# -- one rank -------------------------------------------------------------------------------
+
+
+def _exit(message: str | None, code: int) -> None:
+    """Leave now: a process group with a dead peer can hang a normal exit."""
+    sys.stdout.flush()
+    if message:
+        print(message, file=sys.stderr, flush=True)
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _serve_rank(args: argparse.Namespace) -> int:
+    import torch
+
+    from pipeshift.runtime.distributed import init_distributed
+    from pipeshift.runtime.package import parse_conf, read_json
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    expected = None
+    try:
+        conf = Path(args.package) / "conf.json"
+        expected = sum(len(r) for r in parse_conf(read_json(conf), conf)[1].values())
+    except PipeshiftError:
+        pass  # reported by the start-up agreement, on every rank
+    info = init_distributed(rank=args.rank, world_size=args.world_size, dist_addr=args.dist_addr,
+                            backend="gloo", device="cpu", timeout_s=args.timeout, expected_world=expected)
+    try:
+        code = _serve(args, info)
+    except PipeshiftError as e:
+        _exit(f"pipeshift serve: error: {e}", 1)
+    except KeyboardInterrupt:
+        _exit("pipeshift serve: interrupted", 130)
+    except BaseException:
+        traceback.print_exc()
+        _exit(f"pipeshift serve: internal error on rank {info.rank} (a pipeshift bug; traceback above)", 1)
+    _exit(None, code)
+    return code
+
+
+def _serve(args: argparse.Namespace, info) -> int:
+    from pipeshift.runtime.comm import Communicator
+    from pipeshift.runtime.package import load_stage_package
+    from pipeshift.runtime.trainer import agree
+    from pipeshift.serve import wire
+    from pipeshift.serve.worker import StageWorker
+
+    error, pkg, built, config = None, None, None, {}
+    try:
+        pkg = load_stage_package(args.package)
+        if not 0 <= args.frontend_rank < info.world_size:
+            raise PipeshiftError(f"--frontend-rank {args.frontend_rank}: the job has ranks 0..{info.world_size - 1}")
+        built = _build(pkg, info.rank)
+        config = {"package": pkg.digest(), "world_size": info.world_size, "frontend_rank": args.frontend_rank,
+                  "slowdown": args.slowdown}
+    except PipeshiftError as e:
+        error = str(e)
+    comm = Communicator(info.rank, stage_of=lambda r: -1, tags={}, timeout_s=args.timeout)
+    agree(comm, info.rank, config, error)
+    entries, module_to_stage, repartitioner, bundle = built
+    mailbox = wire.Mailbox()
+    stage_of = {r: s for s, ranks in pkg.stage_to_rank.items() for r in ranks}
+
+    def who(rank: int) -> str:
+        return f"rank {rank} (stage {stage_of[rank]})" if rank in stage_of else f"rank {rank}"
+
+    worker = StageWorker(info.rank, entries, module_to_stage, pkg.stage_to_rank, frontend=args.frontend_rank,
+                         link=wire.Link(info.rank, mailbox, args.timeout, who), device=info.device,
+                         timeout_s=args.timeout, repartitioner=repartitioner, slowdowns=_slowdowns(args.slowdown),
+                         source=str(pkg.path / "conf.json"))
+    if info.rank != args.frontend_rank:
+        worker.run()
+        return 0
+    return _frontend(args, info, pkg, bundle, worker, mailbox, who)
+
+
+def _build(pkg, rank: int):
+    """The full model (every rank keeps it, so a switch can hand layers over), its stages, a repartitioner."""
+    from pipeshift.runtime.elastic import package_plan
+    from pipeshift.runtime.repartition import Partition, Repartitioner, plan_stage_ranks
+
+    from torch import nn
+
+    class NoLoss(nn.Module):
+        """The criterion slot of the package's module list: serving never computes a loss."""
+
+    bundle = pkg.bundle()
+    full = bundle.model
+    full.eval()
+    criterion = NoLoss()
+    make = pkg.module.model
+    try:
+        takes_original = len(inspect.signature(make).parameters) >= 2
+    except (TypeError, ValueError):
+        takes_original = False
+    if takes_original:
+        made = make(criterion, full)
+        entries = [(m, list(i), list(o)) for m, i, o in made]
+    else:
+        entries = pkg.entries(criterion)
+    module_to_stage = pkg.module_to_stage
+    repartitioner = None
+    plan = package_plan(pkg)
+    if plan is not None and takes_original:
+        partition = Partition.of(plan, plan_stage_ranks(plan), [m for m, _, _ in entries[:-1]])
+        repartitioner = Repartitioner(rank, full, entries[-1], partition)
+    return entries, module_to_stage, repartitioner, bundle
+
+
+def _slowdowns(values: list[str]) -> list[tuple[int, float, int]]:
+    out = []
+    for text in values:
+        head, _, at = text.partition("@")
+        rank, _, factor = head.partition(":")
+        try:
+            item = (int(rank), float(factor), int(at) if at else 0)
+        except ValueError:
+            raise PipeshiftError(f"--slowdown {text!r}: expected RANK:FACTOR[@BATCH]") from None
+        if item[1] < 1.0 or item[2] < 0 or item[0] < 0:
+            raise PipeshiftError(f"--slowdown {text!r}: FACTOR must be >= 1, RANK and BATCH >= 0")
+        out.append(item)
+    return out
+
+
+def _forced(values: list[str]) -> list[tuple[int, dict[str, Any], str]]:
+    from pipeshift.jsonfile import read_json_object
+
+    out = []
+    for text in values:
+        at, sep, path = text.partition(":")
+        if not sep or not at.isdigit() or not path:
+            raise PipeshiftError(f"--repartition-at {text!r}: expected BATCHES:PLAN, e.g. 100:plan2/plan.json")
+        p = Path(path)
+        if p.is_dir():
+            p = p / "plan.json"
+        plan = read_json_object(p, "plan file")
+        out.append((int(at), plan, f"--repartition-at {text}"))
+    return sorted(out, key=lambda x: x[0])
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as e:
+            raise PipeshiftError(f"--token-file {args.token_file}: {e.strerror or e}") from None
+        if not token:
+            raise PipeshiftError(f"--token-file {args.token_file}: the file is empty")
+        return token
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def _model_info(args, pkg, bundle, worker, frontend):
+    import torch
+
+    from pipeshift.serve.completions import Generator, causal_lm, load_tokenizer
+    from pipeshift.serve.http import InputSpec, ModelInfo
+
+    example = [t for t in bundle.example_inputs(1)]
+    raw = worker.routing.raw_inputs
+    if len(raw) != len(example):
+        raise PipeshiftError(f"{pkg.path}: the model takes {len(example)} inputs but its stages read {list(raw)}")
+    inputs = [InputSpec(f"input{k}", t.dtype, tuple(t.shape)) for k, t in enumerate(example)]
+    outputs = [f"output{k}" for k in range(len(worker.routing.outputs))]
+    info = ModelInfo(name=args.name or pkg.path.name, inputs=inputs, outputs=outputs, max_batch=args.max_batch,
+                     max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout,
+                     token=_token(args))
+    with torch.inference_mode():
+        out = bundle.model(*example)
+    out = list(out) if isinstance(out, (tuple, list)) else [out]
+    if causal_lm(example, out):
+        model = bundle.model
+        context = next((int(v) for v in (getattr(getattr(model, "config", None), "max_position_embeddings", None),
+                                         getattr(getattr(model, "wpe", None), "num_embeddings", None)) if v), 1 << 16)
+        tokenizer = load_tokenizer(pkg.spec.kwargs if pkg.spec else {})
+        info.completions = Generator(info.name, int(out[0].shape[-1]), context, args.max_new_tokens, tokenizer)
+    return info
+
+
+def _frontend(args, info, pkg, bundle, worker, mailbox, who) -> int:
+    import uvicorn
+
+    from pipeshift.serve.frontend import Config, Frontend
+    from pipeshift.serve.http import build_app
+    from pipeshift.serve.metrics import ServeMetrics
+
+    cfg = Config(max_batch=args.max_batch, max_delay_s=args.max_delay_ms / 1000.0, queue_size=args.queue,
+                 inflight=args.inflight or 2 * info.world_size, timeout_s=args.timeout)
+    frontend = Frontend(info.rank, info.world_size, worker, mailbox, cfg, who=who)
+    frontend.forced = _forced(args.repartition_at)
+    metrics = ServeMetrics(lambda: {"queue_depth": frontend.queue_depth(),
+                                    "inflight_batches": frontend.inflight_batches(),
+                                    "ready": float(frontend.ready)})
+    frontend.metrics = metrics
+    model_info = _model_info(args, pkg, bundle, worker, frontend)
+    app = build_app(frontend, model_info, metrics)
+    sock = _listen(args.host, args.port)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                           timeout_keep_alive=30))
+    http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="pipeshift-serve-http", daemon=True)
+    frontend.start()
+    http.start()
+    deadline = time.monotonic() + args.timeout
+    while not server.started:
+        if not http.is_alive() or time.monotonic() > deadline:
+            raise PipeshiftError(f"the HTTP server on {args.host}:{sock.getsockname()[1]} did not start")
+        time.sleep(0.01)
+    port = sock.getsockname()[1]
+    if args.port_file:
+        tmp = Path(args.port_file + ".tmp")
+        tmp.write_text(str(port))
+        tmp.replace(args.port_file)
+    print(f"pipeshift serve: {model_info.name} on http://{args.host}:{port} ({info.world_size} ranks, stages "
+          f"{[list(r) for r in worker.routing.stage_ranks]})", file=sys.stderr, flush=True)
+
+    def stop(signum, frame) -> None:
+        threading.Thread(target=frontend.stop, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    frontend.run()
+    if frontend.dead is None:
+        try:
+            frontend.shutdown_ranks()
+        except PipeshiftError as e:
+            frontend.fail(str(e))
+    if frontend.dead is not None:  # answered everyone with 503; give the HTTP thread time to send them
+        time.sleep(frontend.config.exit_grace_s + 1.0)
+        return 1
+    server.should_exit = True
+    http.join(timeout=5)
+    return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        raise PipeshiftError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+

@@ -1,0 +1,86 @@
+"""Forward-only routing of a stage package: who receives what from whom, and what the outputs are.
+
+Training's :class:`~pipeshift.runtime.topology.Topology` routes the criterion and the target
+too; serving drops both. The package's last entry is the criterion reading
+``[output, …, "target"]``: its other inputs are the model's outputs, which go back to the
+front end from whichever stage makes them. Raw inputs come from the front end to every stage
+that reads them. Batch ``b`` of stage ``s`` runs on replica ``b % replicas(s)``, so both ends of
+every transfer know their peer without asking (as in training).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from pipeshift.errors import PipeshiftError
+from pipeshift.runtime.topology import TARGET, build_topology
+
+FRONTEND = -1  # the source of raw inputs, in ``Routing.inbound``
+
+
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    stage_ranks: tuple[tuple[int, ...], ...]
+    modules: tuple[tuple[int, ...], ...]  # per stage: the package entries it runs (criterion excluded)
+    inbound: tuple[dict[int, tuple[str, ...]], ...]  # per stage: source stage (or FRONTEND) -> names
+    outbound: tuple[dict[int, tuple[str, ...]], ...]  # per stage: destination stage -> names
+    outputs: tuple[str, ...]  # the model's outputs, in order
+    returns: tuple[tuple[str, ...], ...]  # per stage: the outputs it sends to the front end
+    raw_inputs: tuple[str, ...]
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stage_ranks)
+
+    @property
+    def world_size(self) -> int:
+        return sum(len(r) for r in self.stage_ranks)
+
+    def stage_of(self, rank: int) -> int:
+        for s, ranks in enumerate(self.stage_ranks):
+            if rank in ranks:
+                return s
+        raise PipeshiftError(f"rank {rank} is in no stage")
+
+    def rank_for(self, stage: int, batch: int) -> int:
+        ranks = self.stage_ranks[stage]
+        return ranks[batch % len(ranks)]
+
+    def ranks_for(self, batch: int) -> list[int]:
+        """The rank of every stage that runs ``batch``."""
+        return [self.rank_for(s, batch) for s in range(self.num_stages)]
+
+
+def build_routing(io: Sequence[tuple[Sequence[str], Sequence[str]]], module_to_stage: Sequence[int],
+                  stage_ranks, source: str = "conf.json") -> Routing:
+    topo = build_topology(io, module_to_stage, stage_ranks, source=source)  # checks the contract
+    io = [(tuple(i), tuple(o)) for i, o in io]
+    crit = len(io) - 1
+    outputs = tuple(n for n in io[crit][0] if n != TARGET)
+    stages = topo.num_stages
+    modules = tuple(tuple(i for i in topo.modules_of(s) if i != crit) for s in range(stages))
+    producer: dict[str, int] = {}
+    for k, (_ins, outs) in enumerate(io[:crit]):
+        for n in outs:
+            producer[n] = topo.module_to_stage[k]
+    inbound: list[dict[int, list[str]]] = [{} for _ in range(stages)]
+    outbound: list[dict[int, list[str]]] = [{} for _ in range(stages)]
+    for s in range(stages):
+        made_here = {n for k in modules[s] for n in io[k][1]}
+        needed = sorted({n for k in modules[s] for n in io[k][0]} - made_here)
+        for n in needed:
+            src = producer.get(n, FRONTEND)
+            inbound[s].setdefault(src, []).append(n)
+            if src != FRONTEND:
+                outbound[src].setdefault(s, []).append(n)
+    missing = [n for n in outputs if n not in producer]
+    if missing:
+        raise PipeshiftError(f"{source}: the model's outputs {missing} are made by no stage")
+    returns = tuple(tuple(n for n in outputs if producer[n] == s) for s in range(stages))
+    return Routing(
+        stage_ranks=topo.stage_ranks, modules=modules,
+        inbound=tuple({k: tuple(v) for k, v in d.items()} for d in inbound),
+        outbound=tuple({k: tuple(v) for k, v in d.items()} for d in outbound),
+        outputs=outputs, returns=returns, raw_inputs=topo.raw_inputs,
+    )

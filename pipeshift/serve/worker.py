@@ -1,0 +1,157 @@
+"""One stage rank's serving loop: control messages in order, then receive, forward, send on.
+
+The front end tells every rank that takes part in a batch about it (a ``batch`` control
+message), so a rank always knows what comes next without polling several peers: it takes the
+control stream in order — a batch, a ping (answered with a pong carrying its counters), a
+switch to a new plan, stop — and for a batch receives from exactly the peers the routing names
+(raw inputs from the front end, activations from the replica of each upstream stage that runs
+this batch), runs its modules under ``torch.inference_mode``, and sends on. A batch the model
+rejects (or that arrived as a skip) travels on as a skip with the reason, so every downstream
+rank and the front end stay in step and every request gets its answer.
+
+A switch reuses training's mechanism (:class:`~pipeshift.runtime.repartition.Repartitioner`):
+this object offers the executor interface it needs (``comm``, ``stage``, ``optimizer``,
+``rebuild``); a forward-only stage has no optimizer state, so only weights move.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from pipeshift.errors import PipeshiftError
+from pipeshift.runtime.comm import Communicator, PeerError
+from pipeshift.runtime.stage import Stage, StageEntry
+from pipeshift.serve import wire
+from pipeshift.serve.routing import FRONTEND, Routing, build_routing
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+class StageWorker:
+    """This rank's stage and the loop that serves it (a thread on the front end's rank)."""
+
+    def __init__(self, rank: int, entries: Sequence[StageEntry], module_to_stage: Sequence[int], stage_ranks,
+                 *, frontend: int, link: wire.Link, device: torch.device, timeout_s: float,
+                 repartitioner: Any = None, slowdowns: Sequence[tuple[int, float, int]] = (),
+                 source: str = "conf.json"):
+        self.rank = rank
+        self.frontend = frontend
+        self.link = link
+        self.device = device
+        self.timeout_s = timeout_s
+        self.repartitioner = repartitioner
+        self.slowdowns = list(slowdowns)  # (rank, factor, from batch)
+        self.compute_s = 0.0
+        self.batches = 0
+        self.switches: list[dict[str, Any]] = []
+        self.comm = Communicator(rank, stage_of=lambda r: self.routing.stage_of(r), tags={}, device=device,
+                                 timeout_s=timeout_s)
+        self._build(entries, module_to_stage, stage_ranks, source)
+
+    # -- the executor interface a Repartitioner uses ----------------------------------------
+
+    def _build(self, entries, module_to_stage, stage_ranks, source: str) -> None:
+        io = [(ins, outs) for _, ins, outs in entries]
+        self.routing: Routing = build_routing(io, module_to_stage, stage_ranks, source=source)
+        self.stage_id = self.routing.stage_of(self.rank)
+        self.stage = Stage(self.stage_id, [entries[i] for i in self.routing.modules[self.stage_id]], self.device)
+        self.stage.train(False)
+        params = list(self.stage.params.values()) or [torch.nn.Parameter(torch.empty(0))]
+        self.optimizer = torch.optim.SGD(params, lr=0.0)  # holds no state: nothing of it moves
+
+    def rebuild(self, entries, module_to_stage, stage_ranks, *, optimizer_state=None, source: str = "switch") -> None:
+        del optimizer_state  # forward-only: no optimizer state exists
+        self._build(entries, module_to_stage, stage_ranks, source)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until the front end says stop; a dead peer raises :class:`PeerError`."""
+        while True:
+            msg = self.link.recv(self.frontend, wire.CTRL)
+            if msg.kind == wire.BATCH:
+                self.run_batch(msg.batch)
+            elif msg.kind == wire.PING:
+                self.link.send(wire.Message(wire.PONG, msg.batch, text=json.dumps(self.counters())),
+                               self.frontend, wire.PONGS)
+            elif msg.kind == wire.SWITCH:
+                self.switch(json.loads(msg.text))
+            elif msg.kind == wire.STOP:
+                self.link.flush()
+                return
+            else:
+                raise PeerError(f"rank {self.rank}: unexpected control message kind {msg.kind} from the front end")
+
+    def counters(self) -> dict[str, Any]:
+        return {"rank": self.rank, "stage": self.stage_id, "pid": os.getpid(), "compute_s": self.compute_s,
+                "wait_s": self.link.wait_s, "batches": self.batches, "switches": len(self.switches)}
+
+    def run_batch(self, b: int) -> None:
+        r, s = self.routing, self.stage_id
+        env: dict[str, torch.Tensor] = {}
+        skip: str | None = None
+        for src, names in r.inbound[s].items():
+            if src == FRONTEND:
+                msg = self.link.recv(self.frontend, wire.RAW)
+            else:
+                msg = self.link.recv(r.rank_for(src, b), wire.ACT)
+            if msg.batch != b:
+                raise PeerError(f"rank {self.rank} (stage {s}): expected batch {b} from "
+                                f"{'the front end' if src == FRONTEND else f'stage {src}'}, got batch {msg.batch}")
+            if msg.kind == wire.SKIP:
+                skip = skip or msg.text
+            elif len(msg.tensors) != len(names):
+                raise PeerError(f"rank {self.rank} (stage {s}): batch {b} brought {len(msg.tensors)} tensors, "
+                                f"expected {list(names)}")
+            else:
+                env.update(zip(names, msg.tensors))
+        t0 = time.perf_counter()
+        if skip is None:
+            try:
+                with torch.inference_mode():
+                    self.stage.forward(env)
+            except Exception as e:  # the model rejected these inputs: the batch's requests get the reason
+                skip = f"stage {s}: {first_line(e)}"
+        elapsed = time.perf_counter() - t0
+        factor = self.slowdown(b)
+        if factor > 1.0:  # an emulated slower worker: sleeping leaves the shared cores to the others
+            time.sleep((factor - 1.0) * elapsed)
+        self.compute_s += time.perf_counter() - t0
+        self.batches += 1
+
+        def message(names: Sequence[str]) -> wire.Message:
+            if skip is not None:
+                return wire.Message(wire.SKIP, b, text=skip)
+            return wire.Message(wire.DATA, b, [env[n] for n in names])
+
+        for dst, names in r.outbound[s].items():
+            self.link.send(message(names), r.rank_for(dst, b), wire.ACT)
+        if r.returns[s]:
+            self.link.send(message(r.returns[s]), self.frontend, wire.OUT)
+
+    def slowdown(self, batch: int) -> float:
+        factor = 1.0
+        for rank, f, start in self.slowdowns:
+            if rank == self.rank and batch >= start:
+                factor = f
+        return factor
+
+    def switch(self, plan: dict[str, Any]) -> dict[str, Any]:
+        """Move onto ``plan`` together with every other rank (called between batches)."""
+        if self.repartitioner is None:
+            raise PipeshiftError(f"rank {self.rank}: asked to repartition but this rank has no repartitioner")
+        self.link.flush()
+        where = f"repartition after {self.batches} batches on this rank"
+        self.comm.where = where
+        report = self.repartitioner.switch(self, plan, where=where)
+        self.switches.append(report)
+        return report

@@ -1,0 +1,231 @@
+"""Serving: outputs equal the unsplit model, back-pressure, a dead rank, repartitioning under load, metrics.
+
+Three servers of a tiny GPT (``--local 3``: three stages; ``--local 2``: two stages with a
+switch to another cut under load; ``--local 2`` slowed: a small queue and a killed rank). Every
+expected output is the unsplit model's forward on the same inputs, computed here.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import signal
+import time
+
+import httpx
+import pytest
+import torch
+
+from pipeshift.serve import wire
+from serve_helpers import GPT, Server, assert_close, graph_nodes, package, plan_doc, reference
+
+pytestmark = pytest.mark.timeout(400)
+MAX_BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def nodes() -> list[str]:
+    return graph_nodes(GPT)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return reference(GPT)
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory, nodes):
+    d = tmp_path_factory.mktemp("serve3")
+    n = len(nodes)
+    pkg = package(d, GPT, [n // 3, 2 * n // 3], [[0], [1], [2]], nodes)
+    server = Server(d, pkg, 3, ["--max-batch", str(MAX_BATCH), "--max-body-bytes", "100000"], token="s3cret")
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory, nodes):
+    d = tmp_path_factory.mktemp("serve2")
+    n = len(nodes)
+    pkg = package(d, GPT, [n // 2], [[0], [1]], nodes)
+    (d / "plan_b.json").write_text(json.dumps(plan_doc(GPT, nodes, [n // 4], [[0], [1]])))
+    server = Server(d, pkg, 2, ["--max-batch", str(MAX_BATCH), "--repartition-at", f"12:{d / 'plan_b.json'}"])
+    yield server
+    server.close()
+
+
+def tokens(n: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 50, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def check_outputs(server: Server, model) -> None:
+    for length in (5, 9):
+        for n in range(1, MAX_BATCH + 1):
+            x = tokens(n, length, seed=10 * n + length)
+            r = server.predict(x)
+            assert r.status_code == 200, r.text
+            with torch.no_grad():
+                assert_close(r.json()["outputs"][0], model(x))
+
+
+def test_wire_round_trip():
+    tensors = [torch.randn(3, 5), torch.arange(24).view(2, 3, 4), torch.tensor([True, False]),
+               torch.zeros(0, 7, dtype=torch.float16), torch.tensor(2.5, dtype=torch.float64)]
+    header, payload = wire.encode(wire.Message(wire.DATA, 17, tensors, text="why"))
+    msg = wire.decode(header, payload)
+    assert (msg.kind, msg.batch, msg.text) == (wire.DATA, 17, "why")
+    for got, want in zip(msg.tensors, tensors):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    with pytest.raises(wire.PeerError):
+        wire.payload_bytes(torch.zeros(wire.HEADER_LEN, dtype=torch.int64))
+
+
+def test_three_stages_equal_the_unsplit_model(three, model):
+    check_outputs(three, model)
+    # concurrent requests of mixed sizes and lengths, batched together where they match
+    cases = [(1 + i % MAX_BATCH, (5, 9)[i % 2], 100 + i) for i in range(16)]
+    with cf.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda c: three.predict(tokens(*c)), cases))
+    for (n, length, seed), r in zip(cases, answers):
+        assert r.status_code == 200, r.text
+        with torch.no_grad():
+            assert_close(r.json()["outputs"][0], model(tokens(n, length, seed)))
+
+
+def test_safetensors_body(three, model):
+    from safetensors.torch import load, save
+
+    x = tokens(3, 7, seed=5)
+    r = three.client.post("/v1/predict", content=save({"input0": x}),
+                          headers={"Content-Type": "application/octet-stream"})
+    assert r.status_code == 200, r.text
+    with torch.no_grad():
+        want = model(x)
+    assert torch.allclose(load(r.content)["output0"], want, atol=1e-6, rtol=0)
+
+
+def test_bad_requests_get_one_line_reasons(three):
+    c = three.client
+    cases = [
+        (c.post("/v1/predict", content=b"{not json"), 400),
+        (c.post("/v1/predict", json={"inputs": []}), 400),
+        (c.post("/v1/predict", json={"inputs": [[1, 2, 3]]}), 400),  # no batch dimension
+        (c.post("/v1/predict", json={"inputs": [[[1.5, 2]]]}), 400),  # floats for token ids
+        (c.post("/v1/predict", json={"inputs": [[[1, 2], [3]]]}), 400),  # ragged
+        (c.post("/v1/predict", json={"inputs": [tokens(MAX_BATCH + 1, 4, 0).tolist()]}), 413),
+        (c.post("/v1/predict", content=b"[" * 200_000), 413),
+        (c.post("/v1/predict", json={"inputs": [[[1, 2, 99]]]}), 400),  # token id outside the vocabulary
+        (c.post("/v1/predict", content=b"\x00\x01", headers={"Content-Type": "application/octet-stream"}), 400),
+        (httpx.post(three.base + "/v1/predict", json={"inputs": [[[1, 2]]]}), 401),
+    ]
+    for r, status in cases:
+        assert r.status_code == status, r.text
+        reason = r.json()["error"]
+        assert reason and "\n" not in reason
+    assert c.get("/health").status_code == 200
+    assert three.predict(tokens(1, 3, 0)).status_code == 200  # a rejected batch leaves the pipeline in step
+
+
+def test_completions_match_greedy_decoding(three, model):
+    prompt = [3, 14, 15, 9]
+    r = three.client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 6})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-pipeshift-generation"] == "recompute"
+    got = r.json()["choices"][0]["token_ids"]
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(6):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert got == ids[len(prompt):]
+    with three.client.stream("POST", "/v1/completions", json={"prompt": prompt, "max_tokens": 6, "stream": True}) as s:
+        events = [line.removeprefix("data: ") for line in s.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert [json.loads(e)["choices"][0]["token_ids"][0] for e in events[:-1]] == got
+    r = three.client.post("/v1/completions", json={"prompt": "text", "max_tokens": 2})
+    assert r.status_code == 400 and "tokenizer" in r.json()["error"]
+
+
+def test_metrics_parse(three):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = three.client.get("/metrics")
+    assert r.status_code == 200
+    families = {f.name: f for f in text_string_to_metric_families(r.text)}
+    predict_ok = sum(s.value for s in families["pipeshift_serve_requests"].samples
+                     if s.name.endswith("_total") and s.labels == {"endpoint": "predict", "status": "200"})
+    assert predict_ok >= 2 * MAX_BATCH + 16
+    batches = [s for s in families["pipeshift_serve_batch_size"].samples if s.name.endswith("_count")]
+    assert batches and batches[0].value >= 1
+    ranks = {s.labels["rank"] for s in families["pipeshift_serve_stage_compute_seconds"].samples}
+    assert ranks == {"0", "1", "2"}
+    assert "pipeshift_serve_queue_depth" in families and "pipeshift_serve_request_latency_seconds" in families
+
+
+def test_two_stages_and_a_switch_under_load(two, model):
+    check_outputs(two, model)  # 8 batches: the switch comes at batch 12, during the load below
+    cases = [(1 + i % 3, (5, 9)[i % 2], 200 + i) for i in range(60)]
+    with cf.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda c: two.predict(tokens(*c)), cases))
+    for (n, length, seed), r in zip(cases, answers):
+        assert r.status_code == 200, r.text
+        with torch.no_grad():
+            assert_close(r.json()["outputs"][0], model(tokens(n, length, seed)))
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(two.client.get("/metrics").text)}
+    assert [s.value for s in families["pipeshift_serve_repartitions"].samples if s.name.endswith("_total")] == [1.0]
+    assert "repartitioned (--repartition-at 12:" in two.log()
+    check_outputs(two, model)  # and on the new split
+
+
+def test_full_queue_and_a_killed_rank(tmp_path, nodes, model):
+    n = len(nodes)
+    pkg = package(tmp_path, GPT, [n // 2], [[0], [1]], nodes)
+    server = Server(tmp_path, pkg, 2, ["--max-batch", "2", "--queue", "4", "--inflight", "2", "--timeout", "20",
+                                       "--slowdown", "1:300"])
+    try:
+        # a bounded burst: every request gets exactly one answer, 200 (correct) or 503 (at once)
+        burst = [(1, 6, 300 + i) for i in range(40)]
+
+        def send(case):
+            t0 = time.monotonic()
+            r = server.predict(tokens(*case))
+            return r, time.monotonic() - t0
+
+        with cf.ThreadPoolExecutor(40) as pool:
+            answers = list(pool.map(send, burst))
+        statuses = [r.status_code for r, _ in answers]
+        assert len(statuses) == 40 and set(statuses) <= {200, 503}, statuses
+        assert 503 in statuses and 200 in statuses
+        assert all(r.headers.get("retry-after") for r, _ in answers if r.status_code == 503)
+        slowest_503 = max(t for r, t in answers if r.status_code == 503)
+        slowest_200 = max(t for r, t in answers if r.status_code == 200)
+        assert slowest_503 < slowest_200  # turned away without waiting for the pipeline
+        for case, (r, _) in zip(burst, answers):
+            if r.status_code == 200:
+                with torch.no_grad():
+                    assert_close(r.json()["outputs"][0], model(tokens(*case)))
+
+        # kill stage 1's rank with requests waiting: /ready flips, each waiting request gets 503
+        pid = server.client.get("/ready").json()["ranks"]["1"]["pid"]
+        with cf.ThreadPoolExecutor(6) as pool:
+            waiting = [pool.submit(server.predict, tokens(1, 6, 400 + i)) for i in range(6)]
+            time.sleep(0.1)
+            os.kill(pid, signal.SIGKILL)
+            ready = []
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and 503 not in ready:
+                try:
+                    ready.append(server.client.get("/ready").status_code)
+                except httpx.HTTPError:
+                    break
+                time.sleep(0.02)
+            results = [f.result(timeout=60) for f in waiting]
+        assert 503 in ready
+        assert all(r.status_code in (200, 503) for r in results)
+        assert any(r.status_code == 503 for r in results)
+        assert server.wait(60) != 0
+        assert "pipeshift serve: error:" in server.log()
+    finally:
+        server.close()
