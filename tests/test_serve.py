@@ -1,8 +1,9 @@
 """Serving: outputs equal the unsplit model, back-pressure, a dead rank, repartitioning under load, metrics.
 
-Three servers of a tiny GPT (``--local 3``: three stages; ``--local 2``: two stages with a
-switch to another cut under load; ``--local 2`` slowed: a small queue and a killed rank). Every
-expected output is the unsplit model's forward on the same inputs, computed here.
+Two servers of a tiny GPT: ``--local 3`` (three stages, its last rank slowed so that a burst
+overflows the queue, a bearer token; its last test kills a rank) and ``--local 2`` (two stages,
+switching to another cut under load). Every expected output is the unsplit model's forward on
+the same inputs, computed here.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def three(tmp_path_factory, nodes):
     d = tmp_path_factory.mktemp("serve3")
     n = len(nodes)
     pkg = package(d, GPT, [n // 3, 2 * n // 3], [[0], [1], [2]], nodes)
-    server = Server(d, pkg, 3, ["--max-batch", str(MAX_BATCH), "--max-body-bytes", "100000"], token="s3cret")
+    server = Server(d, pkg, 3, ["--max-batch", str(MAX_BATCH), "--max-body-bytes", "100000", "--queue", "16",
+                                "--inflight", "2", "--timeout", "20", "--slowdown", "2:60"], token="s3cret")
     yield server
     server.close()
 
@@ -179,53 +181,47 @@ def test_two_stages_and_a_switch_under_load(two, model):
     check_outputs(two, model)  # and on the new split
 
 
-def test_full_queue_and_a_killed_rank(tmp_path, nodes, model):
-    n = len(nodes)
-    pkg = package(tmp_path, GPT, [n // 2], [[0], [1]], nodes)
-    server = Server(tmp_path, pkg, 2, ["--max-batch", "2", "--queue", "4", "--inflight", "2", "--timeout", "20",
-                                       "--slowdown", "1:300"])
-    try:
-        # a bounded burst: every request gets exactly one answer, 200 (correct) or 503 (at once)
-        burst = [(1, 6, 300 + i) for i in range(40)]
+def test_full_queue_and_a_killed_rank(three, model):
+    server = three
+    # a bounded burst: every request gets exactly one answer, 200 (correct) or 503 (at once)
+    burst = [(1 + i % 2, 6, 300 + i) for i in range(60)]
 
-        def send(case):
-            t0 = time.monotonic()
-            r = server.predict(tokens(*case))
-            return r, time.monotonic() - t0
+    def send(case):
+        t0 = time.monotonic()
+        r = server.predict(tokens(*case))
+        return r, time.monotonic() - t0
 
-        with cf.ThreadPoolExecutor(40) as pool:
-            answers = list(pool.map(send, burst))
-        statuses = [r.status_code for r, _ in answers]
-        assert len(statuses) == 40 and set(statuses) <= {200, 503}, statuses
-        assert 503 in statuses and 200 in statuses
-        assert all(r.headers.get("retry-after") for r, _ in answers if r.status_code == 503)
-        slowest_503 = max(t for r, t in answers if r.status_code == 503)
-        slowest_200 = max(t for r, t in answers if r.status_code == 200)
-        assert slowest_503 < slowest_200  # turned away without waiting for the pipeline
-        for case, (r, _) in zip(burst, answers):
-            if r.status_code == 200:
-                with torch.no_grad():
-                    assert_close(r.json()["outputs"][0], model(tokens(*case)))
+    with cf.ThreadPoolExecutor(60) as pool:
+        answers = list(pool.map(send, burst))
+    statuses = [r.status_code for r, _ in answers]
+    assert len(statuses) == 60 and set(statuses) <= {200, 503}, statuses
+    assert 503 in statuses and 200 in statuses
+    assert all(r.headers.get("retry-after") for r, _ in answers if r.status_code == 503)
+    slowest_503 = max(t for r, t in answers if r.status_code == 503)
+    slowest_200 = max(t for r, t in answers if r.status_code == 200)
+    assert slowest_503 < slowest_200  # turned away without waiting for the pipeline
+    for case, (r, _) in zip(burst, answers):
+        if r.status_code == 200:
+            with torch.no_grad():
+                assert_close(r.json()["outputs"][0], model(tokens(*case)))
 
-        # kill stage 1's rank with requests waiting: /ready flips, each waiting request gets 503
-        pid = server.client.get("/ready").json()["ranks"]["1"]["pid"]
-        with cf.ThreadPoolExecutor(6) as pool:
-            waiting = [pool.submit(server.predict, tokens(1, 6, 400 + i)) for i in range(6)]
-            time.sleep(0.1)
-            os.kill(pid, signal.SIGKILL)
-            ready = []
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and 503 not in ready:
-                try:
-                    ready.append(server.client.get("/ready").status_code)
-                except httpx.HTTPError:
-                    break
-                time.sleep(0.02)
-            results = [f.result(timeout=60) for f in waiting]
-        assert 503 in ready
-        assert all(r.status_code in (200, 503) for r in results)
-        assert any(r.status_code == 503 for r in results)
-        assert server.wait(60) != 0
-        assert "pipeshift serve: error:" in server.log()
-    finally:
-        server.close()
+    # kill a stage's rank with requests waiting: /ready flips, each waiting request gets 503
+    pid = server.client.get("/ready").json()["ranks"]["1"]["pid"]
+    with cf.ThreadPoolExecutor(20) as pool:
+        waiting = [pool.submit(server.predict, tokens(1, 6, 400 + i)) for i in range(20)]
+        time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+        ready = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and 503 not in ready:
+            try:
+                ready.append(server.client.get("/ready").status_code)
+            except httpx.HTTPError:
+                break
+            time.sleep(0.02)
+        results = [f.result(timeout=60) for f in waiting]
+    assert 503 in ready
+    assert all(r.status_code in (200, 503) for r in results)
+    assert any(r.status_code == 503 for r in results)
+    assert server.wait(60) != 0
+    assert "pipeshift serve: error:" in server.log()

@@ -45,6 +45,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    metavar="R", help="activations shrink by R on the wire (PipeDream counts transfers only when given)")
     p.add_argument("--cost-model", choices=COST_MODELS, default="pipeshift")
     p.add_argument("--schedule", choices=ps_cost.SCHEDULES, default="1f1b", help="pipeline schedule the plan is for")
+    p.add_argument("--objective", choices=("train", "serve"), default="train",
+                   help="serve: forward-only costs, replicas never synchronise, memory for weights + activations "
+                        "in flight (for `pipeshift serve`)")
+    p.add_argument("--latency-slo", metavar="MS", default=None,
+                   help="with --objective serve: the fastest plan whose predicted batch latency is at most MS")
     p.add_argument("--microbatches", type=str, default="4", metavar="M", help="microbatches per minibatch (default 4)")
     p.add_argument("--optimizer-states", default="2", metavar="K",
                    help="optimizer state per weight, in weight copies (2 = Adam, 1 = SGD momentum, 0 = SGD)")
@@ -103,13 +108,18 @@ def options_from_args(args: argparse.Namespace) -> PlanOptions:
         limit = (memory if memory is not None else 16e9) if args.use_memory_constraint else None
     else:
         limit = memory if memory is not None else (16e9 if args.use_memory_constraint else None)
+    serving = args.objective == "serve"
+    slo = _one(args.latency_slo, "--latency-slo")
+    if slo is not None and not serving:
+        raise PipeshiftError("--latency-slo needs --objective serve")
     return PlanOptions(
         cost_model=args.cost_model,
         straight=args.straight,
         fewer_machines=args.fewer,
         memory_limit=limit,
         compression=_one(args.compression, "--activation_compression_ratio"),
-        schedule=ps_cost.Schedule(args.schedule, microbatches),
+        schedule=ps_cost.Schedule(ps_cost.SERVE if serving else args.schedule, microbatches),
+        latency_slo_s=slo / 1000.0 if slo is not None else None,
         optimizer_states=float(_one(args.optimizer_states, "--optimizer-states", float, 0.0, strict=False)),
         search=args.search,
         max_states=int(_one(args.max_states, "--max-states", int, 1, strict=False)),

@@ -27,6 +27,12 @@ profiled batch); every time below is seconds per microbatch in steady state.
 
 A level sees the level below as slots whose time for a range is the lower level's optimum; the
 slowest slot type in a replica group sets the group's pace.
+
+**Serving** (``--objective serve``, schedule kind ``serve``): forward times only; batches go
+round-robin to a stage's replicas (share 1/m') and replicas never synchronise (replicating a
+stage costs memory only); one message per cut per batch (activations forward, no gradients);
+memory per worker is the weights once plus the activations of the batches in flight at the
+stage (``ceil((D + m')/m')``, as for 1f1b), no gradients, versions or optimizer state.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from pipeshift.optimizer.dp import slot_pairs
 
 INF = np.inf
 SCHEDULES = ("1f1b", "flush", "gpipe", "2bw")
+SERVE = "serve"  # the forward-only schedule of ``--objective serve``
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +64,14 @@ class Schedule:
 
     def sync(self, replicas: np.ndarray | int) -> np.ndarray:
         r = np.asarray(replicas, dtype=np.float64)
+        if self.kind == SERVE:  # replicas never synchronise
+            return np.full_like(r, np.inf)
         return r if self.kind == "1f1b" else np.full_like(r, float(self.microbatches))
+
+    @property
+    def directions(self) -> float:
+        """Messages per cut per microbatch: activations forward, gradients back (serving: forward only)."""
+        return 1.0 if self.kind == SERVE else 2.0
 
     def in_flight(self, downstream: np.ndarray | int, replicas: np.ndarray | int) -> np.ndarray:
         r = np.asarray(replicas, dtype=np.float64)
@@ -70,6 +84,8 @@ class Schedule:
         return depth
 
     def weight_versions(self, in_flight: np.ndarray) -> np.ndarray:
+        if self.kind == SERVE:
+            return np.zeros_like(in_flight)  # the weights themselves: Memory.bytes counts them once
         if self.kind == "1f1b":
             return in_flight
         return np.full_like(in_flight, 2.0 if self.kind == "2bw" else 1.0)
@@ -81,6 +97,11 @@ class Memory:
 
     limit: float | None = None
     optimizer_states: float = 2.0
+
+    @classmethod
+    def for_schedule(cls, schedule: Schedule, limit: float | None, optimizer_states: float) -> Memory:
+        """Serving keeps no optimizer state (and no gradients: versions are 0, see weight_versions)."""
+        return cls(limit, 0.0 if schedule.kind == SERVE else optimizer_states)
 
     def bytes(self, params, stash, in_flight, versions):
         return params * (versions + 1.0 + self.optimizer_states) + in_flight * stash
@@ -177,7 +198,7 @@ class PipeshiftLevel:
             mp = np.arange(1, (2 if self.straight else N), dtype=np.float64)
             comp = self.times[0][np.ix_(rows, js)][:, :, None]
             t = self._stage_time(comp, par, mp)
-            link = 2.0 * (self.latency + self.cut_bytes[ks] / self.bandwidth)[:, None, None] / mp
+            link = self.schedule.directions * (self.latency + self.cut_bytes[ks] / self.bandwidth)[:, None, None] / mp
             t = np.maximum(t, link)
             if self.by_mp:
                 return t
@@ -186,7 +207,7 @@ class PipeshiftLevel:
             mp = self.pair_mp.astype(np.float64)
             comp = self._group_time(self.times[:, rows][:, :, js], self._pair_member)
             t = self._stage_time(comp, par, mp)
-            link = 2.0 * (self.latency + self.cut_bytes[ks] / self.bandwidth)[:, None, None] / mp
+            link = self.schedule.directions * (self.latency + self.cut_bytes[ks] / self.bandwidth)[:, None, None] / mp
             t = np.maximum(t, link)
         if self.memory is not None:
             stash = self.stash[np.ix_(rows, js)][:, :, None]
@@ -199,7 +220,8 @@ class PipeshiftLevel:
         """What this level charges a range whose inner time is ``value`` (the DP's formula)."""
         t = float(self._stage_time(np.float64(value), np.float64(self.params[row, end]), np.float64(slots)))
         if not first:
-            t = max(t, 2.0 * (self.latency + float(self.cut_bytes[row - 1]) / self.bandwidth) / slots)
+            t = max(t, self.schedule.directions * (self.latency + float(self.cut_bytes[row - 1]) / self.bandwidth)
+                    / slots)
         return t
 
 

@@ -55,6 +55,22 @@ class PlanOptions:
     search: str = "auto"
     max_states: int = 2000  # exact search only below this many states
     work_budget: float = 2.5e8  # … and only while the DP's estimated element operations stay below this
+    latency_slo_s: float | None = None  # serving: a batch's predicted latency at most this
+
+    @property
+    def serving(self) -> bool:
+        return self.schedule.kind == ps_cost.SERVE
+
+    def compute_ms(self, g: GraphArrays) -> np.ndarray:
+        """Per-node time the stages pay: forward + backward, or forward alone when serving."""
+        return g.forward_ms if self.serving else g.compute_ms
+
+    def held_bytes(self, g: GraphArrays) -> np.ndarray:
+        """Per-node bytes a microbatch in flight holds: saved for backward, or (serving) its activations."""
+        return g.activation if self.serving else g.stash
+
+    def memory(self) -> ps_cost.Memory:
+        return ps_cost.Memory.for_schedule(self.schedule, self.memory_limit, self.optimizer_states)
 
 
 @dataclasses.dataclass
@@ -150,16 +166,19 @@ def _solve_pipedream(g: GraphArrays, states: StateSpace, topo: Topology, opt: Pl
     return _Solved(levels, slot_sigs, 0)
 
 
-def _solve_pipeshift(g: GraphArrays, states: StateSpace, topo: Topology, opt: PlanOptions) -> _Solved:
+def _solve_pipeshift(g: GraphArrays, states: StateSpace, topo: Topology, opt: PlanOptions,
+                     cut_limit: float | None = None) -> _Solved:
     valid = _valid_rows(states)
     members = states.members.astype(np.float64)
-    comp = _range_sums(members @ (g.compute_ms / 1000.0), valid, np.inf)
+    comp = _range_sums(members @ (opt.compute_ms(g) / 1000.0), valid, np.inf)
     par = _range_sums(members @ g.parameter, valid, 0.0)
-    stash = _range_sums(members @ g.stash, valid, 0.0)
+    stash = _range_sums(members @ opt.held_bytes(g), valid, 0.0)
     cut = frontier_bytes(g, states.members)
     if opt.compression is not None:
         cut = cut / opt.compression
-    memory = ps_cost.Memory(opt.memory_limit, opt.optimizer_states)
+    if cut_limit is not None:  # the latency search: cuts this heavy are not allowed
+        cut = np.where(cut > cut_limit, np.inf, cut)
+    memory = opt.memory()
     succ = states.successors()
     speeds = np.array(topo.speeds if topo.speeds is not None else [1.0] * topo.num_workers)
     n_levels = len(topo.levels)
@@ -396,23 +415,20 @@ def _make_plan(graph: Graph, topo: Topology, opt: PlanOptions) -> PlanResult:
     g = planning_graph(graph, opt.cost_model)
     if g.n == 0 or not (~g.base).any():
         raise PipeshiftError("the graph has no layers to place (only raw inputs)")
+    if opt.serving and opt.cost_model != "pipeshift":
+        raise PipeshiftError("--objective serve needs --cost-model pipeshift (PipeDream's model is for training)")
     closure = g.closure()
     notes: list[str] = []
-    best: tuple[float, StateSpace, _Solved] | None = None
     candidates: dict[str, float] = {}
-    for states in _state_spaces(g, topo, opt, closure):
-        if states.size == 0:
-            continue
-        if opt.cost_model == "pipedream":
-            solved = _solve_pipedream(g, states, topo, opt, closure)
-        else:
-            solved = _solve_pipeshift(g, states, topo, opt)
-        value = solved.optimum(states.size)
-        candidates[states.order_name or states.mode] = value
-        if best is None or value < best[0]:
-            best = (value, states, solved)
-    assert best is not None
-    value, states, solved = best
+    spaces = [st for st in _state_spaces(g, topo, opt, closure) if st.size]
+    value, states, solved = _solve_spaces(g, spaces, topo, opt, closure, candidates)
+    if opt.latency_slo_s is not None:
+        if not math.isfinite(value):
+            raise PipeshiftError(_why_infeasible(g, states, topo, opt))
+        value, states, solved = _within_latency(graph, g, spaces, topo, opt, closure, candidates, notes,
+                                                (value, states, solved))
+        stages = _assign(graph, _flatten(solved, states, topo), states, g, notes)
+        return PlanResult(value, stages, states, g, [], notes, candidates)
     placed = _best_placement(g, topo, opt, closure, notes, candidates)
     if placed is not None and placed[0] < value * (1 - 1e-9):
         # the levels' worst links over-charge this topology: a placed straight pipeline is faster
@@ -423,9 +439,87 @@ def _make_plan(graph: Graph, topo: Topology, opt: PlanOptions) -> PlanResult:
         raise PipeshiftError(_why_infeasible(g, states, topo, opt))
     stages = _flatten(solved, states, topo)
     stages = _assign(graph, stages, states, g, notes)
-    comp_state = states.members.astype(np.float64) @ (g.compute_ms / 1000.0)
+    comp_state = states.members.astype(np.float64) @ (opt.compute_ms(g) / 1000.0)
     splits = _level_splits(solved, states, topo, comp_state) if len(solved.levels[0]) == 1 else []
     return PlanResult(value, stages, states, g, splits, notes, candidates)
+
+
+def _solve_spaces(g: GraphArrays, spaces: list[StateSpace], topo: Topology, opt: PlanOptions, closure,
+                  candidates: dict[str, float], cut_limit: float | None = None) -> tuple[float, StateSpace, _Solved]:
+    """The best of the DP's optima over the candidate state spaces."""
+    best: tuple[float, StateSpace, _Solved] | None = None
+    for states in spaces:
+        if opt.cost_model == "pipedream":
+            solved = _solve_pipedream(g, states, topo, opt, closure)
+        else:
+            solved = _solve_pipeshift(g, states, topo, opt, cut_limit)
+        value = solved.optimum(states.size)
+        if cut_limit is None:
+            candidates[states.order_name or states.mode] = value
+        if best is None or value < best[0]:
+            best = (value, states, solved)
+    if best is None:
+        raise PipeshiftError("the graph has no places to cut")
+    return best
+
+
+def predicted_latency_s(graph: Graph, stages: list[Stage], states: StateSpace, g: GraphArrays, topo: Topology,
+                        opt: PlanOptions) -> float:
+    """A batch's way through the pipeline: every stage's compute on one replica, one transfer per cut."""
+    index = {nid: i for i, nid in enumerate(g.node_ids)}
+    cut = frontier_bytes(g, states.members) / (opt.compression or 1.0)
+    times = opt.compute_ms(g)
+    total = 0.0
+    for k, st in enumerate(stages):
+        idx = [index[n] for n in st.nodes if n in index]
+        total += float(times[idx].sum()) / 1000.0 / min(topo.speed_of(w) for w in st.workers)
+        if k:
+            level = topo.levels[st.cut_level if st.cut_level is not None else 0]
+            total += level.latency + float(cut[stages[k - 1].end]) / level.bandwidth
+    return total
+
+
+def _within_latency(graph: Graph, g: GraphArrays, spaces: list[StateSpace], topo: Topology, opt: PlanOptions,
+                    closure, candidates: dict[str, float], notes: list[str],
+                    best: tuple[float, StateSpace, _Solved]) -> tuple[float, StateSpace, _Solved]:
+    """The fastest plan whose batch latency meets ``opt.latency_slo_s``.
+
+    A batch's latency is the whole forward plus one transfer per cut, so with equal workers
+    only the cuts make it grow: when the throughput optimum is too slow, the DP is solved again
+    with ever fewer cuts allowed (every cut heavier than a threshold forbidden, thresholds from
+    the heaviest cut down to none: one stage, replicated), and the first plan that meets the
+    objective is kept — the fastest of that sequence, not a proof of the constrained optimum.
+    """
+    slo = float(opt.latency_slo_s or 0.0)
+
+    def latency(candidate: tuple[float, StateSpace, _Solved]) -> float:
+        value, states, solved = candidate
+        if not math.isfinite(value):
+            return math.inf
+        return predicted_latency_s(graph, _assign(graph, _flatten(solved, states, topo), states, g, []), states, g,
+                                   topo, opt)
+
+    seen = latency(best)
+    if seen <= slo:
+        notes.append(f"predicted batch latency {seen * 1000:.4g} ms meets --latency-slo {slo * 1000:g} ms")
+        return best
+    cuts = np.unique(np.concatenate([frontier_bytes(g, st.members) for st in spaces]))
+    cuts = cuts[np.isfinite(cuts)][::-1]
+    if len(cuts) > 16:
+        cuts = np.unique(np.quantile(cuts, np.linspace(0.0, 1.0, 16)))[::-1]
+    lowest = seen
+    for limit in [*cuts[1:], -1.0]:
+        candidate = _solve_spaces(g, spaces, topo, opt, closure, candidates, cut_limit=float(limit))
+        seen = latency(candidate)
+        lowest = min(lowest, seen)
+        if seen <= slo:
+            notes.append(f"--latency-slo {slo * 1000:g} ms: cuts above {max(limit, 0):.4g} bytes forbidden; "
+                         f"predicted batch latency {seen * 1000:.4g} ms, throughput {best[0] / candidate[0]:.3g}x "
+                         "the unconstrained optimum")
+            return candidate
+    one = float(opt.compute_ms(g).sum()) / 1000.0 / max(topo.speed_of(w) for w in range(topo.num_workers))
+    raise PipeshiftError(f"no plan meets --latency-slo {slo * 1000:g} ms: the lowest predicted batch latency found "
+                         f"is {lowest * 1000:.4g} ms (the whole forward on one worker takes {one * 1000:.4g} ms)")
 
 
 def _best_placement(g: GraphArrays, topo: Topology, opt: PlanOptions, closure, notes: list[str],
@@ -443,7 +537,7 @@ def _best_placement(g: GraphArrays, topo: Topology, opt: PlanOptions, closure, n
                      f"{links.num_workers} were planned on the levels' worst links")
         return None
     speeds = np.array(topo.speeds if topo.speeds is not None else [1.0] * topo.num_workers)
-    memory = ps_cost.Memory(opt.memory_limit, opt.optimizer_states)
+    memory = opt.memory()
     best: tuple[float, StateSpace, list[Stage]] | None = None
     for states in _state_spaces(g, topo, opt, closure):
         if states.size == 0:
@@ -457,9 +551,9 @@ def _best_placement(g: GraphArrays, topo: Topology, opt: PlanOptions, closure, n
         if opt.compression is not None:
             cut = cut / opt.compression
         found = placement.solve(
-            _range_sums(members @ (g.compute_ms / 1000.0), valid, np.inf),
+            _range_sums(members @ (opt.compute_ms(g) / 1000.0), valid, np.inf),
             _range_sums(members @ g.parameter, valid, 0.0),
-            _range_sums(members @ g.stash, valid, 0.0),
+            _range_sums(members @ opt.held_bytes(g), valid, 0.0),
             cut, states.successors(), links, speeds, opt.schedule, memory, opt.fewer_machines,
         )
         if found is None:

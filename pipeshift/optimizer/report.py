@@ -19,7 +19,7 @@ from pipeshift.graph import Graph, write_graph_txt
 from pipeshift.graph.render import render_graph
 from pipeshift.optimizer import cost as ps_cost
 from pipeshift.optimizer import pipedream_cost as pd_cost
-from pipeshift.optimizer.planner import PlanOptions, PlanResult
+from pipeshift.optimizer.planner import PlanOptions, PlanResult, predicted_latency_s
 from pipeshift.optimizer.states import stash_bytes
 from pipeshift.optimizer.topology import Topology
 from pipeshift.textable import text_table
@@ -48,14 +48,14 @@ def stage_table(graph: Graph, result: PlanResult, topo: Topology, opt: PlanOptio
     rows: list[dict[str, Any]] = []
     next_rank = 0
     downstream = [sum(st.replicas for st in result.stages[i + 1 :]) for i in range(K)]
-    memory = ps_cost.Memory(opt.memory_limit, opt.optimizer_states)
+    memory = opt.memory()
     for i, st in enumerate(result.stages):
         nodes = [graph[n] for n in st.nodes]
         fwd = sum(n.forward_ms for n in nodes) / 1000.0
-        bwd = sum(n.backward_ms for n in nodes) / 1000.0
+        bwd = 0.0 if opt.serving else sum(n.backward_ms for n in nodes) / 1000.0
         params = float(sum(n.parameter_size for n in nodes))
-        stash = float(sum(stash_bytes(n) for n in nodes))
         activation = float(sum(n.activation_bytes for n in nodes))
+        stash = activation if opt.serving else float(sum(stash_bytes(n) for n in nodes))
         speed = min(topo.speed_of(w) for w in st.workers)
         per_level = {n_levels - 1 - pos: count for pos, (_, count) in enumerate(st.slots)}
         if opt.cost_model == "pipedream":
@@ -124,7 +124,7 @@ def plan_document(
     profile: dict[str, Any],
 ) -> dict[str, Any]:
     stages = stage_table(graph, result, topo, opt)
-    total_compute = sum(n.forward_ms + n.backward_ms for n in graph) / 1000.0
+    total_compute = sum(n.forward_ms + (0.0 if opt.serving else n.backward_ms) for n in graph) / 1000.0
     total_params = float(sum(n.parameter_size for n in graph))
     if opt.cost_model == "pipedream":
         comp = result.arrays.compute_ms.sum() / 1000.0
@@ -159,6 +159,7 @@ def plan_document(
         "topology": topo.to_json(),
         "num_workers": len(rank_to_worker),
         "available_workers": topo.num_workers,
+        "objective": "serve" if opt.serving else "train",
         "schedule": {"kind": opt.schedule.kind, "microbatches": opt.schedule.microbatches},
         "memory": {"limit_bytes": opt.memory_limit, "optimizer_states": opt.optimizer_states},
         "search": {
@@ -180,6 +181,8 @@ def plan_document(
             "data_parallel_time_s": dp,
             "speedup_over_data_parallel": dp / t if t > 0 else None,
             "speedup_over_one_worker": one / t if t > 0 else None,
+            **({"batch_latency_s": predicted_latency_s(graph, result.stages, result.states, result.arrays, topo, opt),
+                "latency_slo_s": opt.latency_slo_s} if opt.serving else {}),
         },
         "memory_per_worker_bytes": memory_per_worker,
         "rank_to_worker": rank_to_worker,

@@ -346,16 +346,23 @@ class Frontend:
         if rp is None:
             raise PipeshiftError("repartitioning needs a stage package written by `pipeshift codegen`")
         t0 = time.perf_counter()
-        rp.prepare(plan)  # every rank renders the same way: a plan that fails here would fail everywhere
         for _ in range(self.config.inflight):  # wait for the batches in flight to finish
             while not self._slots.acquire(timeout=0.05):
                 if self.dead is not None:
                     return
         t_drained = time.perf_counter()
+        text = json.dumps(plan)
+        try:
+            # Rendering traces the model with torch.fx, which patches torch.nn.Module globally: only
+            # with no batch running. Every rank renders alike, so a plan refused here fails nowhere.
+            self.worker.prepared = (text, rp.prepare(plan))
+        except PipeshiftError:
+            for _ in range(self.config.inflight):
+                self._slots.release()
+            raise
         try:
             with self._switching:
                 with self._ctrl_lock:
-                    text = json.dumps(plan)
                     for rank in range(self.world_size):
                         self._links["dispatch"].send(wire.Message(wire.SWITCH, self._next_batch, text=text), rank,
                                                      wire.CTRL)

@@ -14,38 +14,37 @@ import dataclasses
 from collections.abc import Sequence
 
 from pipeshift.errors import PipeshiftError
-from pipeshift.runtime.topology import TARGET, build_topology
+from pipeshift.runtime.topology import TARGET, Topology, build_topology
 
 FRONTEND = -1  # the source of raw inputs, in ``Routing.inbound``
 
 
 @dataclasses.dataclass(frozen=True)
 class Routing:
-    stage_ranks: tuple[tuple[int, ...], ...]
+    topology: Topology  # the package's own routing (stages, ranks, replicas), criterion included
     modules: tuple[tuple[int, ...], ...]  # per stage: the package entries it runs (criterion excluded)
     inbound: tuple[dict[int, tuple[str, ...]], ...]  # per stage: source stage (or FRONTEND) -> names
     outbound: tuple[dict[int, tuple[str, ...]], ...]  # per stage: destination stage -> names
     outputs: tuple[str, ...]  # the model's outputs, in order
     returns: tuple[tuple[str, ...], ...]  # per stage: the outputs it sends to the front end
-    raw_inputs: tuple[str, ...]
+
+    @property
+    def stage_ranks(self) -> tuple[tuple[int, ...], ...]:
+        return self.topology.stage_ranks
 
     @property
     def num_stages(self) -> int:
-        return len(self.stage_ranks)
+        return self.topology.num_stages
 
     @property
-    def world_size(self) -> int:
-        return sum(len(r) for r in self.stage_ranks)
+    def raw_inputs(self) -> tuple[str, ...]:
+        return self.topology.raw_inputs
 
     def stage_of(self, rank: int) -> int:
-        for s, ranks in enumerate(self.stage_ranks):
-            if rank in ranks:
-                return s
-        raise PipeshiftError(f"rank {rank} is in no stage")
+        return self.topology.stage_of(rank)
 
     def rank_for(self, stage: int, batch: int) -> int:
-        ranks = self.stage_ranks[stage]
-        return ranks[batch % len(ranks)]
+        return self.topology.rank_for(stage, batch)
 
     def ranks_for(self, batch: int) -> list[int]:
         """The rank of every stage that runs ``batch``."""
@@ -79,8 +78,8 @@ def build_routing(io: Sequence[tuple[Sequence[str], Sequence[str]]], module_to_s
         raise PipeshiftError(f"{source}: the model's outputs {missing} are made by no stage")
     returns = tuple(tuple(n for n in outputs if producer[n] == s) for s in range(stages))
     return Routing(
-        stage_ranks=topo.stage_ranks, modules=modules,
+        topology=topo, modules=modules,
         inbound=tuple({k: tuple(v) for k, v in d.items()} for d in inbound),
         outbound=tuple({k: tuple(v) for k, v in d.items()} for d in outbound),
-        outputs=outputs, returns=returns, raw_inputs=topo.raw_inputs,
+        outputs=outputs, returns=returns,
     )

@@ -53,6 +53,7 @@ class StageWorker:
         self.compute_s = 0.0
         self.batches = 0
         self.switches: list[dict[str, Any]] = []
+        self.prepared: tuple[str, Any] | None = None  # (plan text, Repartitioner.prepare's result)
         self.comm = Communicator(rank, stage_of=lambda r: self.routing.stage_of(r), tags={}, device=device,
                                  timeout_s=timeout_s)
         self._build(entries, module_to_stage, stage_ranks, source)
@@ -84,7 +85,7 @@ class StageWorker:
                 self.link.send(wire.Message(wire.PONG, msg.batch, text=json.dumps(self.counters())),
                                self.frontend, wire.PONGS)
             elif msg.kind == wire.SWITCH:
-                self.switch(json.loads(msg.text))
+                self.switch(msg.text)
             elif msg.kind == wire.STOP:
                 self.link.flush()
                 return
@@ -145,13 +146,19 @@ class StageWorker:
                 factor = f
         return factor
 
-    def switch(self, plan: dict[str, Any]) -> dict[str, Any]:
-        """Move onto ``plan`` together with every other rank (called between batches)."""
+    def switch(self, text: str) -> dict[str, Any]:
+        """Move onto the plan ``text`` together with every other rank (called between batches).
+
+        The front end's rank finds the plan already rendered (``prepared``, by the dispatcher
+        while nothing ran); the others render it here.
+        """
         if self.repartitioner is None:
             raise PipeshiftError(f"rank {self.rank}: asked to repartition but this rank has no repartitioner")
         self.link.flush()
         where = f"repartition after {self.batches} batches on this rank"
         self.comm.where = where
+        ready, self.prepared = self.prepared, None
+        plan = ready[1] if ready is not None and ready[0] == text else json.loads(text)
         report = self.repartitioner.switch(self, plan, where=where)
         self.switches.append(report)
         return report

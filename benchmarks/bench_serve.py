@@ -1,0 +1,166 @@
+"""Serving throughput and tail latency: `python benchmarks/bench_serve.py [--quick]`.
+
+One model (the zoo MLP, ``--width`` × ``--depth``), profiled and planned with
+``pipeshift plan --objective serve``, served four ways with the same front end and the same
+batching (``--max-batch``, ``--max-delay-ms``):
+
+* **one process, 1 thread** and **one process, 2 threads**: the unsplit model (a one-stage plan,
+  ``-n 1``) on one rank;
+* **pipelined, --local 2**: the DP's best straight pipeline on two workers
+  (``-n 2 --straight-pipeline``), one thread per rank;
+* **--local 2, replicated**: the DP's own choice on two workers (``-n 2``): serving replicates
+  for free, so one stage on both ranks — data-parallel serving.
+
+For each: the saturation throughput (closed loop, ``--concurrency`` clients), then an open loop
+(Poisson arrivals, ``pipeshift loadtest --rate``) at 50 % and 90 % of that throughput for
+``--duration`` seconds: p50 and p99 latency. The load generator runs on the same two cores, as
+a client beside the server would. Prints markdown tables and the commands; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import Spread, load_average, markdown_table  # noqa: E402
+from pipeshift.serve.loadtest import load  # noqa: E402
+
+PY = sys.executable
+
+
+def sh(cmd: list[str], cwd: Path) -> None:
+    print(f"    $ {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    subprocess.run(cmd, cwd=cwd, check=True, stdout=subprocess.DEVNULL)
+
+
+def prepare(work: Path, args: argparse.Namespace) -> dict[str, Path]:
+    model = ["pipeshift.models:mlp", "--model-arg", f"in_features={args.width}", "--model-arg",
+             f"width={args.width}", "--model-arg", f"depth={args.depth}"]
+    sh([PY, "-m", "pipeshift", "profile", *model, "-b", str(args.max_batch), "-o", "prof"], work)
+    plans = {"one": ["-n", "1"], "pipelined": ["-n", "2", "--straight-pipeline"], "replicated": ["-n", "2"]}
+    out = {}
+    for name, flags in plans.items():
+        sh([PY, "-m", "pipeshift", "plan", "prof/graph.txt", *flags, "--objective", "serve", "-q", "-o",
+            f"plan-{name}"], work)
+        sh([PY, "-m", "pipeshift", "codegen", f"plan-{name}", "-o", f"stages-{name}"], work)
+        out[name] = work / f"stages-{name}"
+    return out
+
+
+class Served:
+    def __init__(self, work: Path, pkg: Path, ranks: int, threads: int, args: argparse.Namespace):
+        port_file = work / f"port-{pkg.name}-{threads}.txt"
+        port_file.unlink(missing_ok=True)
+        self.cmd = [PY, "-m", "pipeshift", "serve", str(pkg), "--local", str(ranks), "--threads", str(threads),
+                    "--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms),
+                    "--queue", "4096", "--port", "0", "--port-file", str(port_file)]
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        self.log = open(work / f"serve-{pkg.name}-{threads}.log", "w")
+        self.proc = subprocess.Popen(self.cmd, cwd=work, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 300
+        while not port_file.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"server did not start: {shlex.join(self.cmd)}")
+            time.sleep(0.2)
+        self.url = f"http://127.0.0.1:{int(port_file.read_text())}"
+        import httpx
+
+        while httpx.get(self.url + "/ready").status_code != 200:
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+def measure(served: Served, args: argparse.Namespace) -> dict:
+    load(served.url, concurrency=args.concurrency, requests=args.warmup)  # warm-up
+    sats = []
+    for _ in range(args.repeats):
+        summary, _ = load(served.url, concurrency=args.concurrency, requests=args.requests)
+        sats.append(summary.throughput)
+    saturation = Spread.of(sats)
+    out = {"saturation": saturation}
+    for frac in (0.5, 0.9):
+        summary, _ = load(served.url, rate=frac * saturation.median, duration=args.duration, seed=1)
+        out[frac] = summary
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer requests, shorter open loops")
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--depth", type=int, default=8)
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-delay-ms", type=float, default=2.0)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--requests", type=int, default=1500)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workdir", default=None)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.requests, args.warmup, args.duration, args.repeats = 400, 100, 4.0, 1
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-serve-"))
+    work.mkdir(parents=True, exist_ok=True)
+    load_before = load_average()
+    pkgs = prepare(work, args)
+    runs = [("one process, 1 thread", pkgs["one"], 1, 1), ("one process, 2 threads", pkgs["one"], 1, 2),
+            ("pipelined, --local 2", pkgs["pipelined"], 2, 1), ("--local 2, replicated", pkgs["replicated"], 2, 1)]
+    results, commands = [], []
+    for label, pkg, ranks, threads in runs:
+        served = Served(work, pkg, ranks, threads, args)
+        try:
+            results.append((label, measure(served, args)))
+            commands.append((label, shlex.join(served.cmd[2:])))
+        finally:
+            served.close()
+    best_one = max(r["saturation"].median for label, r in results if label.startswith("one"))
+    one_p50 = next(r[0.5].p50_s for label, r in results if label == "one process, 1 thread")
+
+    def ms(v: float | None) -> str:
+        return "–" if v is None else f"{v * 1000:.1f}"
+
+    rows = []
+    for label, r in results:
+        sat = r["saturation"]
+        rows.append([label, sat.format(lambda x: f"{x:.0f}"), f"{sat.median / best_one:.2f}x",
+                     ms(r[0.5].p50_s), ms(r[0.5].p99_s), ms(r[0.9].p50_s), ms(r[0.9].p99_s),
+                     f"{r[0.5].p99_s / one_p50:.2f}x" if r[0.5].p99_s and one_p50 else "–"])
+    print(f"MLP width {args.width}, depth {args.depth}; --max-batch {args.max_batch} --max-delay-ms "
+          f"{args.max_delay_ms}; saturation: closed loop of {args.concurrency} clients, {args.requests} requests "
+          f"× {args.repeats}; 50 %/90 %: Poisson arrivals for {args.duration:g} s. Load average {load_before:.1f} "
+          f"before, {load_average():.1f} after.\n")
+    print(markdown_table(["served as", "saturation req/s, median (min–max)", "vs best one-process",
+                          "p50 ms @50%", "p99 ms @50%", "p50 ms @90%", "p99 ms @90%",
+                          "p99 @50% / one-process p50 @50%"], rows, right=range(1, 8)))
+    print("\nCommands (in the work directory):\n")
+    for label, cmd in commands:
+        print(f"* {label}: `{cmd}`")
+    print(f"\nGoals (issue #13): pipelined ≥ 1.3× the best one-process throughput; p99 at 50 % load ≤ 2× "
+          f"the one-process p50. Work directory: {work}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
