@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=float, default=30.0,
                    help="seconds without an answer from a rank before it counts as dead (default %(default)s)")
     g.add_argument("--threads", type=int, default=None, help="torch intra-op threads per rank")
+    g.add_argument("--init-from", default=None, metavar="PATH",
+                   help="weights: a safetensors file, a sharded directory with its index, a checkpoint or a .pt "
+                        "(each rank reads only its own tensors; default: the seed's initialisation)")
     g = p.add_argument_group("HTTP")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     g.add_argument("--port", type=int, default=8000, help="port (default %(default)s; 0: any free port)")
@@ -61,6 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--queue", type=int, default=64, help="requests waiting at most; more get 503 (default %(default)s)")
     g.add_argument("--inflight", type=int, default=None, help="batches in the pipeline at once (default: 2 x ranks)")
     g = p.add_argument_group("repartitioning while serving (needs a package written by `pipeshift codegen`)")
+    g.add_argument("--allow-repartition", action="store_true",
+                   help="keep every layer on every rank so that POST /v1/admin/repartition can switch plans")
     g.add_argument("--repartition-at", action="append", default=[], metavar="BATCHES:PLAN",
                    help="switch to PLAN (a plan.json) once BATCHES batches were dispatched; repeatable")
     g.add_argument("--slowdown", action="append", default=[], metavar="RANK:FACTOR[@BATCH]",
@@ -188,7 +193,7 @@ def _serve(args: argparse.Namespace, info) -> int:
         pkg = load_stage_package(args.package)
         if not 0 <= args.frontend_rank < info.world_size:
             raise PipeshiftError(f"--frontend-rank {args.frontend_rank}: the job has ranks 0..{info.world_size - 1}")
-        built = _build(pkg, info.rank)
+        built = _build(pkg, info.rank, args.init_from, bool(args.repartition_at or args.allow_repartition))
         config = {"package": pkg.digest(), "world_size": info.world_size, "frontend_rank": args.frontend_rank,
                   "slowdown": args.slowdown}
     except PipeshiftError as e:
@@ -212,37 +217,52 @@ def _serve(args: argparse.Namespace, info) -> int:
     return _frontend(args, info, pkg, bundle, worker, mailbox, who)
 
 
-def _build(pkg, rank: int):
-    """The full model (every rank keeps it, so a switch can hand layers over), its stages, a repartitioner."""
-    from pipeshift.runtime.elastic import package_plan
-    from pipeshift.runtime.repartition import Partition, Repartitioner, plan_stage_ranks
+def _build(pkg, rank: int, init_from: str | None, repartitionable: bool):
+    """This rank's entries, a repartitioner when switches may come, the model bundle.
+
+    Without switches a rank materialises only its own stages' tensors (the rest of the model
+    stays on the meta device), as training does; a server that may repartition keeps every
+    layer on every rank, so a switch has them at hand (the training mechanism's requirement).
+    """
+    import dataclasses
 
     from torch import nn
+
+    from pipeshift.runtime.elastic import package_entries, package_plan
+    from pipeshift.runtime.local import local_entries
+    from pipeshift.runtime.repartition import Partition, Repartitioner, plan_stage_ranks
 
     class NoLoss(nn.Module):
         """The criterion slot of the package's module list: serving never computes a loss."""
 
-    bundle = pkg.bundle()
-    full = bundle.model
-    full.eval()
+    bundle = pkg.bundle(weights=False)
     criterion = NoLoss()
-    make = pkg.module.model
-    try:
-        takes_original = len(inspect.signature(make).parameters) >= 2
-    except (TypeError, ValueError):
-        takes_original = False
-    if takes_original:
-        made = make(criterion, full)
-        entries = [(m, list(i), list(o)) for m, i, o in made]
-    else:
-        entries = pkg.entries(criterion)
-    module_to_stage = pkg.module_to_stage
-    repartitioner = None
+    if not repartitionable:
+        local = package_entries(pkg, bundle.model, criterion, rank, init_from)
+        return local.entries, pkg.module_to_stage, None, bundle
     plan = package_plan(pkg)
-    if plan is not None and takes_original:
-        partition = Partition.of(plan, plan_stage_ranks(plan), [m for m, _, _ in entries[:-1]])
-        repartitioner = Repartitioner(rank, full, entries[-1], partition)
-    return entries, module_to_stage, repartitioner, bundle
+    make_model = pkg.module.model
+    try:
+        adopts = len(inspect.signature(make_model).parameters) >= 2
+    except (TypeError, ValueError):
+        adopts = False
+    if plan is None or not adopts:
+        raise PipeshiftError(f"{pkg.path}: repartitioning needs a stage package written by `pipeshift codegen` "
+                             "(its plan.json lists the stages)")
+
+    class Adopting:
+        def model(self, crit):
+            return make_model(crit, self.original)
+
+    def make(model):
+        module = Adopting()
+        module.original = model
+        return dataclasses.replace(pkg, module=module).entries(criterion)
+
+    local = local_entries(make, bundle.model, pkg.module_to_stage, range(pkg.num_stages),
+                          seed=pkg.spec.seed if pkg.spec else 0, init_from=init_from, who=f"rank {rank}")
+    partition = Partition.of(plan, plan_stage_ranks(plan), [m for m, _, _ in local.entries[:-1]])
+    return local.entries, pkg.module_to_stage, Repartitioner(rank, bundle.model, local.entries[-1], partition), bundle
 
 
 def _slowdowns(values: list[str]) -> list[tuple[int, float, int]]:
@@ -289,7 +309,6 @@ def _token(args: argparse.Namespace) -> str | None:
 
 
 def _model_info(args, pkg, bundle, worker, frontend):
-    import torch
 
     from pipeshift.serve.completions import Generator, causal_lm, load_tokenizer
     from pipeshift.serve.http import InputSpec, ModelInfo
@@ -303,16 +322,27 @@ def _model_info(args, pkg, bundle, worker, frontend):
     info = ModelInfo(name=args.name or pkg.path.name, inputs=inputs, outputs=outputs, max_batch=args.max_batch,
                      max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout,
                      token=_token(args))
-    with torch.inference_mode():
-        out = bundle.model(*example)
-    out = list(out) if isinstance(out, (tuple, list)) else [out]
-    if causal_lm(example, out):
+    out = _output_shapes(pkg, example)
+    if out is not None and causal_lm(example, out):
         model = bundle.model
         context = next((int(v) for v in (getattr(getattr(model, "config", None), "max_position_embeddings", None),
                                          getattr(getattr(model, "wpe", None), "num_embeddings", None)) if v), 1 << 16)
         tokenizer = load_tokenizer(pkg.spec.kwargs if pkg.spec else {})
         info.completions = Generator(info.name, int(out[0].shape[-1]), context, args.max_new_tokens, tokenizer)
     return info
+
+
+def _output_shapes(pkg, example) -> list | None:
+    """The model's outputs for ``example`` on the meta device (shapes only, nothing computed); None if unknown."""
+    import torch
+
+    try:
+        model = pkg.spec.build(weights=False).model.to("meta")
+        with torch.inference_mode():
+            out = model(*[t.to("meta") for t in example])
+    except Exception:  # an op without a meta kernel: the model is served, just not as a language model
+        return None
+    return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
 def _frontend(args, info, pkg, bundle, worker, mailbox, who) -> int:

@@ -344,7 +344,8 @@ class Frontend:
         """Drain, then move every rank onto ``plan``; requests wait in the queue meanwhile."""
         rp = self.worker.repartitioner
         if rp is None:
-            raise PipeshiftError("repartitioning needs a stage package written by `pipeshift codegen`")
+            raise PipeshiftError("this server cannot repartition: start it with --allow-repartition (or "
+                                 "--repartition-at) on a stage package written by `pipeshift codegen`")
         t0 = time.perf_counter()
         for _ in range(self.config.inflight):  # wait for the batches in flight to finish
             while not self._slots.acquire(timeout=0.05):
