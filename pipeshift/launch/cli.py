@@ -157,13 +157,21 @@ def read_hosts(path: str) -> list[tuple[str, int]]:
 
 
 def host_commands(python: str, hosts: list[tuple[str, int]], port: int, train_args: list[str]) -> list[tuple[str, list[str]]]:
-    """The torchrun command for each machine (c10d rendezvous on the first host)."""
+    """The torchrun command for each machine (c10d rendezvous on the first host).
+
+    torchrun needs two things said that it otherwise guesses from the hostname: ``--local-addr``
+    (the address the other machines reach this one by: it becomes MASTER_ADDR for rank 0's
+    machine, and the rendezvous advertises it) and ``--rdzv-conf is_host=…`` (which machine runs
+    the rendezvous store: torchrun decides by comparing the endpoint with its own hostname, which
+    fails for aliases, IPs of another interface, or a hostname that resolves to loopback).
+    """
     master = hosts[0][0]
     job = "pipeshift-" + uuid.uuid4().hex[:8]
     out = []
-    for host, slots in hosts:
+    for i, (host, slots) in enumerate(hosts):
         cmd = [python, "-m", "torch.distributed.run", "--nnodes", str(len(hosts)), "--nproc-per-node", str(slots),
                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{_bracket(master)}:{port}", "--rdzv-id", job,
+               "--rdzv-conf", f"is_host={'true' if i == 0 else 'false'}", "--local-addr", host,
                "--max-restarts", "0", "-m", "pipeshift", "train", *train_args]
         out.append((host, cmd))
     return out
@@ -186,7 +194,9 @@ def explicit_commands(python: str, hosts: list[tuple[str, int]], port: int,
 def describe(plans, hosts, port: int, workdir: str, python: str, train_args: list[str]) -> str:
     world = sum(s for _, s in hosts)
     lines = [f"# {world} ranks on {len(hosts)} machines. Run on each machine (torchrun, c10d rendezvous at "
-             f"{hosts[0][0]}:{port}):", ""]
+             f"{hosts[0][0]}:{port}; --local-addr is the address the other machines reach it by, is_host=true "
+             "marks the machine that runs the rendezvous store; each rank binds the interface that routes to "
+             "MASTER_ADDR, or --iface NAME after `train`):", ""]
     for host, cmd in plans:
         lines.append(f"[{host}] cd {shlex.quote(workdir)} && {shlex.join(cmd)}")
     lines += ["", "# Or, to fix which ranks run where (stage_to_rank_map), one process per rank:", ""]

@@ -58,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--large-bytes", type=int, default=8 << 20, help="bandwidth message size (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=120.0, metavar="S",
                         help="give up if a peer does not answer within S seconds (default %(default)s)")
+    parser.add_argument("--iface", default=None, metavar="NAME",
+                        help="network interface for gloo (default: the one that routes to rank 0)")
 
 
 # -- measuring ------------------------------------------------------------------------
@@ -84,9 +86,17 @@ def measure(rank: int, world_size: int, init_method: str, config: dict[str, Any]
     import torch
     import torch.distributed as dist
 
+    from pipeshift.runtime.distributed import CONNECT_GRACE_S, watchdog
+
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=config["timeout_s"]))
+    timer = watchdog(config["timeout_s"] + CONNECT_GRACE_S,
+                      f"netcheck: error: rank {rank} could not join the group at {init_method} within "
+                      f"{config['timeout_s']:g} s (is every rank started? --iface picks the interface)")
+    try:
+        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=config["timeout_s"]))
+    finally:
+        timer.cancel()
     try:
         small = torch.zeros(max(1, math.ceil(config["small_bytes"] / 4)), dtype=torch.float32)
         large = torch.zeros(max(1, math.ceil(config["large_bytes"] / 4)), dtype=torch.float32)
@@ -341,6 +351,13 @@ def run(args: argparse.Namespace) -> int:
             rank, world, init_method = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://"
         else:
             raise PipeshiftError("say where to run: --local N, --hosts H1,H2 [--rank R], or under torchrun")
+        from pipeshift.runtime import netif
+
+        rendezvous = host if hosts is not None else os.environ.get("MASTER_ADDR", "127.0.0.1")
+        choice = netif.choose(rendezvous, args.iface)
+        netif.apply(choice)
+        if choice.iface not in (None, "lo") or args.iface:
+            print(f"netcheck rank {rank}: {choice.describe()}", file=sys.stderr)
         if hosts is not None and rank > 0:
             wait_for_rank0(host, port, config["timeout_s"])
         try:

@@ -34,7 +34,7 @@ from pipeshift.spec import parse_model_args
 
 # per-process settings that may legitimately differ between ranks
 _LOCAL_ARGS = ("command", "rank", "world_size", "dist_addr", "package", "no_progress", "threads", "device",
-               "backend", "output_dir", "timeout", "no_malloc_tuning", "master_token", "graph",
+               "backend", "output_dir", "timeout", "no_malloc_tuning", "master_token", "graph", "iface",
                "repartition_at")
 _SCHEDULER_ALIASES = {"step": "StepLR", "cosine": "CosineAnnealingLR", "exponential": "ExponentialLR",
                       "linear": "LinearLR", "multistep": "MultiStepLR", "constant": "ConstantLR"}
@@ -84,6 +84,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--world-size", type=int, default=None, help="explicit launch: number of ranks")
     g.add_argument("--dist-addr", default=None, help="explicit launch: HOST:PORT where rank 0 listens")
     g.add_argument("--backend", default="auto", help="auto (nccl on GPUs, gloo on CPUs), gloo or nccl")
+    g.add_argument("--iface", default=None, metavar="NAME",
+                   help="network interface for gloo/NCCL (default: the one that routes to --dist-addr or "
+                        "MASTER_ADDR, unless GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME are set)")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--timeout", type=float, default=60.0,
                    help="seconds to wait for a peer before giving up (default 60)")
@@ -132,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         pass  # reported by the start-up agreement, on every rank
     info = init_distributed(rank=args.rank, world_size=args.world_size, dist_addr=args.dist_addr,
                             backend=args.backend, device=args.device, timeout_s=args.timeout,
-                            expected_world=expected)
+                            expected_world=expected, iface=args.iface)
     try:
         return _train(args, info)
     except PipeshiftError as e:

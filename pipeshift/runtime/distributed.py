@@ -8,7 +8,11 @@
 
 The backend is NCCL when the ranks use CUDA devices and gloo otherwise (``--backend``
 overrides). The group's timeout is the run's ``--timeout``, so even a collective the runtime
-does not poll itself gives up on a dead peer in bounded time.
+does not poll itself gives up on a dead peer in bounded time. Joining is bounded too: the
+backends' socket interface is the one that routes to the rendezvous host
+(:mod:`pipeshift.runtime.netif`, ``--iface`` to override), and a watchdog ends a rank whose
+connect outlives ``--timeout`` (gloo's full-mesh connect does not always honour it) with one line
+naming the address and the interface, instead of a silent hang.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import sys
+import threading
 from datetime import timedelta
 
 import torch
@@ -32,6 +38,7 @@ class DistInfo:
     backend: str
     device: torch.device
     how: str  # "torchrun", "explicit" or "alone"
+    iface: str | None = None  # the socket interface the backend was told to use
 
 
 def parse_addr(text: str) -> tuple[str, int]:
@@ -61,8 +68,24 @@ def choose_device(device: str, local_rank: int) -> torch.device:
     raise PipeshiftError(f"--device {device!r}: one of auto, cpu, cuda")
 
 
+CONNECT_GRACE_S = 10.0  # beyond --timeout, before the watchdog ends a rank stuck joining the group
+
+
+def watchdog(seconds: float, message: str) -> threading.Timer:
+    """End the process with ``message`` unless cancelled within ``seconds``."""
+    def fire() -> None:
+        print(message, file=sys.stderr, flush=True)
+        os._exit(1)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 def init_distributed(*, rank: int | None, world_size: int | None, dist_addr: str | None, backend: str = "auto",
-                     device: str = "auto", timeout_s: float = 60.0, expected_world: int | None = None) -> DistInfo:
+                     device: str = "auto", timeout_s: float = 60.0, expected_world: int | None = None,
+                     iface: str | None = None, who: str = "pipeshift train") -> DistInfo:
     explicit = [x is not None for x in (rank, world_size, dist_addr)]
     if any(explicit):
         if not all(explicit):
@@ -71,7 +94,7 @@ def init_distributed(*, rank: int | None, world_size: int | None, dist_addr: str
             raise PipeshiftError(f"--rank {rank} --world-size {world_size}: need 0 <= rank < world size")
         host, port = parse_addr(dist_addr)
         init_method, how, local_rank = f"tcp://{host}:{port}", "explicit", int(os.environ.get("LOCAL_RANK", 0))
-        where = f"{host}:{port}"
+        where, rendezvous = f"{host}:{port}", host
     elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         try:
             rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -80,6 +103,7 @@ def init_distributed(*, rank: int | None, world_size: int | None, dist_addr: str
             raise PipeshiftError("RANK/WORLD_SIZE/LOCAL_RANK in the environment are not integers") from None
         init_method, how = "env://", "torchrun"
         where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        rendezvous = os.environ.get("MASTER_ADDR", "127.0.0.1")
     else:
         if expected_world not in (None, 1):
             raise PipeshiftError(
@@ -88,7 +112,7 @@ def init_distributed(*, rank: int | None, world_size: int | None, dist_addr: str
             )
         rank, world_size, local_rank, how = 0, 1, 0, "alone"
         init_method = f"tcp://127.0.0.1:{free_port()}"
-        where = init_method
+        where, rendezvous = init_method, "127.0.0.1"
     dev = choose_device(device, local_rank)
     if backend == "auto":
         backend = "nccl" if dev.type == "cuda" else "gloo"
@@ -98,14 +122,26 @@ def init_distributed(*, rank: int | None, world_size: int | None, dist_addr: str
         raise PipeshiftError("--backend nccl needs CUDA devices (use gloo on CPU)")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    from pipeshift.runtime import netif
+
+    one_machine = how != "explicit" and os.environ.get("LOCAL_WORLD_SIZE", str(world_size)) == str(world_size)
+    choice = netif.choose(rendezvous, iface, one_machine=one_machine)
+    netif.apply(choice)
+    if choice.iface not in (None, "lo") or iface:
+        print(f"{who}: rank {rank}: {choice.describe()}", file=sys.stderr, flush=True)
     kwargs = {"device_id": dev} if backend == "nccl" else {}
+    over = f" over {choice.iface}" if choice.iface else ""
+    failed = (f"rank {rank} of {world_size} could not join the process group at {where}{over} "
+              f"within {timeout_s:g} s")
+    timer = watchdog(timeout_s + CONNECT_GRACE_S,
+                      f"{who}: error: {failed} (a peer never connected: is every rank started, and does "
+                      f"{where} reach this machine? --iface picks the interface)")
     try:
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout_s), **kwargs)
     except (RuntimeError, ValueError, dist.DistError) as e:
         text = " ".join(str(e).split())[:300]
-        raise PipeshiftError(
-            f"rank {rank} of {world_size} could not join the process group at {where} within {timeout_s:g} s "
-            f"({text})"
-        ) from None
-    return DistInfo(rank, world_size, local_rank, backend, dev, how)
+        raise PipeshiftError(f"{failed} ({text})") from None
+    finally:
+        timer.cancel()
+    return DistInfo(rank, world_size, local_rank, backend, dev, how, choice.iface)
