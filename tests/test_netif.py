@@ -41,7 +41,7 @@ def test_user_setting_and_override_win() -> None:
 def test_hostname_resolving_to_loopback_is_not_bound_to_lo_across_machines() -> None:
     name = socket.gethostname()
     ip = netif.resolve_ipv4(name)
-    if ip is None or not ip.startswith("127.") or netif.local_address_towards(netif._TEST_NET) is None:
+    if ip is None or not ip.startswith("127.") or netif.local_address_towards(netif.TEST_NET) is None:
         pytest.skip("needs a hostname that resolves to loopback and a default route")
     assert netif.choose(name, env={}).iface not in (None, "lo")  # peers elsewhere could not reach lo
     assert netif.choose(name, env={}, one_machine=True).iface == "lo"  # torchrun with every rank here

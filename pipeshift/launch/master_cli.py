@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import os
 import signal
+import socket
 import sys
 from contextlib import ExitStack
 
@@ -54,6 +56,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="remaining steps assumed when the job length is unknown (default %(default)s)")
 
 
+def worker_address(host: str, port: int) -> tuple[str, str | None]:
+    """The HOST:PORT workers should be given for a master bound to ``host``, and a warning when
+    workers on other machines cannot reach it."""
+    from pipeshift.runtime import netif
+
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        resolved = netif.resolve_ipv4(host)
+        ip = ipaddress.ip_address(resolved) if resolved else None
+    outward = netif.local_address_towards(netif.TEST_NET)  # the default route's address, if any
+    if ip is not None and ip.is_unspecified:
+        addr = outward if outward and not ipaddress.ip_address(outward).is_loopback else socket.gethostname()
+        return f"{addr}:{port}", None
+    if ip is not None and ip.is_loopback:
+        hint = f" (this machine's address: {outward})" if outward and not ipaddress.ip_address(outward).is_loopback else ""
+        return f"{host}:{port}", (f"listening on loopback {host}: only processes on this machine can reach it; "
+                                  f"for workers on other machines start it with --host 0.0.0.0{hint}")
+    return f"{host}:{port}", None
+
+
 def run(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get(protocol.TOKEN_ENV)
     generated = not token
@@ -83,9 +106,14 @@ def run(args: argparse.Namespace) -> int:
         def on_listening(address: tuple[str, int]) -> None:
             where = f"{address[0]}:{address[1]}"
             print(f"pipeshift master: listening on {where}", flush=True)
+            advertised, warning = worker_address(address[0], address[1])
+            if warning:
+                print(f"pipeshift master: warning: {warning}", file=sys.stderr, flush=True)
             if generated:
                 print(f"pipeshift master: token {token}  (export {protocol.TOKEN_ENV}={token} "
-                      f"{protocol.MASTER_ENV}={where} for workers and ctl)", flush=True)
+                      f"{protocol.MASTER_ENV}={advertised} for workers and ctl)", flush=True)
+            else:
+                print(f"pipeshift master: workers and ctl use {protocol.MASTER_ENV}={advertised}", flush=True)
             state = "off" if args.policy == "off" else ("on" if driver else "on, inactive (no --plan)")
             print(f"pipeshift master: policy {state}", flush=True)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,14 @@ def topology_from_args(args: argparse.Namespace):
     )
 
 
+def graph_reference(graph_path: Path, output: str | None) -> str:
+    """plan.json's ``graph``: relative to the plan's own directory, so the plan can be read from anywhere
+    (``master --plan``, a copy beside the stage package) without knowing where ``plan`` ran."""
+    if not output:
+        return str(graph_path)
+    return os.path.relpath(graph_path.resolve(), Path(output).resolve())
+
+
 def run(args: argparse.Namespace) -> int:
     if args.graph and args.profile_filename and args.graph != args.profile_filename:
         raise PipeshiftError("give the graph once: as GRAPH or as -f, not both")
@@ -156,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     result = make_plan(graph, topo, opt)
     elapsed = time.perf_counter() - t0
-    doc = plan_document(graph, graph_arg, result, topo, opt, profile)
+    doc = plan_document(graph, graph_reference(graph_path, args.output), result, topo, opt, profile)
     doc["search"]["planner_seconds"] = elapsed
     if args.output:
         out = Path(args.output)

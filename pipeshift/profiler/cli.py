@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         help=f"torch intra-op threads, fixed for the run (default: torch's, here {torch.get_num_threads()})")
     timing.add_argument("--iterations", type=int, default=20, help="measured steps (default 20)")
     timing.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (default 3)")
+    timing.add_argument("--remeasure", type=int, default=1, metavar="N",
+                        help="measure again up to N times when the noise checks find the steps disturbed "
+                             "(default %(default)s; profile.json's 'noise' says what was found)")
     timing.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
     timing.add_argument("--no-malloc-tuning", action="store_true",
                         help="leave glibc malloc as it is (default: tuned as `pipeshift train` tunes it, so the "
@@ -93,7 +96,12 @@ def profile_to_directory(spec: ModelSpec, args: argparse.Namespace, batch_size: 
         device=args.device,
         spec=spec,
         progress=not args.quiet,
+        remeasure=args.remeasure,
     )
+    for finding in profile.noise_findings:
+        attempts = (profile.noise or {}).get("attempts", 1)
+        print(f"pipeshift profile: warning: b={batch_size}: {finding} (kept the steadiest of {attempts} "
+              f"measurement{'s' if attempts > 1 else ''}; the times may be too high)", file=sys.stderr)
     written = write_profile(profile, directory)
     picture, warning = write_picture(profile, directory)
     if not args.quiet and args.top > 0:

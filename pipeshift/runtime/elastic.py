@@ -138,8 +138,8 @@ def find_graph(plan: Mapping[str, Any], package_dir: Path | None, explicit: str 
         return None
     g = Path(named)
     candidates = [g]
-    if package_dir is not None and not g.is_absolute():
-        candidates += [package_dir / g, package_dir.parent / g, package_dir / g.name, package_dir.parent / g.name]
+    if package_dir is not None and not g.is_absolute():  # plan.json's graph is relative to the plan's directory
+        candidates = [package_dir / g, g, package_dir.parent / g, package_dir / g.name, package_dir.parent / g.name]
     return next((c for c in candidates if c.is_file()), None)
 
 

@@ -26,7 +26,7 @@ from pipeshift.errors import PipeshiftError
 IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 _SIOCGIFADDR = 0x8915
 _LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
-_TEST_NET = "192.0.2.1"  # TEST-NET-1: never answers; connecting a UDP socket sends nothing
+TEST_NET = "192.0.2.1"  # TEST-NET-1: never answers; connecting a UDP socket sends nothing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,9 +95,9 @@ def choose(host: str, override: str | None = None, env: dict[str, str] | None = 
     if ipaddress.ip_address(ip).is_loopback and named_loopback and not one_machine:
         # a machine name that resolves to loopback here: peers elsewhere reach this machine through
         # the interface of its default route, not through lo
-        towards = local_address_towards(_TEST_NET)
+        towards = local_address_towards(TEST_NET)
         if towards is not None and not ipaddress.ip_address(towards).is_loopback:
-            ip, why = _TEST_NET, f"{host} resolves to loopback {resolve_ipv4(host)} here; using the default route's"
+            ip, why = TEST_NET, f"{host} resolves to loopback {resolve_ipv4(host)} here; using the default route's"
     local = local_address_towards(ip)
     if local is None:
         return Choice(None, None, f"no route to {host} ({ip})")
