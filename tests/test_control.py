@@ -354,13 +354,13 @@ def test_master_policy_repartitions_on_persistent_slowdown_and_logs_decisions(tm
         try:
             w0 = MasterClient.connect(m.address, TOKEN, rank=0, stage=0)
             w1 = MasterClient.connect(m.address, TOKEN, rank=1, stage=1)
-            for window in range(2):  # stage 0's worker runs 3x slower than profiled
+            for window in range(4):  # warm-up, calibration, then stage 0's worker 3x slower than the rest
                 step = 10 * (window + 1)
-                w0.report(step, {0: {"compute_s": 6.0, "wait_s": 0.0, "comm_s": 0.0}})
+                w0.report(step, {0: {"compute_s": 6.0 if window >= 2 else 2.0, "wait_s": 0.0, "comm_s": 0.0}})
                 assert w0.poll() is None
                 w1.report(step, {1: {"compute_s": 2.0, "wait_s": 4.0, "comm_s": 0.0}})
             command = w0.poll()
-            assert command["source"] == "policy" and command["at_step"] == 21
+            assert command["source"] == "policy" and command["at_step"] == 41
             assert [s["nodes"] for s in command["plan"]["stages"]] == [["node0"], ["node1", "node2", "node3"]]
             assert [s["fqns"] for s in command["plan"]["stages"]] == [["l0"], ["l1", "l2", "l3"]]
             assert [s["ranks"] for s in command["plan"]["stages"]] == [[0], [1]]
@@ -371,6 +371,7 @@ def test_master_policy_repartitions_on_persistent_slowdown_and_logs_decisions(tm
         finally:
             m.stop()
     events = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [e["event"] for e in events if e["event"].startswith("policy_")][:2] == ["policy_warmup", "policy_calibrated"]
     decisions = [e for e in events if e["event"] == "policy_decision"]
     assert [d["repartition"] for d in decisions] == [False, True]
     assert decisions[1]["speed_factors"] == [3.0, 1.0] and decisions[1]["migration_bytes"] == 1e3
@@ -451,11 +452,15 @@ def test_master_cli_with_plan_and_graph_runs_the_policy(tmp_path):
         [sys.executable, "-m", "pipeshift", "master", "--port", "0", "--plan", str(tmp_path / "plan.json"),
          "--persist-windows", "1", "--cooldown-windows", "0", "--total-steps", "10000"], env)
     try:
+        assert proc.stdout.readline().strip() == f"pipeshift master: workers and ctl use PIPESHIFT_MASTER={where}"
         assert proc.stdout.readline().strip() == "pipeshift master: policy on"
         with MasterClient.connect(where, TOKEN, rank=0, stage=0) as w:
             # Stage 0 (4 ms profiled) takes 8 ms: its worker is 2x slower. The best split for that
-            # is node1,node2 | node3..node5 (max(2*2, 6) = 6 ms, against 8 ms now).
-            w.report(5, {0: {"compute_s": 0.008}, 1: {"compute_s": 0.004}})
+            # is node1,node2 | node3..node5 (max(2*2, 6) = 6 ms, against 8 ms now). The first
+            # window is a warm-up and the second calibrates, as in-process.
+            for step in (5, 10, 15):
+                assert w.poll() is None
+                w.report(step, {0: {"compute_s": 0.008}, 1: {"compute_s": 0.004}})
             command = w.poll()
         assert [s["nodes"] for s in command["plan"]["stages"]] == [["node1", "node2"], ["node3", "node4", "node5"]]
         assert command["plan"]["predicted"]["time_per_minibatch_s"] == pytest.approx(0.006)

@@ -27,15 +27,8 @@ from typing import Any, TextIO
 from pipeshift.errors import PipeshiftError
 from pipeshift.launch import protocol
 from pipeshift.launch.protocol import ProtocolError
-from pipeshift.runtime.policy import (
-    Chain,
-    Decision,
-    PolicyConfig,
-    RepartitionPolicy,
-    Replanner,
-    replace_stages,
-    stages_of,
-)
+from pipeshift.runtime.policy import PolicyConfig, stages_of
+from pipeshift.runtime.policy_driver import PolicyDriver
 
 
 class MessageError(PipeshiftError):
@@ -101,69 +94,6 @@ class WorkerRecord:
         if silent > timeout_s:
             return "dead", f"no heartbeat for {silent:.1f} s"
         return "alive", ""
-
-
-# -- the automatic policy, fed by worker reports ----------------------------------------
-class PolicyDriver:
-    """Turns per-rank reports into per-stage windows and runs :class:`RepartitionPolicy` on them.
-
-    A window is complete once every stage has reported since the last evaluation; a stage with
-    several ranks (replicas) contributes the mean of their compute times.
-    """
-
-    def __init__(
-        self, plan: dict[str, Any], chain: Chain, config: PolicyConfig | None = None,
-        total_steps: int | None = None, replan: Replanner | None = None,
-    ) -> None:
-        self.plan = plan
-        self.chain = chain
-        self.total_steps = total_steps
-        self.policy = RepartitionPolicy(chain, plan, config, replan)
-        self._pending: dict[int, dict[int, float]] = {}
-        self.last_decision: Decision | None = None
-
-    def adopt_plan(self, plan: dict[str, Any]) -> None:
-        self.policy.adopt(plan)  # raises if the plan does not cover the master's graph
-        self.policy.cooldown_left = self.policy.config.cooldown_windows  # the switch disturbs timings
-        self.plan = plan
-        self._pending.clear()
-
-    def check_plan(self, plan: dict[str, Any]) -> None:
-        self.chain.assignment(stages_of(plan))
-
-    def on_report(self, rank: int, step: int, stage_times: dict[int, dict[str, float]],
-                  total_steps: int | None) -> tuple[Decision, dict[str, Any] | None] | None:
-        """Record a report; when a window completes, return the decision and a new plan if any."""
-        if total_steps is not None:
-            self.total_steps = total_steps
-        num_stages = self.policy.num_stages
-        for stage, times in stage_times.items():
-            if 0 <= stage < num_stages:
-                self._pending.setdefault(stage, {})[rank] = times["compute_s"]
-        if len(self._pending) < num_stages:
-            return None
-        measured = [sum(by_rank.values()) / len(by_rank) for _, by_rank in sorted(self._pending.items())]
-        self._pending.clear()
-        remaining = None if self.total_steps is None else max(self.total_steps - step, 0)
-        decision = self.policy.observe(measured, step=step, remaining_steps=remaining)
-        self.last_decision = decision
-        if not decision.repartition:
-            return decision, None
-        self.plan = replace_stages(self.plan, decision.new_stages, decision.new_predicted_s, self.chain.node_fqns)
-        return decision, self.plan
-
-    def summary(self) -> dict[str, Any]:
-        d = self.last_decision
-        return {
-            "window": self.policy.window,
-            "streak": self.policy.streak,
-            "cooldown_left": self.policy.cooldown_left,
-            "num_stages": self.policy.num_stages,
-            "last_decision": None if d is None else {
-                "window": d.window, "step": d.step, "repartition": d.repartition, "reason": d.reason,
-                "imbalance": d.imbalance, "speed_factors": d.speed_factors,
-            },
-        }
 
 
 # -- the server -------------------------------------------------------------------------

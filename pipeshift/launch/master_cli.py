@@ -54,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cost of a migration beyond its bytes (default %(default)s)")
     policy.add_argument("--horizon-steps", type=int, default=defaults.default_horizon_steps,
                         help="remaining steps assumed when the job length is unknown (default %(default)s)")
+    policy.add_argument("--confidence-z", type=float, default=defaults.confidence_z,
+                        help="the gain counted is its mean minus Z standard errors over the windows (default %(default)s)")
+    policy.add_argument("--warmup-windows", type=int, default=defaults.warmup_windows,
+                        help="windows ignored before calibrating profiled against measured times (default %(default)s)")
 
 
 def worker_address(host: str, port: int) -> tuple[str, str | None]:
@@ -87,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
             threshold=args.threshold, clear_threshold=args.clear_threshold, persist_windows=args.persist_windows,
             cooldown_windows=args.cooldown_windows, bandwidth_bytes_per_s=args.bandwidth,
             fixed_pause_s=args.fixed_pause, default_horizon_steps=args.horizon_steps,
+            confidence_z=args.confidence_z, warmup_windows=args.warmup_windows,
         )
         driver = load_policy_driver(args.plan, args.graph, config, args.optimizer, args.total_steps)
     elif args.graph:

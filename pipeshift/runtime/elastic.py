@@ -392,36 +392,13 @@ class Controller:
                                                  {k: v for k, v in command.items() if k != "plan"}})
         if self.policy is None or measured is None or self.plan is None:
             return None
-        if self._ticks_since_switch <= 2 and self.switches == 0:
-            return self._calibrate(trainer, measured)
+        self.policy.plan = self.plan
         remaining = max(self.config.total_steps - trainer.step, 0)
-        decision = self.policy.observe(measured, step=trainer.step, remaining_steps=remaining)
+        decision, plan = self.policy.observe(measured, step=trainer.step, remaining_steps=remaining)
         self._log("decisions.jsonl", decision.to_json())
-        if not decision.repartition:
+        if plan is None:
             return None
-        from pipeshift.runtime.policy import replace_stages
-
-        plan = replace_stages(self.plan, decision.new_stages, decision.new_predicted_s, self.chain.node_fqns)
         return {"action": "switch", "plan": plan, "id": None, "source": f"policy (window {decision.window})"}
-
-    def _calibrate(self, trainer, measured: list[float]) -> None:
-        """The first window is warm-up; the second fixes the profile-to-runtime scale (one factor for all).
-
-        Measured times include what the profile does not (M microbatches, the runtime's own
-        overhead), so the policy's expectation is the profile times one common factor; a stage
-        that is slow from the start still stands out against the others.
-        """
-        from pipeshift.runtime.policy import stage_compute_s
-
-        if self._ticks_since_switch == 1:
-            self._log("decisions.jsonl", {"event": "policy_warmup", "step": trainer.step, "measured_s": measured})
-            return None
-        profiled = stage_compute_s(self.policy.chain, self.policy.assignment, self.policy.num_stages)
-        factor = float(np.sum(measured) / max(float(np.sum(profiled)), 1e-12))
-        self.policy.adopt(self.policy.stages, np.full(self.policy.num_stages, factor))
-        self._log("decisions.jsonl", {"event": "policy_calibrated", "step": trainer.step, "measured_s": measured,
-                                      "profiled_s": profiled.tolist(), "factor": factor})
-        return None
 
     # -- carrying it out ------------------------------------------------------------------------
 
@@ -472,9 +449,9 @@ class Controller:
         if self.policy is not None:
             from pipeshift.runtime.policy import stages_of
 
-            if stages_of(plan) != self.policy.stages:  # an operator's or forced plan: the policy follows it
-                self.policy.adopt(plan)
-                self.policy.cooldown_left = self.policy.config.cooldown_windows
+            if stages_of(plan) != self.policy.policy.stages:  # an operator's or forced plan: the policy follows it
+                self.policy.adopt_plan(plan)
+            self.policy.record_pause(max(r["pause_s"] for r in everyone))
         if self.rank == 0:
             self._master("announce_plan", plan, trainer.step)
             record = {
@@ -697,10 +674,10 @@ def prepare_job(args, pkg, bundle, rank: int, world_size: int) -> Job:
         if chain is None:
             raise PipeshiftError("--policy auto needs the profiled graph.txt: pass --graph (the plan's "
                                  f"'graph' {base.get('graph')!r} was not found)")
-        from pipeshift.runtime.policy import RepartitionPolicy
+        from pipeshift.runtime.policy_driver import PolicyDriver
 
         job.chain = chain
-        job.policy = RepartitionPolicy(chain, plan, policy_config(args.policy_arg))
+        job.policy = PolicyDriver(plan, chain, policy_config(args.policy_arg))
     elif chain is not None:
         job.chain = chain
     return _connect(job, plan)

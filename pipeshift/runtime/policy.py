@@ -12,11 +12,17 @@ be unit-tested and every decision replayed from its log line. The rules:
   factors last accepted). Above ``threshold`` the streak grows; below ``clear_threshold`` it
   resets; in between it holds. Only a streak of ``persist_windows`` leads to a re-plan, so a
   single noisy window never does, and a signal hovering at the threshold does not flap.
-* **Worth it?** The re-planned split is accepted only if the time it saves per minibatch times
-  the remaining minibatches exceeds the migration's cost (bytes that change owner / bandwidth +
-  a fixed pause). After a repartition, ``cooldown_windows`` windows are ignored: they measure a
-  pipeline that is still switching. After a re-plan that is not worth it, the measured speeds
-  become the new expectation, so the same finding is not re-examined every window.
+* **Worth it, beyond the noise?** The re-plan uses the speed factors averaged over the windows
+  of the streak, and each of those windows also prices the gain on its own: the new split's
+  time saved per minibatch under that window's speeds. The gain counted is a *lower confidence
+  bound*, mean − ``confidence_z`` × standard error over those windows, so a gain that noise alone
+  could produce (windows disagreeing about who is slow, or by how much) is no gain. It must
+  exceed ``min_relative_gain`` of the current time, and times the remaining minibatches it must
+  repay the migration: bytes that change owner / bandwidth + a fixed pause, or the pause last
+  measured when that was longer (:meth:`RepartitionPolicy.record_pause`). After a repartition,
+  ``cooldown_windows`` windows are ignored: they measure a pipeline that is still switching.
+  After a re-plan that is not worth it, the measured speeds become the new expectation, so the
+  same finding is not re-examined every window.
 
 The cost model is PipeDream's straight-pipeline bottleneck: the time per minibatch is the
 slowest of the stages' compute times and the boundaries' communication times (activation
@@ -310,6 +316,8 @@ class PolicyConfig:
     bandwidth_bytes_per_s: float = 1.0e9  # link used for both activations and migration
     fixed_pause_s: float = 0.5  # per-migration cost beyond the bytes (sync, regenerate stages)
     default_horizon_steps: int = 1000  # remaining steps when the job does not say
+    confidence_z: float = 2.0  # the gain counted is mean - z x standard error over the streak's windows
+    warmup_windows: int = 1  # windows ignored at the start (PolicyDriver), before calibrating
 
     def __post_init__(self) -> None:
         if not 0 <= self.clear_threshold <= self.threshold:
@@ -318,6 +326,8 @@ class PolicyConfig:
             raise PipeshiftError("policy: persist_windows must be >= 1 and cooldown_windows >= 0")
         if self.bandwidth_bytes_per_s <= 0:
             raise PipeshiftError("policy: bandwidth must be positive")
+        if self.confidence_z < 0 or self.warmup_windows < 0:
+            raise PipeshiftError("policy: confidence_z and warmup_windows must be >= 0")
 
 
 @dataclasses.dataclass
@@ -343,9 +353,14 @@ class Decision:
     moves: list[dict[str, Any]] | None = None
     new_stages: Stages | None = None
     new_predicted_s: list[float] | None = None
+    gain_lower_bound_s: float | None = None  # mean gain - z x standard error over the windows judged
+    gain_noise_s: float | None = None  # that standard error
+    windows_judged: int | None = None
+    event: str = "policy_decision"  # or policy_warmup / policy_calibrated (PolicyDriver)
 
     def to_json(self) -> dict[str, Any]:
-        return {"event": "policy_decision", **dataclasses.asdict(self)}
+        out = dataclasses.asdict(self)
+        return {"event": out.pop("event"), **out}
 
 
 class RepartitionPolicy:
@@ -360,6 +375,9 @@ class RepartitionPolicy:
         self.window = 0
         self.streak = 0
         self.cooldown_left = 0
+        self.recent: list[np.ndarray] = []  # measured windows of the current streak
+        self.measured_pause_s: float | None = None
+        self.expected_speed = np.ones(0)
         self.adopt(stages)
 
     @property
@@ -367,14 +385,27 @@ class RepartitionPolicy:
         return len(self.stages)
 
     def adopt(self, stages: Any, speed_factors: Sequence[float] | None = None) -> None:
-        """Make ``stages`` the current split (after our own decision or an operator's)."""
+        """Make ``stages`` the current split (after our own decision or an operator's).
+
+        Without ``speed_factors`` each worker keeps the speed expected of it (worker k runs stage k
+        whatever its nodes), or 1 when the number of stages changed.
+        """
         self.stages = stages_of(stages)
         self.assignment = self.chain.assignment(self.stages)
         k = self.num_stages
-        self.expected_speed = np.ones(k) if speed_factors is None else np.asarray(speed_factors, dtype=float)
+        if speed_factors is not None:
+            self.expected_speed = np.asarray(speed_factors, dtype=float)
+        elif self.expected_speed.shape != (k,):
+            self.expected_speed = np.ones(k)
         if self.expected_speed.shape != (k,):
             raise PipeshiftError(f"policy: {len(self.expected_speed)} speed factors for {k} stages")
         self.streak = 0
+        self.recent = []
+
+    def record_pause(self, seconds: float) -> None:
+        """The pause a migration of this job really took: later decisions charge at least that."""
+        if seconds >= 0:
+            self.measured_pause_s = float(seconds)
 
     def expected_s(self) -> np.ndarray:
         return stage_compute_s(self.chain, self.assignment, self.num_stages, self.expected_speed)
@@ -408,8 +439,10 @@ class RepartitionPolicy:
             return decide(False, f"cool-down after a repartition ({self.cooldown_left} windows left)")
         if imbalance > cfg.threshold:
             self.streak += 1
+            self.recent = [*self.recent, measured][-cfg.persist_windows:]
         elif imbalance < cfg.clear_threshold:
             self.streak = 0
+            self.recent = []
         if self.streak < cfg.persist_windows:
             state = "balanced" if self.streak == 0 else f"imbalance persisting {self.streak}/{cfg.persist_windows}"
             return decide(False, state)
@@ -417,6 +450,8 @@ class RepartitionPolicy:
 
     def _evaluate(self, speed: np.ndarray, step: int | None, remaining_steps: int | None, decide) -> Decision:
         cfg, chain, k = self.config, self.chain, self.num_stages
+        windows = [self.speed_factors(m) for m in self.recent] or [speed]
+        speed = np.mean(windows, axis=0)  # the streak's average: one window's noise moves it less
         cut_comm = 2.0 * chain.cut_bytes() / cfg.bandwidth_bytes_per_s
         request = ReplanRequest(
             node_ids=list(chain.node_ids), node_times_s=np.outer(speed, chain.node_times_s),
@@ -427,23 +462,35 @@ class RepartitionPolicy:
         if len(new_stages) != k:
             raise PipeshiftError(f"policy: the re-planner returned {len(new_stages)} stages for {k} workers")
         new_assignment = chain.assignment(new_stages)
-        current = pipeline_time_s(chain, self.assignment, k, speed, cfg.bandwidth_bytes_per_s)
-        new = pipeline_time_s(chain, new_assignment, k, speed, cfg.bandwidth_bytes_per_s)
-        gain = current - new
+        bw = cfg.bandwidth_bytes_per_s
+        current = pipeline_time_s(chain, self.assignment, k, speed, bw)
+        new = pipeline_time_s(chain, new_assignment, k, speed, bw)
+        gains = np.array([pipeline_time_s(chain, self.assignment, k, w, bw) - pipeline_time_s(chain, new_assignment, k, w, bw)
+                          for w in windows])
+        gain = float(gains.mean())
+        noise = float(gains.std(ddof=1) / np.sqrt(len(gains))) if len(gains) > 1 else 0.0
+        bound = gain - cfg.confidence_z * noise
         remaining = cfg.default_horizon_steps if remaining_steps is None else max(int(remaining_steps), 0)
         moves = diff_plans(self.stages, new_stages, chain.node_bytes, chain.node_fqns)
         moved = float(sum(m.bytes for m in moves))
-        cost = moved / cfg.bandwidth_bytes_per_s + cfg.fixed_pause_s
+        cost = moved / bw + cfg.fixed_pause_s
+        if self.measured_pause_s is not None:
+            cost = max(cost, self.measured_pause_s)
         numbers = dict(
             current_time_s=current, new_time_s=new, gain_per_step_s=gain, remaining_steps=remaining,
-            total_gain_s=gain * remaining, migration_bytes=moved, migration_cost_s=cost,
+            total_gain_s=bound * remaining, migration_bytes=moved, migration_cost_s=cost,
             moves=[m.to_json() for m in moves], new_stages=new_stages,
             new_predicted_s=stage_compute_s(chain, new_assignment, k, speed).tolist(),
+            gain_lower_bound_s=bound, gain_noise_s=noise, windows_judged=len(gains),
         )
         if not moves or gain <= cfg.min_relative_gain * current:
             reason = "the re-plan gains too little per step"
-        elif gain * remaining <= cost:
-            reason = f"gain x remaining steps ({gain * remaining:.3g} s) does not pay the migration ({cost:.3g} s)"
+        elif bound <= cfg.min_relative_gain * current:
+            reason = (f"the gain ({gain:.3g} s/step) is within the windows' noise (lower bound {bound:.3g} s/step "
+                      f"at z={cfg.confidence_z:g} over {len(gains)} windows)")
+        elif bound * remaining <= cost:
+            reason = (f"gain x remaining steps ({bound:.3g} s x {remaining} = {bound * remaining:.3g} s, lower bound) "
+                      f"does not pay for the migration ({cost:.3g} s)")
         else:
             decision = decide(True, "imbalance persisted and the gain pays for the migration", **numbers)
             self.adopt(new_stages, speed)
