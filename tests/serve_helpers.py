@@ -19,6 +19,7 @@ import torch
 
 from pipeshift.codegen import generate_package
 from pipeshift.graph.capture import capture, to_graph
+from pipeshift.graph.graphtxt import write_graph_txt
 from pipeshift.spec import ModelSpec
 
 PY = sys.executable
@@ -30,6 +31,17 @@ GPT = ModelSpec("pipeshift.models:gpt", {"vocab_size": 50, "width": 16, "depth":
 def graph_nodes(spec: ModelSpec) -> list[str]:
     bundle = spec.build()
     return to_graph(capture(bundle.model, bundle.example_inputs(2))).topological_order()
+
+
+def graph_txt(out: Path, spec: ModelSpec) -> Path:
+    """The model's graph.txt with every operation at 1 ms forward + 1 ms backward (for the policy)."""
+    bundle = spec.build()
+    graph = to_graph(capture(bundle.model, bundle.example_inputs(2)))
+    for node in graph.nodes.values():
+        if not node.is_input:
+            node.forward_ms = node.backward_ms = 1.0
+    write_graph_txt(graph, out / "graph.txt")
+    return out / "graph.txt"
 
 
 def plan_doc(spec: ModelSpec, nodes: list[str], cuts: list[int], ranks: list[list[int]]) -> dict:

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from pipeshift.serve import wire
-from serve_helpers import GPT, Server, assert_close, graph_nodes, package, plan_doc, reference
+from serve_helpers import GPT, Server, assert_close, graph_nodes, graph_txt, package, plan_doc, reference
 
 pytestmark = pytest.mark.timeout(400)
 MAX_BATCH = 4
@@ -52,7 +52,12 @@ def two(tmp_path_factory, nodes):
     n = len(nodes)
     pkg = package(d, GPT, [n // 2], [[0], [1]], nodes)
     (d / "plan_b.json").write_text(json.dumps(plan_doc(GPT, nodes, [n // 4], [[0], [1]])))
-    server = Server(d, pkg, 2, ["--max-batch", str(MAX_BATCH), "--repartition-at", f"12:{d / 'plan_b.json'}"])
+    graph_txt(d, GPT)
+    # rank 1 is slowed, and the forced switch at batch 12 gives it more layers: the policy takes some back
+    server = Server(d, pkg, 2, ["--max-batch", str(MAX_BATCH), "--repartition-at", f"12:{d / 'plan_b.json'}",
+                                "--slowdown", "1:20", "--policy", "auto", "--report-every", "4", "--policy-arg",
+                                "persist_windows=2", "--policy-arg", "cooldown_windows=1", "--policy-arg",
+                                "fixed_pause_s=0.0", "--policy-log", str(d / "policy.jsonl")])
     yield server
     server.close()
 
@@ -164,7 +169,7 @@ def test_metrics_parse(three):
     assert "pipeshift_serve_queue_depth" in families and "pipeshift_serve_request_latency_seconds" in families
 
 
-def test_two_stages_and_a_switch_under_load(two, model):
+def test_two_stages_and_switches_under_load(two, model, nodes):
     check_outputs(two, model)  # 8 batches: the switch comes at batch 12, during the load below
     cases = [(1 + i % 3, (5, 9)[i % 2], 200 + i) for i in range(60)]
     with cf.ThreadPoolExecutor(4) as pool:
@@ -175,9 +180,26 @@ def test_two_stages_and_a_switch_under_load(two, model):
             assert_close(r.json()["outputs"][0], model(tokens(n, length, seed)))
     from prometheus_client.parser import text_string_to_metric_families
 
-    families = {f.name: f for f in text_string_to_metric_families(two.client.get("/metrics").text)}
-    assert [s.value for s in families["pipeshift_serve_repartitions"].samples if s.name.endswith("_total")] == [1.0]
-    assert "repartitioned (--repartition-at 12:" in two.log()
+    def switches() -> float:
+        families = {f.name: f for f in text_string_to_metric_families(two.client.get("/metrics").text)}
+        return sum(s.value for s in families["pipeshift_serve_repartitions"].samples if s.name.endswith("_total"))
+
+    assert switches() >= 1 and "repartitioned (--repartition-at 12:" in two.log()
+    # keep a bounded load on until the policy has moved layers off the slowed rank
+    deadline, seed = time.monotonic() + 120, 1000
+    while "repartitioned (policy)" not in two.log() and time.monotonic() < deadline:
+        cases = [(1 + i % 2, 6, seed + i) for i in range(8)]
+        seed += 8
+        with cf.ThreadPoolExecutor(4) as pool:
+            for (n, length, s), r in zip(cases, pool.map(lambda c: two.predict(tokens(*c)), cases)):
+                assert r.status_code == 200, r.text
+                with torch.no_grad():
+                    assert_close(r.json()["outputs"][0], model(tokens(n, length, s)))
+    assert "repartitioned (policy)" in two.log(), two.log()[-3000:]
+    decisions = [json.loads(line) for line in (two.workdir / "policy.jsonl").read_text().splitlines()]
+    moved = [d for d in decisions if d.get("repartition")]
+    assert moved and len(moved[-1]["new_stages"][1]) < len(nodes) - len(nodes) // 4  # rank 1 holds less than plan_b gave it
+    assert switches() >= 2
     check_outputs(two, model)  # and on the new split
 
 

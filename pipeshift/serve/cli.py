@@ -68,6 +68,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep every layer on every rank so that POST /v1/admin/repartition can switch plans")
     g.add_argument("--repartition-at", action="append", default=[], metavar="BATCHES:PLAN",
                    help="switch to PLAN (a plan.json) once BATCHES batches were dispatched; repeatable")
+    g.add_argument("--policy", choices=["off", "auto"], default="off",
+                   help="auto: training's repartitioning policy on the ranks' measured forward times")
+    g.add_argument("--graph", default=None, metavar="GRAPH_TXT",
+                   help="the profiled graph.txt for --policy auto (default: the plan's 'graph')")
+    g.add_argument("--report-every", type=int, default=20, metavar="K",
+                   help="--policy auto: a window is K batches on every rank (default %(default)s)")
+    g.add_argument("--policy-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="policy setting, e.g. threshold=0.2, persist_windows=2")
+    g.add_argument("--policy-log", default=None, metavar="FILE", help="write every policy verdict here (JSON lines)")
     g.add_argument("--slowdown", action="append", default=[], metavar="RANK:FACTOR[@BATCH]",
                    help="experiment: from batch BATCH on, rank RANK's forward takes FACTOR times as long")
     p.set_defaults(serve_parser=p)
@@ -188,12 +197,15 @@ def _serve(args: argparse.Namespace, info) -> int:
     from pipeshift.serve import wire
     from pipeshift.serve.worker import StageWorker
 
-    error, pkg, built, config = None, None, None, {}
+    error, pkg, built, config, policy = None, None, None, {}, None
     try:
         pkg = load_stage_package(args.package)
         if not 0 <= args.frontend_rank < info.world_size:
             raise PipeshiftError(f"--frontend-rank {args.frontend_rank}: the job has ranks 0..{info.world_size - 1}")
-        built = _build(pkg, info.rank, args.init_from, bool(args.repartition_at or args.allow_repartition))
+        built = _build(pkg, info.rank, args.init_from,
+                       bool(args.repartition_at or args.allow_repartition or args.policy == "auto"))
+        if args.policy == "auto" and info.rank == args.frontend_rank:
+            policy = _policy(args, pkg)
         config = {"package": pkg.digest(), "world_size": info.world_size, "frontend_rank": args.frontend_rank,
                   "slowdown": args.slowdown}
     except PipeshiftError as e:
@@ -214,7 +226,7 @@ def _serve(args: argparse.Namespace, info) -> int:
     if info.rank != args.frontend_rank:
         worker.run()
         return 0
-    return _frontend(args, info, pkg, bundle, worker, mailbox, who)
+    return _frontend(args, info, pkg, bundle, worker, mailbox, who, policy)
 
 
 def _build(pkg, rank: int, init_from: str | None, repartitionable: bool):
@@ -296,6 +308,21 @@ def _forced(values: list[str]) -> list[tuple[int, dict[str, Any], str]]:
     return sorted(out, key=lambda x: x[0])
 
 
+def _policy(args: argparse.Namespace, pkg):
+    from pipeshift.runtime.elastic import find_graph, package_plan, policy_config
+    from pipeshift.serve.policy import ServePolicy, serving_chain
+
+    if args.report_every < 1:
+        raise PipeshiftError("--report-every must be >= 1")
+    plan = package_plan(pkg)
+    graph = find_graph(plan, pkg.path, args.graph)
+    if graph is None:
+        raise PipeshiftError(f"--policy auto needs the profiled graph.txt: pass --graph (the plan's 'graph' "
+                             f"{plan.get('graph')!r} was not found)")
+    return ServePolicy(plan, serving_chain(graph), policy_config(args.policy_arg), args.report_every,
+                       Path(args.policy_log) if args.policy_log else None)
+
+
 def _token(args: argparse.Namespace) -> str | None:
     if args.token_file:
         try:
@@ -345,7 +372,7 @@ def _output_shapes(pkg, example) -> list | None:
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
-def _frontend(args, info, pkg, bundle, worker, mailbox, who) -> int:
+def _frontend(args, info, pkg, bundle, worker, mailbox, who, policy) -> int:
     import uvicorn
 
     from pipeshift.serve.frontend import Config, Frontend
@@ -356,6 +383,7 @@ def _frontend(args, info, pkg, bundle, worker, mailbox, who) -> int:
                  inflight=args.inflight or 2 * info.world_size, timeout_s=args.timeout)
     frontend = Frontend(info.rank, info.world_size, worker, mailbox, cfg, who=who)
     frontend.forced = _forced(args.repartition_at)
+    frontend.policy = policy
     metrics = ServeMetrics(lambda: {"queue_depth": frontend.queue_depth(),
                                     "inflight_batches": frontend.inflight_batches(),
                                     "ready": float(frontend.ready)})

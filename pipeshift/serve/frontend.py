@@ -127,6 +127,7 @@ class Frontend:
             queue.Queue()
         self.forced: list[tuple[int, dict[str, Any], str]] = []  # (after batches, plan, source)
         self.switch_log: list[dict[str, Any]] = []
+        self.policy: Any = None  # a serve.policy.ServePolicy with --policy auto
         self._threads: list[threading.Thread] = []
 
     # -- admission ----------------------------------------------------------------------------
@@ -319,6 +320,10 @@ class Frontend:
             seq += 1
             if self.metrics is not None:
                 self.metrics.ranks(self.rank_info)
+            if self.policy is not None:
+                plan = self.policy.observe(self.rank_info, self.routing.stage_ranks, self._next_batch)
+                if plan is not None:
+                    self.switch_requests.put((plan, "policy", None))
             time.sleep(self.config.ping_interval_s)
 
     # -- switching partitions -------------------------------------------------------------------
@@ -382,6 +387,8 @@ class Frontend:
         finally:
             for _ in range(self.config.inflight):
                 self._slots.release()
+        if self.policy is not None:
+            self.policy.adopted(plan)
         record = {"after_batches": self._next_batch, "source": source, "drain_s": t_drained - t0,
                   "pause_s": time.perf_counter() - t0, "queued": self.queue_depth(),
                   "stages": [list(r) for r in self.routing.stage_ranks],
