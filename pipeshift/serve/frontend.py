@@ -387,10 +387,11 @@ class Frontend:
         finally:
             for _ in range(self.config.inflight):
                 self._slots.release()
+        pause = time.perf_counter() - t0
         if self.policy is not None:
-            self.policy.adopted(plan)
+            self.policy.adopted(plan, pause)
         record = {"after_batches": self._next_batch, "source": source, "drain_s": t_drained - t0,
-                  "pause_s": time.perf_counter() - t0, "queued": self.queue_depth(),
+                  "pause_s": pause, "queued": self.queue_depth(),
                   "stages": [list(r) for r in self.routing.stage_ranks],
                   "moved": self.worker.switches[-1].get("keys_moved_total")}
         self.switch_log.append(record)
