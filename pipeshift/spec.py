@@ -34,6 +34,7 @@ _DTYPES = {
 }
 
 Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]
+MAX_DIM = 1 << 24  # per input dimension: far beyond any real input, far below what overflows an allocator
 
 
 class SumLoss(nn.Module):
@@ -93,8 +94,12 @@ class ModelSpec:
             raise PipeshiftError(f"--inputs {self.inputs!r}: expected 'pkg.module:callable'")
         if self.input_dtype not in _DTYPES:
             raise PipeshiftError(f"--input-dtype {self.input_dtype!r}: one of {', '.join(sorted(_DTYPES))}")
-        if self.input_shape is not None and not all(isinstance(d, int) and d > 0 for d in self.input_shape):
-            raise PipeshiftError(f"--input-shape {self.input_shape!r}: expected positive integers")
+        if self.input_shape is not None and not (
+                isinstance(self.input_shape, list)
+                and all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= MAX_DIM for d in self.input_shape)):
+            raise PipeshiftError(f"--input-shape {self.input_shape!r}: expected positive integers up to {MAX_DIM}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
+            raise PipeshiftError(f"seed {self.seed!r}: expected an integer from 0 to 2**63 - 1")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -126,6 +131,11 @@ class ModelSpec:
             made = build_deferred(fn, self.kwargs, self.seed)
         except TypeError as e:
             raise PipeshiftError(f"{self.callable}({_kwargs_text(self.kwargs)}): {e}") from None
+        except (MemoryError, RuntimeError, ValueError, OverflowError) as e:
+            # e.g. a size argument of 10**7: the allocator refuses; say which call and why
+            text = " ".join(str(e).split())[:200]
+            raise PipeshiftError(f"{self.callable}({_kwargs_text(self.kwargs)}) failed: "
+                                 f"{type(e).__name__}: {text}") from None
         if isinstance(made, ModelBundle):
             bundle = made
             if self.inputs or self.input_shape:

@@ -457,7 +457,10 @@ def test_cli_writes_the_package(tmp_path: Path) -> None:
     plan_dir = tmp_path / "plan"
     plan_dir.mkdir()
     (plan_dir / "plan.json").write_text(json.dumps(plan_for(spec_of("lstm_tuples"), [4, 8])))
-    result = _cli(str(plan_dir), "-o", str(tmp_path / "stages"), cwd=tmp_path)
+    refused = _cli(str(plan_dir), "-o", str(tmp_path / "stages"), cwd=tmp_path)
+    assert refused.returncode == 1 and "--trust-spec" in refused.stderr and refused.stderr.count("\n") == 1
+    assert not (tmp_path / "stages").exists()
+    result = _cli(str(plan_dir), "-o", str(tmp_path / "stages"), "--trust-spec", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "3 stages" in result.stdout
     assert {p.name for p in (tmp_path / "stages").iterdir()} >= {"stage0.py", "stage1.py", "stage2.py", "__init__.py",

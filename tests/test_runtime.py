@@ -413,16 +413,19 @@ def test_export_rejects_incomplete_or_foreign_checkpoints(workdir, capsys):
     halves[1] = {k: v for k, v in halves[1].items() if k not in halves[0]}
     for s, half in enumerate(halves):
         ckpt.save_file({"stage": s, "step": 1, "model": half}, where / f"stage{s}.pt")
-    ckpt.write_json({"format": ckpt.FORMAT, "step": 1, "num_stages": 2, "package": str(pkg)}, where / "meta.json")
+    meta = {"format": ckpt.FORMAT, "step": 1, "num_stages": 2, "package": str(pkg)}
+    ckpt.write_meta(meta, where)
     ckpt.mark_latest(workdir / "ck", 1)
-    assert cli.main(["export", str(workdir / "ck"), "-o", str(workdir / "m.pt")]) == 0
+    assert cli.main(["export", str(workdir / "ck"), "-o", str(workdir / "m.pt"), "--package", str(pkg)]) == 0
     capsys.readouterr()
     # a stage file that holds another model's tensors does not pass the check against the package
     ckpt.save_file({"stage": 1, "step": 1, "model": {**halves[1], "extra.weight": torch.zeros(1)}},
                    where / "stage1.pt")
-    assert cli.main(["export", str(workdir / "ck"), "-o", str(workdir / "m.pt")]) == 1
+    ckpt.write_meta(meta, where)
+    assert cli.main(["export", str(workdir / "ck"), "-o", str(workdir / "m.pt"), "--package", str(pkg)]) == 1
     assert "unexpected ['extra.weight']" in capsys.readouterr().err
     (where / "stage1.pt").write_bytes(b"not a checkpoint")
+    ckpt.write_meta(meta, where)
     assert cli.main(["export", str(workdir / "ck"), "-o", str(workdir / "m.pt")]) == 1
     assert "stage1.pt" in capsys.readouterr().err
     (where / "stage1.pt").unlink()

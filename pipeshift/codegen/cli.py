@@ -11,15 +11,22 @@ import argparse
 
 from pipeshift.codegen.package import render_package, write_package
 from pipeshift.codegen.planfile import model_spec
+from pipeshift.plan import read_plan
+from pipeshift.trust import TRUST_FLAG, check_spec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("plan", help="plan directory (or its plan.json), as written by `pipeshift plan -o`")
     parser.add_argument("-o", "--output", required=True, help="directory for the stage package")
+    parser.add_argument(TRUST_FLAG, action="store_true",
+                        help="run the model spec the plan names even if it is not one of pipeshift's builders "
+                             "(the plan is a data file: only pass this for plans you trust)")
 
 
 def run(args: argparse.Namespace) -> int:
-    rendered = render_package(args.plan)
+    plan = read_plan(args.plan)
+    check_spec(model_spec(plan), plan.source, trust_spec=args.trust_spec)
+    rendered = render_package(plan)
     out = write_package(rendered, args.output)
     lay = rendered.layout
     print(f"wrote {out}/: {len(lay.stages)} stages of {model_spec(rendered.plan).callable}")

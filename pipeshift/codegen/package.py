@@ -96,7 +96,11 @@ def capture_model(plan: Plan | dict[str, Any] | str | os.PathLike[str]) -> Model
     with torch.random.fork_rng(devices=[]):  # building the model seeds torch; the caller's RNG is left alone
         bundle = model_spec(plan).build()
         model = bundle.model
-        inputs = tuple(bundle.example_inputs(batch_size(plan)))
+        try:
+            inputs = tuple(bundle.example_inputs(batch_size(plan)))
+        except (MemoryError, RuntimeError) as e:
+            raise PipeshiftError(f"{plan.source}: example inputs for batch size {batch_size(plan)} could not be "
+                                 f"made ({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
         captured = capture(model, inputs, leaf_policy(plan))
         structures = record_structures(captured, inputs)
     return ModelCapture(_capture_key(plan), model, captured, structures)

@@ -3,7 +3,8 @@
 Layout of ``--checkpoint-dir D``::
 
     D/latest                  the name of the newest complete checkpoint ("step-00000010")
-    D/step-00000010/meta.json step, schedule, microbatches, ranks, package, data position
+    D/step-00000010/meta.json step, schedule, microbatches, ranks, package, data position, and
+                              "files": the SHA-256 of every file below
     D/step-00000010/stage0.pt {"model": FQN -> tensor, "optimizer": FQN-keyed state, "lr_scheduler": …}
     D/step-00000010/rank0.pt  this rank's RNG states
     D/step-00000010/plan.json the plan in force, when the job can repartition (a restart resumes on it)
@@ -15,12 +16,19 @@ crash mid-write leaves the previous checkpoint in charge. Because everything is 
 loading takes each FQN from whichever stage file holds it: a run can resume on a different
 partition, and :func:`assemble_state_dict` (``pipeshift export``) rebuilds the original model's
 state_dict.
+
+A checkpoint is checked before it is used (:func:`verify`): every file against its SHA-256, the
+step against the directory's name and each stage file's own step. A resume that finds the newest
+checkpoint damaged falls back to the previous intact one and says so (:func:`choose`); an
+export refuses (it has no business guessing which weights were meant).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +39,7 @@ from pipeshift.errors import InputFileError, PipeshiftError
 
 FORMAT = "pipeshift-checkpoint"
 LATEST = "latest"
+_STEP_DIR = re.compile(r"^step-([0-9]{8,})$")
 
 
 def step_dir(root: str | os.PathLike, step: int) -> Path:
@@ -47,12 +56,34 @@ def to_cpu(obj: Any) -> Any:
     return obj
 
 
-def save_file(obj: Any, path: Path) -> None:
-    """Write atomically: a reader sees the old file or the complete new one."""
+def save_file(obj: Any, path: Path) -> str:
+    """Write atomically (a reader sees the old file or the complete new one); returns its SHA-256."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
+    digest = sha256_file(tmp)
     os.replace(tmp, path)
+    return digest
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_meta(meta: dict[str, Any], where: Path, digests: Mapping[str, str] | None = None) -> None:
+    """meta.json for the checkpoint in ``where``, with the SHA-256 of every other file in it.
+
+    ``digests`` (file name → SHA-256) are the writers' own; files not in it are hashed here.
+    """
+    files = dict(digests or {})
+    for f in sorted(where.iterdir()):
+        if f.is_file() and f.name != "meta.json" and not f.name.endswith(".tmp") and f.name not in files:
+            files[f.name] = sha256_file(f)
+    write_json({**meta, "files": files}, where / "meta.json")
 
 
 def write_json(obj: Any, path: Path) -> None:
@@ -101,6 +132,63 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
     return meta
 
 
+def verify(ckpt: Path, meta: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint whose files or step disagree with its meta.json (one line naming the file)."""
+    path = ckpt / "meta.json"
+    named = _STEP_DIR.match(ckpt.name)
+    if named and int(named.group(1)) != meta["step"]:
+        raise InputFileError(path, None, f"says step {meta['step']} but the directory is {ckpt.name}")
+    files = meta.get("files")
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise InputFileError(path, None, "records no SHA-256 of its files ('files'); it cannot be checked")
+    needed = [f"stage{s}.pt" for s in range(meta["num_stages"])]
+    for name in needed:
+        if name not in files:
+            raise InputFileError(path, None, f"records no SHA-256 for {name}")
+    for name, digest in sorted(files.items()):
+        f = ckpt / name
+        if "/" in name or name.startswith("."):
+            raise InputFileError(path, None, f"'files' names {name!r}, which is not a file of this checkpoint")
+        if not f.is_file():
+            raise InputFileError(f, None, "file not found: the checkpoint is incomplete")
+        if sha256_file(f) != digest:
+            raise InputFileError(f, None, "SHA-256 differs from the one meta.json records: the file is damaged "
+                                          "or was changed after the checkpoint was written")
+
+
+def choose(root: str | os.PathLike) -> tuple[Path, dict[str, Any], str]:
+    """The checkpoint a resume continues from: the newest intact one, and a note if it is not the latest.
+
+    ``root`` naming one ``step-N`` directory means exactly that one (no fallback).
+    """
+    try:
+        first = resolve(root)
+    except InputFileError as e:  # 'latest' names no complete checkpoint: any older intact one will do
+        first, problem = Path(root) / LATEST, str(e)
+    else:
+        problem = None
+    candidates = [first] if first.name != LATEST else []
+    if first != Path(root):
+        steps = []
+        for d in Path(root).iterdir():
+            m = _STEP_DIR.match(d.name)
+            if m and d != first and (d / "meta.json").is_file():
+                steps.append((int(m.group(1)), d))
+        named = _STEP_DIR.match(first.name)
+        limit = int(named.group(1)) if named else None
+        candidates += [d for step, d in sorted(steps, reverse=True) if limit is None or step < limit]
+    for where in candidates:
+        try:
+            meta = read_meta(where)
+            verify(where, meta)
+        except PipeshiftError as e:
+            problem = problem or str(e)
+            continue
+        note = "" if where == first else f"{problem}; resuming from the previous intact checkpoint {where.name}"
+        return where, meta, note
+    raise PipeshiftError(problem or f"{root}: no intact checkpoint")
+
+
 def load_file(path: Path, mmap: bool = False) -> Any:
     """A checkpoint file; ``mmap``: its tensors memory-mapped, so only the pages a reader touches are read."""
     if not path.is_file():
@@ -117,6 +205,9 @@ def stage_files(ckpt: Path, meta: Mapping[str, Any], mmap: bool = False) -> list
         data = load_file(ckpt / f"stage{s}.pt", mmap=mmap)
         if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
             raise InputFileError(ckpt / f"stage{s}.pt", None, "no 'model' state_dict inside")
+        if "step" in data and data["step"] != meta["step"]:
+            raise InputFileError(ckpt / f"stage{s}.pt", None,
+                                 f"holds step {data['step']!r} but meta.json says step {meta['step']}")
         out.append(data)
     return out
 
@@ -145,3 +236,12 @@ def merged_optimizer_state(stages: list[dict[str, Any]]) -> dict[str, Any]:
         state.update(opt.get("state", {}))
         groups.extend(opt.get("param_groups", []))
     return {"state": state, "param_groups": groups}
+
+
+
+def check_finite(state: Mapping[str, torch.Tensor], where: Path | str) -> None:
+    """Refuse NaN or infinite weights: a diverged run's checkpoint, named as such."""
+    for fqn, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise PipeshiftError(f"{where}: tensor {fqn!r} holds NaN or infinite values (the run diverged before "
+                                 "this checkpoint)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 import os
 import socket
 import sys
@@ -70,6 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "model.safetensors.index.json), a pipeshift checkpoint or a .pt state_dict; each rank "
                         "reads only its own stages' tensors (default: per-module initialisation from the "
                         "model spec's seed)")
+    g.add_argument("--allow-nonfinite-loss", action="store_true",
+                   help="train on when the loss is NaN or infinite (default: stop, naming the step and stage)")
     g = p.add_argument_group("evaluation, checkpoints and outputs")
     g.add_argument("--eval-steps", type=int, default=0, help="forward-only minibatches of the val split")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every K steps (default: at the end)")
@@ -163,8 +166,12 @@ def _check_numbers(args: argparse.Namespace) -> None:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise PipeshiftError(f"--{name.replace('_', '-')} must be >= 1")
-    if not args.timeout > 0:
-        raise PipeshiftError("--timeout must be positive")
+    if not args.timeout > 0 or not math.isfinite(args.timeout):
+        raise PipeshiftError("--timeout must be a positive number of seconds")
+    for name in ("lr", "momentum", "weight_decay"):
+        v = getattr(args, name)
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            raise PipeshiftError(f"--{name.replace('_', '-')} {v}: expected a finite number >= 0")
     if args.resume and not args.checkpoint_dir:
         raise PipeshiftError("--resume needs --checkpoint-dir")
     if args.report_every < 0:
@@ -208,11 +215,13 @@ def _train(args: argparse.Namespace, info) -> int:
                       seed=args.seed, eval_steps=args.eval_steps, eval_every=args.eval_every,
                       checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
                       resume=args.resume, output_dir=args.output_dir, trace_steps=args.trace_steps,
-                      progress=not args.no_progress, sync_every=args.sync_every)
+                      progress=not args.no_progress, sync_every=args.sync_every,
+                      stop_on_nonfinite_loss=not args.allow_nonfinite_loss)
     tracer = Tracer(info.rank, enabled=cfg.trace_steps > 0)
     if job.note and info.rank == 0:
         print(f"pipeshift train: {job.note}", file=sys.stderr, flush=True)
     check_partition(job.stage_ranks or pkg.stage_to_rank, cfg)
+    model_keys = {k for module, _, _ in entries[:-1] for k in module.state_dict()}
     pipeline = Pipeline(info.rank, entries, job.module_to_stage or pkg.module_to_stage,
                         job.stage_ranks or pkg.stage_to_rank, schedule=cfg.schedule,
                         microbatches=cfg.microbatches, optimizer=optimizer, lr_scheduler=scheduler,
@@ -228,6 +237,7 @@ def _train(args: argparse.Namespace, info) -> int:
     })
     if job.local is not None:
         _record_weights(trainer.out_dir / "weights.json", job.local, args.init_from, pkg)
+    trainer.model_keys = model_keys
     try:
         trainer.fit()
     finally:

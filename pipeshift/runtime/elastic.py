@@ -200,7 +200,7 @@ def resume_plan(checkpoint_dir: str | None, world_size: int, package_plan: dict[
     root = Path(checkpoint_dir)
     if not (root / ckpt.LATEST).exists() and not (root / "meta.json").exists():
         return None, ""
-    where = ckpt.resolve(root)
+    where = ckpt.choose(root)[0]
     saved = where / "plan.json"
     plan = read_plan_file(str(saved)) if saved.is_file() else None
     base = plan or package_plan
@@ -632,6 +632,8 @@ def prepare_job(args, pkg, bundle, rank: int, world_size: int) -> Job:
     if base is not None and (args.policy == "auto" or args.resume):
         chain = load_chain(base, find_graph(base, pkg.path, args.graph), _optimizer_kind(args))
     plan, job.note = resume_plan(args.checkpoint_dir if args.resume else None, world_size, base, chain)
+    if plan is not None:
+        _same_model(plan, pkg, "the checkpoint's plan.json")
     criterion = bundle.criterion()
     if plan is None and not wants:
         job.local = package_entries(pkg, bundle.model, criterion, rank, args.init_from)
@@ -681,6 +683,23 @@ def prepare_job(args, pkg, bundle, rank: int, world_size: int) -> Job:
     elif chain is not None:
         job.chain = chain
     return _connect(job, plan)
+
+
+def _same_model(plan: Mapping[str, Any], pkg, source: str) -> None:
+    """A plan read from a checkpoint is data: it may only re-split the package's own model.
+
+    Its spec is what the stages would be built from, so a spec other than the package's would
+    import and run code the user never named (and train another model besides).
+    """
+    from pipeshift.spec import ModelSpec
+
+    try:
+        spec = ModelSpec.from_json(plan.get("model"))
+    except PipeshiftError as e:
+        raise PipeshiftError(f"{source}: {e}") from None
+    if pkg.spec is None or spec != pkg.spec:
+        raise PipeshiftError(f"{source} names the model {spec.callable} (seed {spec.seed}), not the package's "
+                             f"{pkg.spec.callable if pkg.spec else 'unknown'} model; refusing to run it")
 
 
 class _WithOriginal:

@@ -13,8 +13,10 @@ directory in it. ``OUT`` picks the format:
 
 The stage files are memory-mapped and the safetensors outputs are written one tensor at a time,
 so exporting never holds the model in memory. When the stage package is reachable
-(``--package``, or the path recorded in the checkpoint) every tensor's name and shape is
+(``--package``) every tensor's name and shape is
 checked against the model first — built on the meta device, so the check allocates nothing.
+The package comes from ``--package`` only, never from the path a checkpoint records: a
+checkpoint is data, and importing a package runs its code.
 A weight tied across stages is written once to safetensors (under its first name, as
 ``save_pretrained`` does); ``.pt`` keeps every name.
 """
@@ -53,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "when larger than --max-shard-size; from_pretrained loads it for Hugging Face specs)")
     p.add_argument("--max-shard-size", default="5GB", help="largest shard of a directory export (default 5GB)")
     p.add_argument("--package", default=None,
-                   help="stage package to check the export against (default: the one recorded, if present)")
+                   help="stage package to check the export against (never taken from the checkpoint)")
     p.add_argument("--no-check", action="store_true", help="do not check the result against the original model")
 
 
@@ -75,15 +77,16 @@ def run(args: argparse.Namespace) -> int:
     max_bytes = byte_size(args.max_shard_size)
     where = ckpt.resolve(args.checkpoint)
     meta = ckpt.read_meta(where)
+    ckpt.verify(where, meta)  # no fallback here: an export must not quietly pick other weights
     state = ckpt.assemble_state_dict(ckpt.stage_files(where, meta, mmap=True), where)
-    package = args.package or meta.get("package")
-    model, checked = None, ""
+    ckpt.check_finite(state, where)
+    package = args.package
+    model, checked = None, ", not checked against a model (pass --package STAGES)"
     if not args.no_check and package:
-        if Path(package).is_dir():
-            model = check_matches(state, package)
-            checked = f", checked against {package}'s model"
-        elif args.package:
+        if not Path(package).is_dir():
             raise PipeshiftError(f"--package {package}: not a directory")
+        model = check_matches(state, package)
+        checked = f", checked against {package}'s model"
     out = Path(args.output)
     if fmt == "torch":
         ckpt.save_file(state, out)

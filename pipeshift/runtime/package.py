@@ -118,6 +118,15 @@ def parse_conf(data: Any, path: Path) -> tuple[list[int], dict[int, list[int]]]:
                 isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in ranks):
             raise bad(f"stage_to_rank_map[{key!r}] must be a non-empty list of ranks, got {ranks!r}")
         table[int(key)] = ranks
+    if sorted(table) != list(range(len(table))):
+        raise bad(f"stage_to_rank_map lists stages {sorted(table)[:8]}; expected 0..{len(table) - 1} with none skipped")
+    if set(m2s) != set(table):
+        raise bad(f"module_to_stage_map uses stages {sorted(set(m2s))[:8]} but stage_to_rank_map has "
+                  f"0..{len(table) - 1}; every stage needs a module and every module a stage")
+    ranks = sorted(r for rs in table.values() for r in rs)
+    if ranks != list(range(len(ranks))):
+        raise bad(f"the stages use ranks {ranks[:8]}{' …' if len(ranks) > 8 else ''}; expected each of "
+                  f"0..{len(ranks) - 1} exactly once")
     return m2s, table
 
 
@@ -135,17 +144,26 @@ def load_stage_package(path: str | Path) -> StagePackage:
     if not isinstance(plan, dict):
         raise InputFileError(plan_path, None, "expected a JSON object")
     module = import_package(path)
-    spec = None
+    spec = plan_spec = None
     if plan.get("model") is not None:
         try:
-            spec = ModelSpec.from_json(plan["model"])
+            plan_spec = ModelSpec.from_json(plan["model"])
         except PipeshiftError as e:
             raise InputFileError(plan_path, None, f"'model': {e}") from None
-    elif isinstance(getattr(module, "MODEL_SPEC", None), dict):
+    if isinstance(getattr(module, "MODEL_SPEC", None), dict):
         try:
             spec = ModelSpec.from_json(module.MODEL_SPEC)
         except PipeshiftError as e:
             raise InputFileError(init, None, f"MODEL_SPEC: {e}") from None
+        # The package's code says which model its stages slice; a plan.json that names another
+        # (a hand-edited seed, a swapped file) would train or rebuild something else silently.
+        if plan_spec is not None and plan_spec != spec:
+            diff = ", ".join(f"{k} {getattr(plan_spec, k)!r} vs {getattr(spec, k)!r}"
+                             for k in ("callable", "kwargs", "inputs", "input_shape", "input_dtype", "seed")
+                             if getattr(plan_spec, k) != getattr(spec, k))
+            raise InputFileError(plan_path, None, f"'model' differs from MODEL_SPEC in {init.name} ({diff})")
+    else:
+        spec = plan_spec
     for fn in ("model", "full_model"):
         if not callable(getattr(module, fn, None)):
             raise InputFileError(init, None, f"defines no {fn}() function")

@@ -21,6 +21,7 @@ from torch import nn
 from torch.func import functional_call
 
 from pipeshift.errors import PipeshiftError
+from pipeshift.runtime.checkpoint import check_finite
 
 StageEntry = tuple[nn.Module, Sequence[str], Sequence[str]]
 
@@ -121,6 +122,11 @@ class Stage:
         missing = sorted(set(mine) - set(state))
         if missing:
             raise PipeshiftError(f"{source} lacks {len(missing)} tensors of stage {self.stage_id}, e.g. {missing[:3]}")
+        for key, t in mine.items():
+            if tuple(state[key].shape) != tuple(t.shape):
+                raise PipeshiftError(f"{source}: tensor {key!r} has shape {list(state[key].shape)} but stage "
+                                     f"{self.stage_id}'s model has {list(t.shape)}")
+        check_finite({k: state[k] for k in mine}, source)
         for m in self.modules:
             keys = m.state_dict().keys()
             m.load_state_dict({k: state[k] for k in keys})

@@ -57,6 +57,7 @@ class TrainConfig:
     trace_steps: int = 20
     progress: bool = True
     sync_every: int = 0
+    stop_on_nonfinite_loss: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -150,6 +151,7 @@ class Trainer:
         self.out_dir = Path(config.output_dir) / f"rank{self.rank}"
         self.tracer = pipeline.tracer
         self.last_saved: int | None = None  # step of the newest checkpoint this run wrote or resumed from
+        self.model_keys: set[str] | None = None  # every stage's state_dict keys: what a checkpoint may hold
         self.resumed_switches: list[int] = []  # forced switches the resumed checkpoint had already applied
         self.regroup = False  # stopped early for a resize: restart with another number of ranks
         self._bar = None
@@ -234,6 +236,11 @@ class Trainer:
         if counters.losses:
             loss = float(torch.stack([x.float() for x in counters.losses]).mean())
             self.last_loss = loss
+            if cfg.stop_on_nonfinite_loss and not math.isfinite(loss):
+                # training on would only spread NaN into every weight (and the next checkpoint)
+                raise PipeshiftError(
+                    f"step {self.step}: the loss is {loss} on stage {self.pipeline.stage_id} (rank {self.rank}); "
+                    "stopping (lower --lr, or pass --allow-nonfinite-loss to train on)")
         self.log.row(step=self.step, split="train", stage=self.pipeline.stage_id, rank=self.rank, loss=loss,
                      samples_per_s=rate, compute_s=counters.compute_s, wait_s=counters.wait_s,
                      comm_s=counters.comm_s, lr=self.pipeline.optimizer.param_groups[0]["lr"],
@@ -280,8 +287,9 @@ class Trainer:
         root = Path(cfg.checkpoint_dir)
         where = ckpt.step_dir(root, self.step)
         p.comm.where = f"checkpoint after step {self.step}"
+        digests: dict[str, str] = {}
         if p.replica == 0:
-            ckpt.save_file({
+            digests[f"stage{p.stage_id}.pt"] = ckpt.save_file({
                 "stage": p.stage_id,
                 "step": self.step,
                 "model": ckpt.to_cpu(p.stage.state_dict()),
@@ -291,13 +299,17 @@ class Trainer:
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available() and p.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(p.device)
-        ckpt.save_file({"rng": rng, "step": self.step}, where / f"rank{self.rank}.pt")
-        p.comm.barrier(f"waiting for every rank to write checkpoint {where.name}")
+        digests[f"rank{self.rank}.pt"] = ckpt.save_file({"rng": rng, "step": self.step}, where / f"rank{self.rank}.pt")
+        # every rank has written once this returns; meta.json records what each wrote
+        everyone = p.comm.all_gather_bytes(json.dumps(digests).encode(),
+                                           f"waiting for every rank to write checkpoint {where.name}")
         if self.rank == 0:
+            for text in everyone:
+                digests.update(json.loads(text))
             plan = getattr(self.controller, "plan", None)
             if plan is not None:  # the partition in force: a restart resumes on it
                 ckpt.write_json(plan, where / "plan.json")
-            ckpt.write_json({
+            ckpt.write_meta({
                 "format": ckpt.FORMAT, "version": 1, "step": self.step,
                 "num_stages": p.topology.num_stages,
                 "stage_to_rank_map": {str(s): list(r) for s, r in enumerate(p.topology.stage_ranks)},
@@ -306,7 +318,7 @@ class Trainer:
                 "seed": cfg.seed, "data_position": self.step * cfg.microbatches,
                 "switches_applied": list(getattr(self.controller, "applied", [])),
                 **self.meta,
-            }, where / "meta.json")
+            }, where, digests)
             ckpt.mark_latest(root, self.step)
         self.last_saved = self.step
         return where
@@ -320,8 +332,9 @@ class Trainer:
             if self.reporter:
                 print(f"--resume: no checkpoint in {root} yet; starting from step 0", file=sys.stderr)
             return
-        where = ckpt.resolve(root)
-        meta = ckpt.read_meta(where)
+        where, meta, note = ckpt.choose(root)
+        if note and self.rank == 0:
+            print(f"pipeshift train: {note}", file=sys.stderr, flush=True)
         for key in ("schedule", "microbatches", "batch_size", "seed"):
             mine = getattr(cfg, key)
             if meta.get(key) != mine:
@@ -330,7 +343,13 @@ class Trainer:
                     "resuming would not continue the same training"
                 )
         stages = ckpt.stage_files(where, meta, mmap=True)  # only the pages of this rank's tensors are read
-        p.stage.load_state_dict(ckpt.assemble_state_dict(stages, where), source=str(where))
+        state = ckpt.assemble_state_dict(stages, where)
+        if self.model_keys is not None:
+            extra = sorted(set(state) - self.model_keys)
+            if extra:
+                raise PipeshiftError(f"{where} holds {len(extra)} tensors the model does not have, e.g. {extra[:3]}: "
+                                     "a checkpoint of another model?")
+        p.stage.load_state_dict(state, source=str(where))
         load_optimizer_state_by_fqn(p.optimizer, p.stage.params, ckpt.merged_optimizer_state(stages))
         if p.lr_scheduler is not None:
             mine = stages[min(p.stage_id, len(stages) - 1)].get("lr_scheduler")
