@@ -58,6 +58,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `torchrun … -m pipeshift -- train …`: the separator that shields our flags
+        argv = argv[1:]
     command = _named_command(argv)
     parser = build_parser(command)
     args = parser.parse_args(argv)

@@ -33,6 +33,19 @@ PLAN_VERSION = 1
 NODE_ID_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 
 
+# Sanity bounds: beyond them a plan is a typo or an attack, and would make codegen or the
+# simulator build rank lists, example batches or timelines of tens of gigabytes first.
+MAX_RANKS = 1 << 16
+MAX_BATCH_SIZE = 1 << 20
+MAX_MICROBATCHES = 1 << 16
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr`` cut to one short line: a hostile value must not become a megabyte of message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def _is_int(value: Any, minimum: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
@@ -260,11 +273,13 @@ def parse_plan(data: Any, source: str = "<plan>", text: str | None = None) -> Pl
         replicas = st.get("replicas", 1)
         if not _is_int(replicas, 1):
             raise bad((*at, "replicas"), f"must be a positive integer, got {replicas!r}")
+        if replicas * tp > MAX_RANKS:  # before a rank list of that length is built
+            raise bad((*at, "replicas"), f"{replicas} replicas x tp {tp} is more than {MAX_RANKS} ranks")
         ranks = st.get("ranks")
         if ranks is None:
             ranks = list(range(next_rank, next_rank + replicas * tp))
-        if not isinstance(ranks, list) or not all(_is_int(r, 0) for r in ranks):
-            raise bad((*at, "ranks"), f"must be a list of non-negative integers, got {ranks!r}")
+        if not isinstance(ranks, list) or not all(_is_int(r, 0) and r < MAX_RANKS for r in ranks):
+            raise bad((*at, "ranks"), f"must be a list of integers from 0 to {MAX_RANKS - 1}, got {_short(ranks)}")
         if len(ranks) != replicas * tp:
             raise bad((*at, "ranks"), f"the stage has replicas={replicas}" + (f" x tp={tp}" if tp != 1 else "")
                       + f" but {len(ranks)} ranks {ranks}")
@@ -277,6 +292,11 @@ def parse_plan(data: Any, source: str = "<plan>", text: str | None = None) -> Pl
         if not isinstance(fqns, list) or not all(isinstance(f, str) for f in fqns):
             raise bad((*at, "fqns"), "must be a list of module names")
         predicted = st.get("predicted")
+        if predicted is not None and not isinstance(predicted, Mapping):
+            raise bad((*at, "predicted"), "must be an object")
+        for key, value in (predicted or {}).items():
+            if isinstance(value, (str, bool)) or (isinstance(value, (int, float)) and not _is_number(value)):
+                raise bad((*at, "predicted", key), f"must be a non-negative number, got {_short(value)}")
         compute_s = None
         if isinstance(predicted, Mapping) and predicted.get("compute_s") is not None:
             compute_s = predicted["compute_s"]
@@ -289,15 +309,16 @@ def parse_plan(data: Any, source: str = "<plan>", text: str | None = None) -> Pl
     if used != list(range(len(used))):
         raise bad(("stages",), f"the stages use ranks {used}; a plan uses every rank 0..{len(used) - 1} exactly once")
     batch_size = data.get("batch_size")
-    if batch_size is not None and not _is_int(batch_size, 1):
-        raise bad(("batch_size",), f"must be a positive integer, got {batch_size!r}")
+    if batch_size is not None and not (_is_int(batch_size, 1) and batch_size <= MAX_BATCH_SIZE):
+        raise bad(("batch_size",), f"must be a positive integer up to {MAX_BATCH_SIZE}, got {_short(batch_size)}")
     schedule = data.get("schedule") if isinstance(data.get("schedule"), Mapping) else {}
     kind = schedule.get("kind")
     if kind is not None and not isinstance(kind, str):
         raise bad(("schedule", "kind"), f"must be a schedule name, got {kind!r}")
     microbatches = schedule.get("microbatches")
-    if microbatches is not None and not _is_int(microbatches, 1):
-        raise bad(("schedule", "microbatches"), f"must be a positive integer, got {microbatches!r}")
+    if microbatches is not None and not (_is_int(microbatches, 1) and microbatches <= MAX_MICROBATCHES):
+        raise bad(("schedule", "microbatches"), f"must be a positive integer up to {MAX_MICROBATCHES}, got "
+                                                f"{_short(microbatches)}")
     memory = data.get("memory") if isinstance(data.get("memory"), Mapping) else {}
     opt_states = memory.get("optimizer_states", 2.0)
     if not _is_number(opt_states):

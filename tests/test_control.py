@@ -10,6 +10,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,14 +50,26 @@ def master():
     m.stop()
 
 
+TOKEN_FILE = Path(tempfile.mkdtemp(prefix="pipeshift-token-")) / "token"
+TOKEN_FILE.write_text(TOKEN + "\n")
+
+
 def ctl(m: Master, *args: str) -> list[str]:
     host, port = m.address
-    return ["ctl", "--master", f"{host}:{port}", "--token", TOKEN, "--timeout", "10", *args]
+    return ["ctl", "--master", f"{host}:{port}", "--token-file", str(TOKEN_FILE), "--timeout", "10", *args]
 
 
 def status_of(m: Master) -> dict:
     with CtlClient(m.address, TOKEN) as c:
         return c.status()
+
+
+def login(s: socket.socket, nonce: str, role: str = "ctl") -> protocol.Session:
+    """Say a correct hello on a raw socket; the session for the frames that follow."""
+    mine = protocol.new_nonce()
+    protocol.send_message(s, {"type": "hello", "role": role, "nonce": mine,
+                              "auth": protocol.sign(TOKEN, nonce, mine, role)})
+    return protocol.Session(TOKEN, nonce, mine, is_master=False)
 
 
 def raw_connect(m: Master) -> tuple[socket.socket, str]:
@@ -151,19 +164,21 @@ def test_oversized_and_malformed_frames_do_not_stop_the_master(master):
     s.close()
 
     s, nonce = raw_connect(master)  # authenticated, then garbage after a valid request
-    protocol.send_message(s, {"type": "hello", "role": "ctl", "auth": protocol.sign(TOKEN, nonce)})
-    assert protocol.recv_message(s)["type"] == "welcome"
-    protocol.send_message(s, {"type": "status"})
-    assert protocol.recv_message(s)["type"] == "ok"
+    session = login(s, nonce)
+    assert protocol.recv_message(s, session=session)["type"] == "welcome"
+    protocol.send_message(s, {"type": "status"}, session=session)
+    assert protocol.recv_message(s, session=session)["type"] == "ok"
     s.sendall(b"\x00\x00")  # half a header, then hang up
     s.close()
 
     s, nonce = raw_connect(master)  # NaN smuggled into a plan is refused before it is queued
-    protocol.send_message(s, {"type": "hello", "role": "ctl", "auth": protocol.sign(TOKEN, nonce)})
-    protocol.recv_message(s)
+    session = login(s, nonce)
+    protocol.recv_message(s, session=session)
     body = b'{"type": "repartition", "plan": {"stages": [{"nodes": ["a"], "predicted": {"time_s": NaN}}]}}'
-    s.sendall(struct.pack(">I", len(body)) + body)
-    assert "not JSON" in protocol.recv_message(s)["error"]
+    mac = session._mac(session.outgoing, session.sent, body)
+    session.sent += 1
+    s.sendall(struct.pack(">I", len(body) + protocol.MAC_BYTES) + mac + body)
+    assert "not JSON" in protocol.recv_message(s, session=session)["error"]
     s.close()
 
     s, _ = raw_connect(master)  # a peer that never says hello does not block others
@@ -295,7 +310,9 @@ def test_ctl_errors_are_one_line(master, capsys, monkeypatch):
     host, port = master.address
     assert main(["ctl", "--master", f"{host}:{port}", "status"]) == 1
     assert "no token" in capsys.readouterr().err
-    assert main(["ctl", "--master", f"{host}:{port}", "--token", "nope", "status"]) == 1
+    wrong = TOKEN_FILE.with_name("wrong")
+    wrong.write_text("nope\n")
+    assert main(["ctl", "--master", f"{host}:{port}", "--token-file", str(wrong), "status"]) == 1
     err = capsys.readouterr().err
     assert "rejected the token" in err and len(err.strip().splitlines()) == 1
     monkeypatch.setenv(protocol.TOKEN_ENV, TOKEN)
@@ -418,11 +435,14 @@ def test_test_socket_py_starts_the_master(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop(protocol.TOKEN_ENV, None)
     log = tmp_path / "log.jsonl"
+    token_file = tmp_path / "token"
     proc, where, _ = _start_master_process(
-        [sys.executable, "test_socket.py", "--port", "0", "--log", str(log)], env)
+        [sys.executable, "test_socket.py", "--port", "0", "--log", str(log), "--token-file", str(token_file)], env)
     try:
         token_line = proc.stdout.readline()
-        token = token_line.split("token")[1].split()[0]
+        assert str(token_file) in token_line
+        token = token_file.read_text().strip()
+        assert token not in token_line and oct(token_file.stat().st_mode & 0o777) == "0o600"
         with MasterClient.connect(where, token, rank=0, stage=0) as w:
             w.report(1, {0: {"compute_s": 0.1}})
         with CtlClient(where, token) as c:
@@ -476,6 +496,6 @@ def test_master_cli_rejects_a_plan_that_does_not_match_the_graph(tmp_path, capsy
     (tmp_path / "graph.txt").write_text(
         "node1 -- Linear -- forward_compute_time=1.0, backward_compute_time=1.0, activation_size=8.0, parameter_size=0.0\n")
     (tmp_path / "plan.json").write_text(json.dumps({"graph": "graph.txt", "stages": [{"nodes": ["node9"]}]}))
-    assert main(["master", "--port", "0", "--token", "t", "--plan", str(tmp_path / "plan.json")]) == 1
+    assert main(["master", "--port", "0", "--token-file", str(TOKEN_FILE), "--plan", str(tmp_path / "plan.json")]) == 1
     err = capsys.readouterr().err
     assert "plan.json" in err and "does not match" in err and len(err.strip().splitlines()) == 1

@@ -85,7 +85,9 @@ def test_operator_repartition_and_grow_through_the_master(tmp_path):
     job = threading.Thread(target=lambda: result.update(zip(("rc", "out"), h.launch(
         tmp_path, 2, args, environ=h.env(PIPESHIFT_TOKEN=token), limit=180))))
     job.start()
-    ctl = ["ctl", "--master", f"{host}:{port}", "--token", token]
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    ctl = ["ctl", "--master", f"{host}:{port}", "--token-file", str(token_file)]
     try:
         def status():
             with CtlClient((host, port), token) as c:

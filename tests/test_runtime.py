@@ -548,7 +548,7 @@ def test_launch_hosts_prints_per_machine_commands(tmp_path, capsys):
     assert len(torchrun) == 2
     assert all("--rdzv-backend c10d --rdzv-endpoint node-a:29999" in line for line in torchrun)
     assert "--nproc-per-node 2" in torchrun[0] and "--nproc-per-node 1" in torchrun[1]
-    assert all("-m pipeshift train stages/ --steps 5" in line for line in torchrun)
+    assert all("-m pipeshift -- train stages/ --steps 5" in line for line in torchrun)
     explicit = [line for line in out.splitlines() if "--dist-addr" in line]
     assert [line.split("--rank ")[1].split()[0] for line in explicit] == ["0", "1", "2"]
     assert all("--world-size 3 --dist-addr node-a:29999" in line for line in explicit)

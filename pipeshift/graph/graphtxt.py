@@ -14,7 +14,6 @@ same floats, so read → write → read is the identity.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeshift.errors import InputFileError
+from pipeshift.jsonfile import read_json_object
 from pipeshift.graph.ir import Graph, Node
 
 SEP = " -- "
@@ -31,6 +31,9 @@ _NODE_ID = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 # -- numbers ---------------------------------------------------------------------------
+MAX_VALUE = 1e18  # ms or bytes: a thousand years, an exabyte; anything above is a corrupt or hostile file
+
+
 def _parse_number(text: str, field: str, path: str, line: int) -> float:
     try:
         value = float(text)
@@ -38,6 +41,9 @@ def _parse_number(text: str, field: str, path: str, line: int) -> float:
         raise InputFileError(path, line, f"{field}: {text!r} is not a number") from None
     if not math.isfinite(value) or value < 0:
         raise InputFileError(path, line, f"{field}: {text!r} is not a finite non-negative number")
+    if value > MAX_VALUE:
+        # 1e308 parses, but sums and products of such times overflow to inf inside the planner
+        raise InputFileError(path, line, f"{field}: {text!r} is beyond {MAX_VALUE:g} (milliseconds or bytes)")
     return value
 
 
@@ -162,6 +168,12 @@ def read_graph_txt(path: str | os.PathLike[str], sidecar: bool = True) -> Graph:
     except UnicodeDecodeError as e:
         raise InputFileError(str(p), None, f"not a text file ({e.reason})") from None
     graph = parse_graph_txt(text, str(p))
+    lines = text.count("\n") + (not text.endswith("\n"))
+    if len(graph) == 0:
+        raise InputFileError(str(p), None, "no nodes: an empty or truncated graph.txt")
+    if len(graph) > 1 and not graph.edges:
+        raise InputFileError(str(p), lines, f"{len(graph)} nodes but no edge lines: the file looks truncated after "
+                                            "its node lines (every graph.txt ends with its '\tnodeA -- nodeB' edges)")
     side = p.with_name("profile.json")
     if sidecar and side.is_file():
         attach_meta(graph, read_sidecar(side))
@@ -197,11 +209,8 @@ def write_graph_txt(graph: Graph, path: str | os.PathLike[str]) -> None:
 # -- sidecar metadata ------------------------------------------------------------------
 def read_sidecar(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     """The ``nodes`` map of a profile.json: node id → metadata dict."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise InputFileError(str(path), e.lineno, f"invalid JSON: {e.msg}") from None
-    nodes = data.get("nodes", {}) if isinstance(data, dict) else None
+    data = read_json_object(path, "profile.json")
+    nodes = data.get("nodes", {})
     if not isinstance(nodes, dict):
         raise InputFileError(str(path), None, "'nodes' must map node ids to objects")
     return nodes

@@ -31,6 +31,7 @@ import uuid
 from pathlib import Path
 
 from pipeshift.errors import InputFileError, PipeshiftError
+from pipeshift.launch.protocol import TOKEN_ENV
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9_.:\[\]@-]+$")
 
@@ -99,8 +100,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def local_command(python: str, n: int, train_args: list[str]) -> list[str]:
-    return [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
-            "-m", "pipeshift", "train", *train_args]
+    """torchrun (through pipeshift's wrapper: one line when a rank fails) for N ranks here.
+
+    ``--`` after the module keeps torchrun's parser off pipeshift's flags: it would take
+    ``--master`` for an ambiguous abbreviation of its own ``--master-addr``/``--master-port``.
+    """
+    return [python, "-m", "pipeshift.launch.torchrun", "--standalone", "--nproc-per-node", str(n),
+            "-m", "pipeshift", "--", "train", *train_args]
 
 
 def _local_env(n: int) -> dict[str, str]:
@@ -172,7 +178,7 @@ def host_commands(python: str, hosts: list[tuple[str, int]], port: int, train_ar
         cmd = [python, "-m", "torch.distributed.run", "--nnodes", str(len(hosts)), "--nproc-per-node", str(slots),
                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{_bracket(master)}:{port}", "--rdzv-id", job,
                "--rdzv-conf", f"is_host={'true' if i == 0 else 'false'}", "--local-addr", host,
-               "--max-restarts", "0", "-m", "pipeshift", "train", *train_args]
+               "--max-restarts", "0", "-m", "pipeshift", "--", "train", *train_args]
         out.append((host, cmd))
     return out
 
@@ -197,6 +203,9 @@ def describe(plans, hosts, port: int, workdir: str, python: str, train_args: lis
              f"{hosts[0][0]}:{port}; --local-addr is the address the other machines reach it by, is_host=true "
              "marks the machine that runs the rendezvous store; each rank binds the interface that routes to "
              "MASTER_ADDR, or --iface NAME after `train`):", ""]
+    if "--master" in train_args or any(a.startswith("--master=") for a in train_args):
+        lines[-1:-1] = [f"# The master's token is not written here: set {TOKEN_ENV} or pass --master-token-file "
+                        "on every machine."]
     for host, cmd in plans:
         lines.append(f"[{host}] cd {shlex.quote(workdir)} && {shlex.join(cmd)}")
     lines += ["", "# Or, to fix which ranks run where (stage_to_rank_map), one process per rank:", ""]

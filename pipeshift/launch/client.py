@@ -57,12 +57,24 @@ class _Connection:
             raise MasterUnavailable(f"cannot reach the master at {self.where}: timed out after {timeout_s} s") from None
         except OSError as e:
             raise MasterUnavailable(f"cannot reach the master at {self.where}: {e.strerror or e}") from None
+        self.session: protocol.Session | None = None
         try:
-            challenge = self._recv()
-            if challenge.get("type") != "challenge" or not isinstance(challenge.get("nonce"), str):
+            challenge = protocol.recv_message(self.sock, protocol.PRE_AUTH_MAX_BYTES)
+            if challenge.get("type") != "challenge" or not protocol.valid_nonce(challenge.get("nonce")):
                 raise MasterUnavailable(f"{self.where} is not a pipeshift master (no challenge)")
-            self._send({**hello, "type": "hello", "auth": protocol.sign(token, challenge["nonce"])})
-            welcome = self._recv()
+            if challenge.get("version") != protocol.PROTOCOL_VERSION:
+                raise MasterUnavailable(f"the master at {self.where} speaks protocol version "
+                                        f"{challenge.get('version')!r}, this pipeshift {protocol.PROTOCOL_VERSION}")
+            mine = protocol.new_nonce()
+            role = str(hello.get("role", ""))
+            protocol.send_message(self.sock, {**hello, "type": "hello", "nonce": mine,
+                                              "auth": protocol.sign(token, challenge["nonce"], mine, role)})
+            session = protocol.Session(token, challenge["nonce"], mine, is_master=False)
+            payload = protocol.recv_frame(self.sock, max_message_bytes)
+            try:
+                welcome = session.open(payload)
+            except AuthError:
+                welcome = self._refusal(payload)  # an unauthenticated error, or a master without the token
         except (OSError, ProtocolError) as e:
             self.close()
             raise MasterUnavailable(f"handshake with the master at {self.where} failed: {e}") from None
@@ -71,17 +83,32 @@ class _Connection:
             raise
         if welcome.get("type") != "welcome":
             self.close()
-            error = str(welcome.get("error", welcome))
-            if "authentication" in error:
-                raise AuthError(f"the master at {self.where} rejected the token (check {protocol.TOKEN_ENV})")
-            raise RequestRefused(f"the master at {self.where} refused to register us: {error}")
+            raise RequestRefused(f"the master at {self.where} refused to register us: {welcome.get('error')}")
+        self.session = session
         self.welcome = welcome
 
+    def _refusal(self, payload: bytes) -> dict[str, Any]:
+        """A frame without a valid MAC: the master's plain error, or proof that this is no real master."""
+        try:
+            message = protocol.decode_body(payload)
+        except ProtocolError:
+            message = {}
+        error = str(message.get("error", ""))[:300]
+        if message.get("type") == "error" and "authentication" in error:
+            self.close()
+            raise AuthError(f"the master at {self.where} rejected the token (check {protocol.TOKEN_ENV} or "
+                            "--token-file)")
+        if message.get("type") == "error":
+            return message
+        self.close()
+        raise AuthError(f"{self.where} did not prove that it holds the token: not our master (or a relay); "
+                        "nothing was sent to it")
+
     def _send(self, message: dict[str, Any]) -> None:
-        protocol.send_message(self.sock, message, self.max_message_bytes)
+        protocol.send_message(self.sock, message, self.max_message_bytes, self.session)
 
     def _recv(self) -> dict[str, Any]:
-        return protocol.recv_message(self.sock, self.max_message_bytes)
+        return protocol.recv_message(self.sock, self.max_message_bytes, self.session)
 
     def request(self, message: dict[str, Any]) -> dict[str, Any]:
         """Send one request, return its reply; transport failures raise :class:`MasterUnavailable`."""
@@ -90,7 +117,7 @@ class _Connection:
             reply = self._recv()
         except socket.timeout:
             raise MasterUnavailable(f"the master at {self.where} did not answer in time") from None
-        except (OSError, ProtocolError) as e:
+        except (OSError, ProtocolError, AuthError) as e:
             raise MasterUnavailable(f"lost the master at {self.where}: {e}") from None
         if reply.get("type") == "error":
             raise RequestRefused(f"the master refused {message.get('type')!r}: {reply.get('error')}")

@@ -1,7 +1,7 @@
 """Talk to a running master: status, repartition --plan FILE, resize --workers N, policy on|off.
 
 The master's address comes from ``--master``, else ``$PIPESHIFT_MASTER``, else
-127.0.0.1 on the default port; the token from ``--token``, else ``$PIPESHIFT_TOKEN``.
+127.0.0.1 on the default port; the token from ``--token-file``, else ``$PIPESHIFT_TOKEN``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from pipeshift.plan import read_plan
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--master", default=None, metavar="HOST:PORT",
                         help=f"the master (default ${protocol.MASTER_ENV}, else 127.0.0.1:{protocol.DEFAULT_PORT})")
-    parser.add_argument("--token", default=None, help=f"shared secret (default ${protocol.TOKEN_ENV})")
+    parser.add_argument("--token-file", default=None, metavar="FILE",
+                        help=f"file holding the shared secret (default ${protocol.TOKEN_ENV})")
     parser.add_argument("--timeout", type=float, default=10.0, metavar="S", help="give up after S seconds (default %(default)s)")
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     status = sub.add_parser("status", help="workers, their last reports, the policy and queued commands")
@@ -92,9 +93,9 @@ def format_status(status: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    token = args.token or os.environ.get(protocol.TOKEN_ENV)
+    token = protocol.read_token(args.token_file)
     if not token:
-        raise PipeshiftError(f"no token: pass --token or set {protocol.TOKEN_ENV} (the master printed it at start)")
+        raise PipeshiftError(f"no token: pass --token-file FILE or set {protocol.TOKEN_ENV}")
     address = args.master or os.environ.get(protocol.MASTER_ENV) or f"127.0.0.1:{protocol.DEFAULT_PORT}"
     # a plan file is checked here, before it goes anywhere near the workers
     plan = read_plan(args.plan) if args.action == "repartition" else None
@@ -107,8 +108,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"queued repartition #{reply['id']} ({plan.num_stages} stages) for step {reply['at_step']} "
                   f"at {time.strftime('%H:%M:%S')}")
         elif args.action == "resize":
-            if args.workers < 1:
-                raise PipeshiftError("--workers must be at least 1")
+            if not 1 <= args.workers <= 1 << 16:
+                raise PipeshiftError("--workers must be from 1 to 65536")
             reply = ctl.resize(args.workers, at_step=args.at_step)
             print(f"queued resize #{reply['id']} to {args.workers} workers for step {reply['at_step']} "
                   f"at {time.strftime('%H:%M:%S')}")

@@ -31,8 +31,25 @@ from pipeshift.runtime.policy import PolicyConfig, stages_of
 from pipeshift.runtime.policy_driver import PolicyDriver
 
 
+MAX_RANKS = 1 << 16  # ranks, stages and world sizes: the same bound codegen puts on plans
+MAX_STEP = 10 ** 9  # no job runs a billion minibatches; a larger step is a lie that would steer at_step
+MAX_STAGE_ENTRIES = 1024  # stages one report may describe (a rank reports its own)
+DEFAULT_MAX_WORKERS = 1024
+
+
 class MessageError(PipeshiftError):
     """A well-framed message whose fields are wrong; answered with an error, connection kept."""
+
+
+def _int(message: dict[str, Any], name: str, lo: int, hi: int, required: bool = True) -> int | None:
+    """An integer field within ``[lo, hi]``; booleans, floats and huge numbers are refused."""
+    value = _field(message, name, int, required)
+    if value is None:
+        return None
+    if not lo <= value <= hi:
+        shown = value if abs(value) < 10 ** 12 else f"a {len(str(abs(value)))}-digit number"
+        raise MessageError(f"'{name}' must be from {lo} to {hi}, got {shown}")
+    return value
 
 
 def _field(message: dict[str, Any], name: str, kind: type | tuple[type, ...], required: bool = True) -> Any:
@@ -50,16 +67,19 @@ def _stage_times(value: Any) -> dict[int, dict[str, float]]:
     """Validate ``{"<stage>": {"compute_s": f, "wait_s": f, "comm_s": f}}``."""
     if not isinstance(value, dict) or not value:
         raise MessageError("'stage_times' must map stage ids to {compute_s, wait_s, comm_s}")
+    if len(value) > MAX_STAGE_ENTRIES:
+        raise MessageError(f"'stage_times' has {len(value)} entries; at most {MAX_STAGE_ENTRIES} stages")
     out: dict[int, dict[str, float]] = {}
     for key, times in value.items():
-        try:
-            stage = int(key)
-        except (TypeError, ValueError):
-            raise MessageError(f"stage id {key!r} is not an integer") from None
-        if not isinstance(times, dict):
-            raise MessageError(f"stage {stage}: times must be an object")
+        if not (isinstance(key, str) and key.isdigit() and len(key) <= 6 and int(key) < MAX_RANKS):
+            raise MessageError(f"stage id {str(key)[:20]!r} is not a stage number")
+        stage = int(key)
+        if not isinstance(times, dict) or len(times) > 8:
+            raise MessageError(f"stage {stage}: times must be an object with compute_s, wait_s, comm_s")
         clean = {}
         for name, t in times.items():
+            if name not in ("compute_s", "wait_s", "comm_s"):
+                raise MessageError(f"stage {stage}: unknown time {str(name)[:20]!r}")
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0 or t == float("inf"):
                 raise MessageError(f"stage {stage}: {name} must be a finite non-negative number")
             clean[str(name)] = float(t)
@@ -105,6 +125,8 @@ class Master:
         heartbeat_timeout_s: float = 10.0, max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
         handshake_timeout_s: float = 5.0, log: TextIO | None = None, policy: PolicyDriver | None = None,
         policy_enabled: bool = True, clock: Callable[[], float] = time.monotonic,
+        max_workers: int = DEFAULT_MAX_WORKERS, max_connections: int = 512, max_connections_per_peer: int = 64,
+        total_steps: int | None = None,
     ) -> None:
         if not token:
             raise PipeshiftError("the master needs a non-empty token")
@@ -115,6 +137,15 @@ class Master:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.max_message_bytes = max_message_bytes
         self.handshake_timeout_s = handshake_timeout_s
+        if not 1 <= max_workers <= MAX_RANKS:
+            raise PipeshiftError(f"--max-workers must be from 1 to {MAX_RANKS}")
+        self.max_workers = max_workers
+        self.max_connections = max_connections
+        self.max_connections_per_peer = max_connections_per_peer
+        self.total_steps = total_steps
+        self._per_peer: dict[str, int] = {}
+        self._refused_peers: set[str] = set()
+        self.running_plan: dict[str, Any] | None = policy.plan if policy is not None else None
         self.log_file = log
         self.policy = policy
         self.policy_enabled = policy_enabled
@@ -197,55 +228,94 @@ class Master:
         self.log_file.flush()
 
     # -- connections --------------------------------------------------------------------
-    async def _send(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
-        writer.write(protocol.encode(message, self.max_message_bytes))
+    async def _send(self, writer: asyncio.StreamWriter, message: dict[str, Any],
+                    mac: protocol.Session | None = None) -> None:
+        if mac is not None:
+            writer.write(mac.seal(message, self.max_message_bytes))
+        else:
+            writer.write(protocol.encode(message, self.max_message_bytes))
         await writer.drain()
 
-    async def _recv(self, reader: asyncio.StreamReader) -> dict[str, Any]:
+    async def _recv(self, reader: asyncio.StreamReader, mac: protocol.Session | None = None,
+                    max_bytes: int | None = None) -> dict[str, Any]:
         (length,) = protocol.HEADER.unpack(await reader.readexactly(protocol.HEADER.size))
-        protocol.check_length(length, self.max_message_bytes)
-        return protocol.decode_body(await reader.readexactly(length))
+        protocol.check_length(length, max_bytes or self.max_message_bytes)
+        payload = await reader.readexactly(length)
+        return mac.open(payload) if mac is not None else protocol.decode_body(payload)
+
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         peer: Any) -> tuple[dict[str, Any], protocol.Session] | None:
+        """Challenge, hello, welcome — all small frames, all within the handshake timeout."""
+        nonce = protocol.new_nonce()
+        await self._send(writer, {"type": "challenge", "version": protocol.PROTOCOL_VERSION, "nonce": nonce})
+        hello = await self._recv(reader, max_bytes=protocol.PRE_AUTH_MAX_BYTES)
+        theirs = hello.get("nonce")
+        role = hello.get("role")
+        if (hello.get("type") != "hello" or not protocol.valid_nonce(theirs) or not isinstance(role, str)
+                or not protocol.verify(self.token, nonce, hello.get("auth"), theirs, role)):
+            self._event("auth_rejected", peer=str(peer))
+            await self._send(writer, {"type": "error", "error": "authentication failed (wrong token)"})
+            return None
+        mac = protocol.Session(self.token, nonce, theirs, is_master=True)
+        try:
+            session = self._register(hello)
+        except MessageError as e:
+            await self._send(writer, {"type": "error", "error": str(e)})
+            return None
+        await self._send(writer, {
+            "type": "welcome", "version": protocol.PROTOCOL_VERSION,
+            "heartbeat_timeout_s": self.heartbeat_timeout_s,
+            "heartbeat_interval_s": self.heartbeat_timeout_s / 3,
+        }, mac)
+        return session, mac
+
+    def _admit(self, host: str) -> str | None:
+        """Why a new connection from ``host`` is refused (too many in all, or from it), or None."""
+        if len(self._writers) >= self.max_connections:
+            return f"too many connections ({self.max_connections})"
+        if self._per_peer.get(host, 0) >= self.max_connections_per_peer:
+            return f"too many connections from {host} ({self.max_connections_per_peer})"
+        return None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
+        host = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+        refused = self._admit(host)
+        if refused is not None:
+            if host not in self._refused_peers:  # log a flood once per peer, not once per connection
+                self._refused_peers.add(host)
+                self._event("connection_refused", peer=str(peer), reason=refused)
+            writer.close()
+            return
         session: dict[str, Any] | None = None
+        mac: protocol.Session | None = None
         task = asyncio.current_task()
         if task is not None:
             self._handlers.add(task)
         self._writers.add(writer)
+        self._per_peer[host] = self._per_peer.get(host, 0) + 1
         try:
-            nonce = protocol.new_nonce()
-            await self._send(writer, {"type": "challenge", "version": protocol.PROTOCOL_VERSION, "nonce": nonce})
-            hello = await asyncio.wait_for(self._recv(reader), self.handshake_timeout_s)
-            if hello.get("type") != "hello" or not protocol.verify(self.token, nonce, hello.get("auth")):
-                self._event("auth_rejected", peer=str(peer))
-                await self._send(writer, {"type": "error", "error": "authentication failed (wrong token)"})
+            done = await asyncio.wait_for(self._handshake(reader, writer, peer), self.handshake_timeout_s)
+            if done is None:
                 return
-            try:
-                session = self._register(hello)
-            except MessageError as e:
-                await self._send(writer, {"type": "error", "error": str(e)})
-                return
-            await self._send(writer, {
-                "type": "welcome", "version": protocol.PROTOCOL_VERSION,
-                "heartbeat_timeout_s": self.heartbeat_timeout_s,
-                "heartbeat_interval_s": self.heartbeat_timeout_s / 3,
-            })
+            session, mac = done
             while True:
-                message = await self._recv(reader)
+                message = await self._recv(reader, mac)
                 try:
                     reply = self._dispatch(session, message)
                 except MessageError as e:
                     reply = {"type": "error", "error": str(e)}
                 except PipeshiftError as e:
                     reply = {"type": "error", "error": str(e)}
-                await self._send(writer, reply)
+                await self._send(writer, reply, mac)
                 if message.get("type") == "bye":
                     return
+        except protocol.AuthError as e:  # a frame not from the authenticated peer: end the session
+            self._event("mac_rejected", peer=str(peer), error=str(e))
         except ProtocolError as e:
             self._event("bad_frame", peer=str(peer), error=str(e))
             try:
-                await self._send(writer, {"type": "error", "error": str(e)})
+                await self._send(writer, {"type": "error", "error": str(e)}, mac)
             except (ConnectionError, OSError):
                 pass
         except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, OSError):
@@ -259,6 +329,9 @@ class Master:
                 if record is not None and record is session["record"]:
                     record.connected = False
             self._writers.discard(writer)
+            self._per_peer[host] -= 1
+            if not self._per_peer[host]:
+                del self._per_peer[host]
             self._handlers.discard(task)
             writer.close()
             try:
@@ -272,12 +345,10 @@ class Master:
             return {"role": "ctl"}
         if role != "worker":
             raise MessageError("'role' must be 'worker' or 'ctl'")
-        rank = _field(hello, "rank", int)
-        stage = _field(hello, "stage", int)
-        if rank < 0 or stage < 0:
-            raise MessageError("rank and stage must be non-negative")
+        rank = _int(hello, "rank", 0, self.max_workers - 1)
+        stage = _int(hello, "stage", 0, self.max_workers - 1)
         host = str(_field(hello, "host", str, required=False) or "?")[:255]
-        pid = _field(hello, "pid", int, required=False) or 0
+        pid = _int(hello, "pid", 0, 2 ** 32, required=False) or 0
         previous = self.workers.get(rank)
         record = WorkerRecord(
             rank=rank, stage=stage, host=host, pid=pid, registered_at=time.time(), last_seen=self.clock(),
@@ -310,17 +381,26 @@ class Master:
     def _pending_for(self, record: WorkerRecord) -> int:
         return sum(1 for c in self.commands if c["id"] > record.cursor)
 
+    def _step(self, message: dict[str, Any], name: str = "step", required: bool = False) -> int | None:
+        """A step number within the job: at most its length, when the master knows it."""
+        return _int(message, name, 0, self.total_steps if self.total_steps is not None else MAX_STEP, required)
+
     def _on_heartbeat(self, record: WorkerRecord, message: dict[str, Any]) -> dict[str, Any]:
-        step = _field(message, "step", int, required=False)
+        step = self._step(message)
         if step is not None:
             record.step = step
         return {"type": "ok", "commands_pending": self._pending_for(record)}
 
     def _on_report(self, record: WorkerRecord, message: dict[str, Any]) -> dict[str, Any]:
-        step = _field(message, "step", int)
-        window = _field(message, "window_steps", int, required=False)
-        total = _field(message, "total_steps", int, required=False)
+        total = _int(message, "total_steps", 1, MAX_STEP, required=False)
+        if total is not None:
+            self.total_steps = total
+        step = self._step(message, required=True)
+        window = _int(message, "window_steps", 0, MAX_STEP, required=False)
         times = _stage_times(message.get("stage_times"))
+        if self.policy is not None and max(times) >= self.policy.policy.num_stages:
+            raise MessageError(f"'stage_times' names stage {max(times)}; the job has "
+                               f"{self.policy.policy.num_stages} stages")
         record.step = step
         record.last_report = {"step": step, "window_steps": window, "time": time.time(),
                               "stage_times": {str(k): v for k, v in times.items()}}
@@ -344,7 +424,7 @@ class Master:
         return {"type": "command", "command": None}
 
     def _on_ack(self, record: WorkerRecord, message: dict[str, Any]) -> dict[str, Any]:
-        command_id = _field(message, "id", int)
+        command_id = _int(message, "id", 0, 2 ** 62)
         status = str(_field(message, "status", str))[:200]
         if not any(c["id"] == command_id for c in self.commands):
             raise MessageError(f"no command with id {command_id}")
@@ -355,13 +435,14 @@ class Master:
     def _on_plan(self, record: WorkerRecord, message: dict[str, Any]) -> dict[str, Any]:
         """The job runs this plan now: the policy judges it from here on, stages follow its ranks."""
         plan = _field(message, "plan", dict)
-        step = _field(message, "step", int, required=False)
+        step = self._step(message)
         try:
             stages = stages_of(plan)
             if self.policy is not None and stages != self.policy.policy.stages:  # not the policy's own decision
                 self.policy.adopt_plan(plan)
         except PipeshiftError as e:
             raise MessageError(f"invalid plan: {e}") from None
+        self.running_plan = plan
         for k, stage in enumerate(plan["stages"]):
             for rank in stage.get("ranks") or []:
                 if rank in self.workers:
@@ -399,11 +480,13 @@ class Master:
 
     def _on_repartition(self, message: dict[str, Any]) -> dict[str, Any]:
         plan = _field(message, "plan", dict)
-        at_step = _field(message, "at_step", int, required=False)
+        at_step = self._step(message, "at_step")
         try:
             stages_of(plan)
             if self.policy is not None:
                 self.policy.check_plan(plan)
+            if self.running_plan is not None:
+                check_against_running(plan, self.running_plan)
         except PipeshiftError as e:
             raise MessageError(f"invalid plan: {e}") from None
         if at_step is None:
@@ -414,10 +497,8 @@ class Master:
         return {"type": "ok", "id": command["id"], "at_step": at_step}
 
     def _on_resize(self, message: dict[str, Any]) -> dict[str, Any]:
-        world_size = _field(message, "world_size", int)
-        at_step = _field(message, "at_step", int, required=False)
-        if world_size < 1:
-            raise MessageError("'world_size' must be at least 1")
+        world_size = _int(message, "world_size", 1, self.max_workers)
+        at_step = self._step(message, "at_step")
         if at_step is None:
             at_step = self._next_step()
         command = {"id": self._last_command_id() + 1, "type": "resize", "world_size": world_size, "at_step": at_step,
@@ -464,6 +545,19 @@ class Master:
                     self._event("worker_dead", rank=w.rank, stage=w.stage, reason=reason)
                 elif state == "alive":
                     w.reported_dead = False
+
+
+def check_against_running(plan: dict[str, Any], running: dict[str, Any]) -> None:
+    """A new plan may re-split the running job, not change it: same model, seed and batch size, same ranks."""
+    for key in ("model", "batch_size"):
+        if key in running and plan.get(key) != running.get(key):
+            what = "model spec (callable, arguments or seed)" if key == "model" else key
+            raise PipeshiftError(f"its {what} differs from the running job's; a repartition only moves layers")
+    ranks = sorted(r for st in plan["stages"] if isinstance(st, dict) for r in (st.get("ranks") or []))
+    mine = sorted(r for st in running["stages"] if isinstance(st, dict) for r in (st.get("ranks") or []))
+    if ranks and mine and ranks != mine:
+        raise PipeshiftError(f"its stages use ranks {ranks[:8]} but the job runs on ranks {mine[:8]}; "
+                             "use `ctl resize` to change the number of workers")
 
 
 # -- building a policy driver from files -------------------------------------------------

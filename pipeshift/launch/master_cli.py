@@ -3,7 +3,9 @@
 ``pipeshift master [--port P] [--plan plan.json [--graph graph.txt]] [--log decisions.jsonl]``.
 With ``--plan`` the master also runs the automatic repartitioning policy on the workers'
 reports; without it, it only relays operators' ``pipeshift ctl repartition`` commands.
-The token comes from ``--token``, else ``$PIPESHIFT_TOKEN``, else a fresh one is printed.
+The token comes from ``--token-file FILE``, else ``$PIPESHIFT_TOKEN``; when that file does not
+exist yet, a fresh token is written to it (readable by its owner only). Tokens never appear on
+command lines or in output: ``ps`` shows every user's command line.
 """
 
 from __future__ import annotations
@@ -19,14 +21,18 @@ from contextlib import ExitStack
 
 from pipeshift.errors import PipeshiftError
 from pipeshift.launch import protocol
-from pipeshift.launch.master import Master, load_policy_driver
+from pipeshift.launch.master import DEFAULT_MAX_WORKERS, Master, load_policy_driver
 from pipeshift.runtime.policy import OPTIMIZER_STATE_FACTOR, PolicyConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for all; default %(default)s)")
     parser.add_argument("--port", type=int, default=protocol.DEFAULT_PORT, help="TCP port, 0 for any free one (default %(default)s)")
-    parser.add_argument("--token", default=None, help=f"shared secret (default ${protocol.TOKEN_ENV}, else generated and printed)")
+    parser.add_argument("--token-file", default=None, metavar="FILE",
+                        help=f"file holding the shared secret (default ${protocol.TOKEN_ENV}); created with a fresh "
+                             "token if missing")
+    parser.add_argument("--max-workers", type=int, default=DEFAULT_MAX_WORKERS, metavar="N",
+                        help="largest rank count a resize may ask for, and rank numbers accepted (default %(default)s)")
     parser.add_argument("--heartbeat-timeout", type=float, default=10.0, metavar="S",
                         help="seconds of silence after which a worker is reported dead (default %(default)s)")
     parser.add_argument("--max-message-bytes", type=int, default=protocol.DEFAULT_MAX_MESSAGE_BYTES,
@@ -81,10 +87,24 @@ def worker_address(host: str, port: int) -> tuple[str, str | None]:
     return f"{host}:{port}", None
 
 
+def _write_token(path: str, token: str) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise PipeshiftError(f"--token-file {path}: cannot create: {e.strerror or e}") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+
+
 def run(args: argparse.Namespace) -> int:
-    token = args.token or os.environ.get(protocol.TOKEN_ENV)
-    generated = not token
-    token = token or protocol.new_token()
+    generated = None
+    if args.token_file and not os.path.exists(args.token_file):
+        generated = args.token_file
+        _write_token(args.token_file, protocol.new_token())
+    token = protocol.read_token(args.token_file)
+    if not token:
+        raise PipeshiftError(f"no token: set ${protocol.TOKEN_ENV} or pass --token-file FILE (a fresh token is "
+                             "written there if FILE does not exist)")
     driver = None
     if args.plan:
         config = PolicyConfig(
@@ -106,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         master = Master(
             token, host=args.host, port=args.port, heartbeat_timeout_s=args.heartbeat_timeout,
             max_message_bytes=args.max_message_bytes, log=log, policy=driver, policy_enabled=args.policy == "on",
+            max_workers=args.max_workers, total_steps=args.total_steps,
         )
 
         def on_listening(address: tuple[str, int]) -> None:
@@ -115,8 +136,9 @@ def run(args: argparse.Namespace) -> int:
             if warning:
                 print(f"pipeshift master: warning: {warning}", file=sys.stderr, flush=True)
             if generated:
-                print(f"pipeshift master: token {token}  (export {protocol.TOKEN_ENV}={token} "
-                      f"{protocol.MASTER_ENV}={advertised} for workers and ctl)", flush=True)
+                print(f"pipeshift master: wrote a fresh token to {generated} (give workers and ctl "
+                      f"--token-file {generated}, or {protocol.TOKEN_ENV}; {protocol.MASTER_ENV}={advertised})",
+                      flush=True)
             else:
                 print(f"pipeshift master: workers and ctl use {protocol.MASTER_ENV}={advertised}", flush=True)
             state = "off" if args.policy == "off" else ("on" if driver else "on, inactive (no --plan)")

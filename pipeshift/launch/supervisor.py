@@ -25,6 +25,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,7 @@ from pathlib import Path
 from pipeshift.errors import PipeshiftError
 from pipeshift.runtime.distributed import free_port
 from pipeshift.runtime.elastic import ELASTIC_FILE, EXIT_REGROUP
+from pipeshift.runtime.cli import READY_ENV
 from pipeshift.runtime.repartition import ATTEMPT_ENV
 
 
@@ -74,7 +76,8 @@ class Supervisor:
         self.python = python
         self.max_restarts = max_restarts
         self.min_workers = max(1, min_workers)
-        self.max_workers = max_workers
+        # A resize asks for processes on this machine: never more than it has cores, unless told.
+        self.max_workers = max_workers if max_workers is not None else max(workers, os.cpu_count() or 1)
         self.on_failure = on_failure
         timeout = flag_value(self.train_args, "--timeout")
         self.grace_s = grace_s if grace_s is not None else float(timeout or 60) + 15.0
@@ -102,7 +105,8 @@ class Supervisor:
                     self.say(f"ranks asked for a restart but {self.checkpoint_dir / ELASTIC_FILE} is missing")
                     return 1
                 n = self._bounded(wanted)
-                self.say(f"resize: restarting on {n} workers from the last checkpoint")
+                bound = f" (asked for {wanted}; --min-workers {self.min_workers}, --max-workers {self.max_workers})"
+                self.say(f"resize: restarting on {n} workers from the last checkpoint{bound if n != wanted else ''}")
                 continue
             failures += 1
             if all(c == 1 for c in codes):
@@ -117,8 +121,7 @@ class Supervisor:
                      f"consistent checkpoint (restart {failures} of {self.max_restarts})")
 
     def _bounded(self, n: int) -> int:
-        n = max(self.min_workers, n)
-        return min(n, self.max_workers) if self.max_workers else n
+        return min(max(self.min_workers, n), self.max_workers)
 
     def _requested_size(self) -> int | None:
         path = self.checkpoint_dir / ELASTIC_FILE
@@ -131,8 +134,12 @@ class Supervisor:
         return size if isinstance(size, int) and not isinstance(size, bool) and size >= 1 else None
 
     def _round(self, n: int, attempt: int) -> tuple[list[int], int | None]:
+        with tempfile.TemporaryDirectory(prefix="pipeshift-ready-") as ready:
+            return self._round_in(n, attempt, Path(ready))
+
+    def _round_in(self, n: int, attempt: int, ready: Path) -> tuple[list[int], int | None]:
         port = free_port()
-        env = dict(os.environ, **{ATTEMPT_ENV: str(attempt)})
+        env = dict(os.environ, **{ATTEMPT_ENV: str(attempt), READY_ENV: str(ready)})
         procs = []
         for r in range(n):
             cmd = [self.python, "-m", "pipeshift", "train", *self.train_args, "--rank", str(r), "--world-size",
@@ -148,6 +155,12 @@ class Supervisor:
                     # look, one killed by a signal is the cause, the others' errors its effect.
                     first = min(failed, key=lambda rc: (rc[1] >= 0, rc[0]))[0]
                     deadline = time.monotonic() + self.grace_s
+                    if not all((ready / f"rank{r}").exists() for r in range(n)):
+                        # Dead before the group formed: its peers would wait out the whole
+                        # rendezvous timeout for it. Nothing to save yet, so stop them now.
+                        self.say(f"rank {first} died during start-up ({_describe(dict(failed)[first])}); "
+                                 "stopping the others now")
+                        deadline = time.monotonic()
                 if deadline is not None and time.monotonic() > deadline:
                     for p in procs:
                         if p.poll() is None:

@@ -9,13 +9,13 @@ PipeDream's optimizer flags work unchanged (``-f``, ``-n/--all_num_machines``,
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
 from pathlib import Path
 from typing import Any
 
+from pipeshift.jsonfile import read_json_object
 from pipeshift.errors import InputFileError, PipeshiftError
 from pipeshift.graph import read_graph_txt
 from pipeshift.optimizer import cost as ps_cost
@@ -61,6 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no summary table")
 
 
+MAX_WORKERS = 4096
+MAX_MICROBATCHES = 1 << 16
+
+
 def _numbers(values: list[str] | None, flag: str, kind=float) -> list[Any] | None:
     if values is None:
         return None
@@ -76,13 +80,32 @@ def _numbers(values: list[str] | None, flag: str, kind=float) -> list[Any] | Non
     return out
 
 
-def _one(value: str | None, flag: str, kind=float, minimum: float = 0.0, strict: bool = True):
+def _one(value: str | None, flag: str, kind=float, minimum: float = 0.0, strict: bool = True,
+         maximum: float | None = None):
     if value is None:
         return None
     [x] = _numbers([value], flag, kind)
     if x < minimum or (strict and x == minimum):
         raise PipeshiftError(f"{flag}: {value!r} must be {'>' if strict else '>='} {minimum:g}")
+    if maximum is not None and x > maximum:
+        raise PipeshiftError(f"{flag}: {value!r} is more than {maximum:g}")
     return x
+
+
+def _workers(values: list[str] | None) -> list[int] | None:
+    """-n per level, each positive, their product at most :data:`MAX_WORKERS` (the DP's cost grows with it)."""
+    counts = _numbers(values, "-n", int)
+    if counts is None:
+        return None
+    total = 1
+    for c in counts:
+        if c < 1:
+            raise PipeshiftError(f"-n: {c} workers; every level needs at least 1")
+        total *= c
+        if total > MAX_WORKERS:
+            raise PipeshiftError(f"-n {' '.join(map(str, counts))}: more than {MAX_WORKERS} workers in all; "
+                                 "plan a smaller cluster (or a replicated stage's share of it)")
+    return counts
 
 
 def read_profile_json(graph_path: Path) -> dict[str, Any]:
@@ -90,12 +113,7 @@ def read_profile_json(graph_path: Path) -> dict[str, Any]:
     side = graph_path.with_name("profile.json")
     if not side.is_file():
         return {}
-    try:
-        data = json.loads(side.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputFileError(str(side), getattr(e, "lineno", None), f"invalid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise InputFileError(str(side), None, "expected a JSON object")
+    data = read_json_object(side, "profile.json")
     batch = data.get("batch_size")
     if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
         raise InputFileError(str(side), None, f"batch_size must be a positive integer, got {batch!r}")
@@ -103,7 +121,7 @@ def read_profile_json(graph_path: Path) -> dict[str, Any]:
 
 
 def options_from_args(args: argparse.Namespace) -> PlanOptions:
-    microbatches = int(_one(args.microbatches, "--microbatches", int, 1, strict=False))
+    microbatches = int(_one(args.microbatches, "--microbatches", int, 1, strict=False, maximum=MAX_MICROBATCHES))
     memory = _one(args.memory_size, "--memory_size")
     if args.cost_model == "pipedream":
         limit = (memory if memory is not None else 16e9) if args.use_memory_constraint else None
@@ -123,7 +141,7 @@ def options_from_args(args: argparse.Namespace) -> PlanOptions:
         latency_slo_s=slo / 1000.0 if slo is not None else None,
         optimizer_states=float(_one(args.optimizer_states, "--optimizer-states", float, 0.0, strict=False)),
         search=args.search,
-        max_states=int(_one(args.max_states, "--max-states", int, 1, strict=False)),
+        max_states=int(_one(args.max_states, "--max-states", int, 1, strict=False, maximum=10 ** 7)),
     )
 
 
@@ -134,7 +152,7 @@ def topology_from_args(args: argparse.Namespace):
             raise PipeshiftError("give either --topology or -n/-b/--latencies, not both")
         return with_speeds(read_topology(args.topology), speeds)
     return from_flags(
-        _numbers(args.num_workers, "-n", int),
+        _workers(args.num_workers),
         _numbers(args.bandwidths, "-b"),
         _numbers(args.latencies, "--latencies"),
         speeds,

@@ -13,7 +13,7 @@ from pathlib import Path
 from pipeshift.errors import PipeshiftError
 from pipeshift.optimizer.schedules import SCHEDULES
 from pipeshift.optimizer.simulator import simulate, stages_from_plan
-from pipeshift.plan import read_plan
+from pipeshift.plan import MAX_MICROBATCHES, read_plan
 from pipeshift.textable import text_table
 
 
@@ -25,27 +25,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", metavar="TRACE", help="trace file to write (default PLAN/trace.json)")
 
 
-def _positive_int(text: str, flag: str) -> int:
+MAX_STEPS = 10_000
+MAX_EVENTS = 5_000_000  # forward + backward per microbatch, step and rank: a trace of ~1 GB
+
+
+def _positive_int(text: str, flag: str, maximum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise PipeshiftError(f"{flag}: {text!r} is not an integer") from None
     if value < 1:
         raise PipeshiftError(f"{flag}: must be at least 1, got {value}")
+    if value > maximum:
+        raise PipeshiftError(f"{flag}: {value} is more than {maximum} (the trace would not fit in memory)")
     return value
 
 
 def run(args: argparse.Namespace) -> int:
-    steps = _positive_int(args.steps, "--steps")
+    steps = _positive_int(args.steps, "--steps", MAX_STEPS)
     if args.microbatches is not None:
-        _positive_int(args.microbatches, "--microbatches")
+        _positive_int(args.microbatches, "--microbatches", MAX_MICROBATCHES)
     plan = read_plan(args.plan)
     file = Path(plan.source)
     stages = stages_from_plan(plan)
     kind = args.schedule or plan.schedule or "1f1b"
     if kind not in SCHEDULES:
         raise plan.error(("schedule", "kind"), f"{kind!r} is not one of {', '.join(SCHEDULES)}")
-    M = _positive_int(args.microbatches, "--microbatches") if args.microbatches is not None else plan.microbatches or 4
+    if args.microbatches is not None:
+        M = _positive_int(args.microbatches, "--microbatches", MAX_MICROBATCHES)
+    else:
+        M = plan.microbatches or 4
+        if M > MAX_MICROBATCHES:
+            raise plan.error(("schedule", "microbatches"), f"{M} is more than {MAX_MICROBATCHES}")
+    workers = sum(st.replicas for st in stages)
+    events = 2 * M * steps * workers
+    if events > MAX_EVENTS:
+        raise PipeshiftError(f"{M} microbatches x {steps} steps on {workers} workers is {events} events, more "
+                             f"than {MAX_EVENTS}: simulate fewer")
     opt_states = plan.optimizer_states
     result = simulate(stages, kind, M, steps, float(opt_states))
     out = Path(args.output) if args.output else file.parent / "trace.json"

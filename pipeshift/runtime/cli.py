@@ -35,8 +35,9 @@ from pipeshift.spec import parse_model_args
 
 # per-process settings that may legitimately differ between ranks
 _LOCAL_ARGS = ("command", "rank", "world_size", "dist_addr", "package", "no_progress", "threads", "device",
-               "backend", "output_dir", "timeout", "no_malloc_tuning", "master_token", "graph", "iface",
+               "backend", "output_dir", "timeout", "no_malloc_tuning", "master_token_file", "graph", "iface",
                "repartition_at")
+READY_ENV = "PIPESHIFT_READY_DIR"
 _SCHEDULER_ALIASES = {"step": "StepLR", "cosine": "CosineAnnealingLR", "exponential": "ExponentialLR",
                       "linear": "LinearLR", "multistep": "MultiStepLR", "constant": "ConstantLR"}
 
@@ -99,9 +100,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("repartitioning while training (needs a package written by `pipeshift codegen`)")
     g.add_argument("--repartition-at", action="append", default=[], metavar="STEP:PLAN",
                    help="switch to PLAN (a plan.json) at the synchronisation point after step STEP; repeatable")
-    g.add_argument("--master", default=None, metavar="HOST:PORT",
-                   help="report to this `pipeshift master` and take its repartition/resize commands")
-    g.add_argument("--master-token", default=None, help="the master's token (default $PIPESHIFT_TOKEN)")
+    g.add_argument("--master", default=os.environ.get("PIPESHIFT_MASTER") or None, metavar="HOST:PORT",
+                   help="report to this `pipeshift master` and take its repartition/resize commands "
+                        "(default $PIPESHIFT_MASTER: under bare torchrun, which would take --master for its own "
+                        "--master-addr, set that instead)")
+    g.add_argument("--master-token-file", default=None, metavar="FILE",
+                   help="file holding the master's token (default $PIPESHIFT_TOKEN)")
     g.add_argument("--report-every", type=int, default=10, metavar="K",
                    help="control tick: measure, report and decide every K minibatches (a drained sync point "
                         "for 1f1b/2bw; default %(default)s)")
@@ -127,6 +131,9 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     from pipeshift.runtime.distributed import init_distributed
     from pipeshift.runtime.package import parse_conf, read_json
+    from pipeshift.runtime.repartition import maybe_fault
+
+    maybe_fault(args.rank if args.rank is not None else int(os.environ.get("RANK", "0") or 0), "start")
 
     # Before the group exists a mistake is an ordinary error; afterwards every rank must exit
     # even if peers are stuck, so errors end the process directly (see _exit).
@@ -209,6 +216,9 @@ def _train(args: argparse.Namespace, info) -> int:
     comm = Communicator(info.rank, stage_of=lambda r: _stage_of(pkg, r), tags={}, device=info.device,
                         timeout_s=args.timeout)
     hosts = agree(comm, info.rank, config, error, info=socket.gethostname())
+    ready = os.environ.get(READY_ENV)
+    if ready:  # tell a supervisor that this rank is past start-up (a death from here on is not one)
+        Path(ready, f"rank{info.rank}").touch()
     _set_threads(args, info, hosts)
 
     cfg = TrainConfig(schedule=args.schedule, microbatches=microbatches, batch_size=batch_size, steps=args.steps,

@@ -3,8 +3,10 @@
 * **torchrun** (``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` in the environment,
   single node or multi-node through its c10d rendezvous): ``env://``.
 * **explicit** (``--rank R --world-size W --dist-addr HOST:PORT``, the seed's per-machine
-  launch): ``tcp://HOST:PORT``; rank 0 hosts the store there.
-* **alone**: a one-rank group on a free local port, for single-stage packages.
+  launch): rank 0 hosts the rendezvous store on exactly HOST:PORT. torch's own ``tcp://``
+  store listens on every interface whatever host it is given, which would expose a
+  ``127.0.0.1`` job to the network; so rank 0 binds the listening socket itself and hands it over.
+* **alone**: a one-rank group on a free port of 127.0.0.1, for single-stage packages.
 
 The backend is NCCL when the ranks use CUDA devices and gloo otherwise (``--backend``
 overrides). The group's timeout is the run's ``--timeout``, so even a collective the runtime
@@ -93,7 +95,7 @@ def init_distributed(*, rank: int | None, world_size: int | None, dist_addr: str
         if world_size < 1 or not 0 <= rank < world_size:
             raise PipeshiftError(f"--rank {rank} --world-size {world_size}: need 0 <= rank < world size")
         host, port = parse_addr(dist_addr)
-        init_method, how, local_rank = f"tcp://{host}:{port}", "explicit", int(os.environ.get("LOCAL_RANK", 0))
+        init_method, how, local_rank = None, "explicit", int(os.environ.get("LOCAL_RANK", 0))
         where, rendezvous = f"{host}:{port}", host
     elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         try:
@@ -111,8 +113,8 @@ def init_distributed(*, rank: int | None, world_size: int | None, dist_addr: str
                 "under torchrun, or with --rank/--world-size/--dist-addr on each rank"
             )
         rank, world_size, local_rank, how = 0, 1, 0, "alone"
-        init_method = f"tcp://127.0.0.1:{free_port()}"
-        where, rendezvous = init_method, "127.0.0.1"
+        host, port, init_method = "127.0.0.1", 0, None
+        where, rendezvous = "127.0.0.1", "127.0.0.1"
     dev = choose_device(device, local_rank)
     if backend == "auto":
         backend = "nccl" if dev.type == "cuda" else "gloo"
@@ -137,11 +139,37 @@ def init_distributed(*, rank: int | None, world_size: int | None, dist_addr: str
                       f"{who}: error: {failed} (a peer never connected: is every rank started, and does "
                       f"{where} reach this machine? --iface picks the interface)")
     try:
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=timeout_s), **kwargs)
+        if init_method is None:
+            store = _store(host, port, rank, world_size, timedelta(seconds=timeout_s))
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                    timeout=timedelta(seconds=timeout_s), **kwargs)
+        else:
+            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                                    timeout=timedelta(seconds=timeout_s), **kwargs)
     except (RuntimeError, ValueError, dist.DistError) as e:
         text = " ".join(str(e).split())[:300]
         raise PipeshiftError(f"{failed} ({text})") from None
     finally:
         timer.cancel()
     return DistInfo(rank, world_size, local_rank, backend, dev, how, choice.iface)
+
+
+def _store(host: str, port: int, rank: int, world_size: int, timeout: timedelta) -> dist.TCPStore:
+    """The rendezvous store, served by rank 0 on exactly ``host:port`` (port 0: any free one)."""
+    if rank != 0:
+        return dist.TCPStore(host, port, world_size, False, timeout=timeout)
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        listener = socket.socket(family, kind, proto)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(max(128, world_size))
+    except OSError as e:
+        raise PipeshiftError(f"rank 0 cannot listen on {host}:{port} for the other ranks: {e.strerror or e}") from None
+    # the store owns the socket from here on; this process keeps it open until it exits
+    _listeners.append(listener)
+    return dist.TCPStore(host, listener.getsockname()[1], world_size, True, timeout=timeout,
+                         master_listen_fd=listener.fileno())
+
+
+_listeners: list[socket.socket] = []

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -46,6 +45,7 @@ from pipeshift.runtime import checkpoint as ckpt
 from pipeshift.runtime.local import LocalBuild, local_entries
 from pipeshift.runtime.repartition import Repartitioner, check_plan
 
+MAX_WORLD_SIZE = 1 << 16  # a resize beyond this is refused by rank 0 whatever the master let through
 EXIT_REGROUP = 75  # every rank exits with this after a resize: restart me with elastic.json's world size
 ELASTIC_FILE = "elastic.json"
 
@@ -380,12 +380,17 @@ class Controller:
                 self.pending.append(command)
                 command = self._master("poll")
         for command in list(self.pending):
-            if int(command.get("at_step") or 0) <= trainer.step:
+            at = command.get("at_step")
+            if not isinstance(at, int) or isinstance(at, bool) or at < 0:
+                at = 0 if at is None else self.config.total_steps + 1  # malformed: never due
+            if at <= trainer.step:
                 self.pending.remove(command)
                 if command.get("type") == "repartition" and isinstance(command.get("plan"), dict):
                     return {"action": "switch", "plan": command["plan"], "id": command.get("id"),
                             "source": f"{command.get('source', 'operator')} command #{command.get('id')}"}
-                if command.get("type") == "resize" and isinstance(command.get("world_size"), int):
+                size = command.get("world_size")
+                if (command.get("type") == "resize" and isinstance(size, int) and not isinstance(size, bool)
+                        and 1 <= size <= MAX_WORLD_SIZE):
                     return {"action": "resize", "world_size": command["world_size"], "id": command.get("id"),
                             "source": f"{command.get('source', 'operator')} command #{command.get('id')}"}
                 self._log("repartitions.jsonl", {"event": "command_ignored", "step": trainer.step, "command":
@@ -410,12 +415,20 @@ class Controller:
             raise PipeshiftError("repartitioning needs a stage package written by `pipeshift codegen`")
         try:
             check_plan(plan, self.world_size, trainer.config.microbatches,
-                       (rp.plan or {}).get("model"), source=source)
-            prepared = rp.prepare(plan)
+                       (rp.plan or {}).get("model"), source=source, running=rp.plan)
+            prepared, error = rp.prepare(plan), None
         except PipeshiftError as e:
+            prepared, error = None, str(e)
+        if not strict:
+            # A plan refused by any rank (rendering ran out of memory there, say) is refused by all:
+            # nobody may start a switch the others will not join.
+            errors = [json.loads(b) for b in trainer.pipeline.comm.all_gather_bytes(
+                json.dumps(error).encode(), f"agreeing on {source}")]
+            error = next((f"rank {r}: {e}" if e != error else e for r, e in enumerate(errors) if e), None)
+        if error is not None:
             if strict:
-                raise
-            self._reject(trainer, source, str(e))
+                raise PipeshiftError(error)
+            self._reject(trainer, source, error)
             return None
         if reserve:
             rp.reserve(prepared, trainer.pipeline.optimizer, trainer.pipeline.device)
@@ -760,9 +773,9 @@ def _connect(job: Job, plan: dict[str, Any] | None) -> Job:
     from pipeshift.launch import protocol
     from pipeshift.launch.client import MasterClient, MasterUnavailable
 
-    token = args.master_token or os.environ.get(protocol.TOKEN_ENV)
+    token = protocol.read_token(args.master_token_file, "--master-token-file")
     if not token:
-        raise PipeshiftError(f"--master needs the master's token: --master-token or ${protocol.TOKEN_ENV}")
+        raise PipeshiftError(f"--master needs the master's token: --master-token-file FILE or ${protocol.TOKEN_ENV}")
     stage = 0
     if plan is not None:
         from pipeshift.runtime.repartition import plan_stage_ranks

@@ -361,14 +361,24 @@ def plan_stage_ranks(plan: Plan | Mapping[str, Any]) -> list[list[int]]:
     return as_plan(plan).stage_ranks
 
 
-def check_plan(plan: Any, world_size: int, microbatches: int, model_spec: Any = None, source: str = "plan") -> None:
-    """The checks every rank makes, identically, before it touches anything for a new plan."""
+def check_plan(plan: Any, world_size: int, microbatches: int, model_spec: Any = None, source: str = "plan",
+               running: Plan | Mapping[str, Any] | None = None) -> None:
+    """The checks every rank makes, identically, before it touches anything for a new plan.
+
+    ``running`` is the plan in force: a new one may move layers, never change the batch size
+    (the data stream, the optimizer's arithmetic and every buffer depend on it).
+    """
     from pipeshift.codegen.planfile import model_spec as spec_of
 
     parsed = plan if isinstance(plan, Plan) else parse_plan(plan, source)
     if parsed.world_size != world_size:
         raise PipeshiftError(f"{source}: the stages use ranks 0..{parsed.world_size - 1} but this job has ranks "
                              f"0..{world_size - 1}")
+    if running is not None:
+        in_force = running.batch_size if isinstance(running, Plan) else running.get("batch_size")
+        if in_force is not None and parsed.batch_size != in_force:
+            raise PipeshiftError(f"{source}: the plan is for batch size {parsed.batch_size}, the running job's is "
+                                 f"{in_force}; a repartition only moves layers")
     spec = spec_of(parsed)
     if model_spec is not None and spec.to_json() != model_spec:
         raise PipeshiftError(f"{source}: the plan is for {spec.callable} with other arguments or seed than "
