@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         build = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[2]); import probes; "
                                 "from pathlib import Path; probes.build_base(Path(sys.argv[1]))",
                                 str(base), str(HERE / "tests")],
-                               env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True)
+                               env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True,
+                               cwd=tmp)
         if build.returncode:
             print(build.stderr, file=sys.stderr)
             return 1

@@ -172,6 +172,7 @@ def _pipeshift_checkpoint(root: Path) -> WeightSource:
 
     where = ckpt.resolve(root)
     meta = ckpt.read_meta(where)
+    ckpt.verify(where, meta)  # damaged weights must not become a run's starting point
     files: dict[str, Path] = {}
     for s in range(meta["num_stages"]):
         path = where / f"stage{s}.pt"

@@ -100,7 +100,7 @@ def _workers(values: list[str] | None) -> list[int] | None:
     total = 1
     for c in counts:
         if c < 1:
-            raise PipeshiftError(f"-n: {c} workers; every level needs at least 1")
+            raise PipeshiftError(f"-n: {c} workers; each level needs a positive integer")
         total *= c
         if total > MAX_WORKERS:
             raise PipeshiftError(f"-n {' '.join(map(str, counts))}: more than {MAX_WORKERS} workers in all; "
