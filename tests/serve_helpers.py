@@ -72,7 +72,7 @@ def env(**extra: str) -> dict[str, str]:
 class Server:
     """``pipeshift serve PKG --local N`` in its own session, on a free port; ``close()`` kills it all."""
 
-    def __init__(self, workdir: Path, pkg: Path, ranks: int, args: list[str] = (), *, token: str | None = None,
+    def __init__(self, workdir: Path, pkg: Path | None, ranks: int, args: list[str] = (), *, token: str | None = None,
                  start_timeout: float = 180.0):
         self.workdir = workdir
         self.port_file = workdir / "port.txt"
@@ -80,8 +80,8 @@ class Server:
         self.log_path = workdir / "serve.log"
         self.token = token
         extra = {"PIPESHIFT_SERVE_TOKEN": token} if token else {}
-        cmd = [PY, "-m", "pipeshift", "serve", str(pkg), "--local", str(ranks), "--port", "0", "--port-file",
-               str(self.port_file), "--threads", "1", *args]
+        cmd = [PY, "-m", "pipeshift", "serve", *([str(pkg)] if pkg else []), "--local", str(ranks), "--port", "0",
+               "--port-file", str(self.port_file), "--threads", "1", *args]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=workdir, env=env(**extra), stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)

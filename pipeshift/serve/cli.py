@@ -33,7 +33,8 @@ _LOCAL_ONLY = {"local", "dry_run"}  # flags of the launcher, not of the ranks
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("package", help="stage package directory (pipeshift codegen's output)")
+    p.add_argument("package", nargs="?", default=None,
+                   help="stage package directory (pipeshift codegen's output); several models: --model")
     g = p.add_argument_group("processes")
     g.add_argument("--local", type=int, metavar="N", help="run N ranks on this machine (torchrun)")
     g.add_argument("--dry-run", action="store_true", help="with --local: print the torchrun command, do not run it")
@@ -79,6 +80,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--policy-log", default=None, metavar="FILE", help="write every policy verdict here (JSON lines)")
     g.add_argument("--slowdown", action="append", default=[], metavar="RANK:FACTOR[@BATCH]",
                    help="experiment: from batch BATCH on, rank RANK's forward takes FACTOR times as long")
+    from pipeshift.serve import multi
+
+    multi.add_arguments(p)
     p.set_defaults(serve_parser=p)
 
 
@@ -100,7 +104,10 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeshift.serve import multi
+
     _check(args)
+    multi.check(args)
     if args.local is not None:
         return _launch_local(args)
     return _serve_rank(args)
@@ -112,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
 def rank_argv(args: argparse.Namespace) -> list[str]:
     """This command line without the launcher's flags: what every rank runs."""
     parser: argparse.ArgumentParser = args.serve_parser
-    out = [args.package]
+    out = [args.package] if args.package is not None else []
     for action in parser._actions:
         dest = action.dest
         if not action.option_strings or dest in _LOCAL_ONLY or dest == "help":
@@ -171,14 +178,20 @@ def _serve_rank(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     expected = None
     try:
-        conf = Path(args.package) / "conf.json"
-        expected = sum(len(r) for r in parse_conf(read_json(conf), conf)[1].values())
+        if args.package is not None:  # several models: the job's size is --local's or torchrun's
+            conf = Path(args.package) / "conf.json"
+            expected = sum(len(r) for r in parse_conf(read_json(conf), conf)[1].values())
     except PipeshiftError:
         pass  # reported by the start-up agreement, on every rank
     info = init_distributed(rank=args.rank, world_size=args.world_size, dist_addr=args.dist_addr,
                             backend="gloo", device="cpu", timeout_s=args.timeout, expected_world=expected)
     try:
-        code = _serve(args, info)
+        if args.package is None:
+            from pipeshift.serve import multi
+
+            code = multi.serve(args, info)
+        else:
+            code = _serve(args, info)
     except PipeshiftError as e:
         _exit(f"pipeshift serve: error: {e}", 1)
     except KeyboardInterrupt:
@@ -373,8 +386,6 @@ def _output_shapes(pkg, example) -> list | None:
 
 
 def _frontend(args, info, pkg, bundle, worker, mailbox, who, policy) -> int:
-    import uvicorn
-
     from pipeshift.serve.frontend import Config, Frontend
     from pipeshift.serve.http import build_app
     from pipeshift.serve.metrics import ServeMetrics
@@ -390,6 +401,14 @@ def _frontend(args, info, pkg, bundle, worker, mailbox, who, policy) -> int:
     frontend.metrics = metrics
     model_info = _model_info(args, pkg, bundle, worker, frontend)
     app = build_app(frontend, model_info, metrics)
+    what = f"{model_info.name} ({info.world_size} ranks, stages {[list(r) for r in worker.routing.stage_ranks]})"
+    return run_frontend(args, info, frontend, app, what)
+
+
+def run_frontend(args, info, frontend, app, what: str) -> int:
+    """Serve ``app`` over HTTP while ``frontend`` runs; the exit code once it stopped or failed."""
+    import uvicorn
+
     sock = _listen(args.host, args.port)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                            timeout_keep_alive=30))
@@ -406,8 +425,7 @@ def _frontend(args, info, pkg, bundle, worker, mailbox, who, policy) -> int:
         tmp = Path(args.port_file + ".tmp")
         tmp.write_text(str(port))
         tmp.replace(args.port_file)
-    print(f"pipeshift serve: {model_info.name} on http://{args.host}:{port} ({info.world_size} ranks, stages "
-          f"{[list(r) for r in worker.routing.stage_ranks]})", file=sys.stderr, flush=True)
+    print(f"pipeshift serve: {what} on http://{args.host}:{port}", file=sys.stderr, flush=True)
 
     def stop(signum, frame) -> None:
         threading.Thread(target=frontend.stop, daemon=True).start()

@@ -243,10 +243,11 @@ class Frontend:
         req.finish(Outcome(504, reason="timed out waiting in the queue"))
         return True
 
-    def _dispatch(self, requests: list[Request]) -> None:
+    def _dispatch(self, requests: list[Request], routing: Routing | None = None, model: str = "") -> None:
+        """Send one batch on its way; a server of several models names the model in the batch message."""
         b = self._next_batch
         self._next_batch += 1
-        r = self.routing
+        r = routing or self.routing
         inputs = [torch.cat([q.inputs[k] for q in requests]) if len(requests) > 1 else requests[0].inputs[k]
                   for k in range(len(requests[0].inputs))]
         batch = Batch(b, requests, r, time.perf_counter())
@@ -257,7 +258,7 @@ class Frontend:
         link = self._links["dispatch"]
         with self._ctrl_lock:
             for rank in r.ranks_for(b):
-                link.send(wire.Message(wire.BATCH, b), rank, wire.CTRL)
+                link.send(wire.Message(wire.BATCH, b, text=model), rank, wire.CTRL)
         by_name = {f"input{k}": t for k, t in enumerate(inputs)}
         for s in range(r.num_stages):
             names = r.inbound[s].get(FRONTEND)

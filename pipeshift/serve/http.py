@@ -180,13 +180,27 @@ async def run_request(frontend: Frontend, tensors: list[torch.Tensor], timeout_s
         return await fut
 
 
-def build_app(frontend: Frontend, info: ModelInfo, metrics) -> Starlette:
+def answer(outcome: Outcome, binary: bool) -> Response:
+    """A predict request's response: its outputs (as the request came: JSON or safetensors) or the error."""
+    if outcome.status != 200:
+        raise HTTPError(outcome.status, outcome.reason, outcome.headers)
+    assert outcome.outputs is not None
+    if binary:
+        from safetensors.torch import save
+
+        data = save({f"output{k}": t.contiguous() for k, t in enumerate(outcome.outputs)})
+        return Response(data, media_type="application/octet-stream")
+    return JSONResponse({"outputs": [t.tolist() for t in outcome.outputs]})
+
+
+def guarded(token: str | None, metrics):
+    """The decorator every route goes through: the bearer token (when set), error answers, metrics."""
     def authorised(request: HTTPRequest) -> bool:
-        if info.token is None:
+        if token is None:
             return True
         got = request.headers.get("authorization", "")
         scheme, _, value = got.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), info.token.encode())
+        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
 
     def endpoint(name: str, *, auth: bool = True):
         def wrap(handler):
@@ -202,6 +216,11 @@ def build_app(frontend: Frontend, info: ModelInfo, metrics) -> Starlette:
                 return response
             return run
         return wrap
+    return endpoint
+
+
+def build_app(frontend: Frontend, info: ModelInfo, metrics) -> Starlette:
+    endpoint = guarded(info.token, metrics)
 
     @endpoint("health", auth=False)
     async def health(request: HTTPRequest) -> Response:
@@ -235,16 +254,7 @@ def build_app(frontend: Frontend, info: ModelInfo, metrics) -> Starlette:
             raise HTTPError(404, f"no model named {name!r} (this server has {info.name!r})")
         body = await read_body(request, info.max_body_bytes)
         tensors, binary = parse_inputs(body, request.headers.get("content-type", "application/json"), info)
-        outcome = await run_request(frontend, tensors, info.request_timeout_s)
-        if outcome.status != 200:
-            raise HTTPError(outcome.status, outcome.reason, outcome.headers)
-        assert outcome.outputs is not None
-        if binary:
-            from safetensors.torch import save
-
-            data = save({f"output{k}": t.contiguous() for k, t in enumerate(outcome.outputs)})
-            return Response(data, media_type="application/octet-stream")
-        return JSONResponse({"outputs": [t.tolist() for t in outcome.outputs]})
+        return answer(await run_request(frontend, tensors, info.request_timeout_s), binary)
 
     @endpoint("completions")
     async def completions(request: HTTPRequest) -> Response:

@@ -31,11 +31,13 @@ from pipeshift.runtime.comm import PeerError
 
 # kinds
 BATCH, PING, STOP, SWITCH, DATA, SKIP, PONG = 1, 2, 3, 4, 5, 6, 7
+LOAD, EVICT, LOADED = 8, 9, 10  # several models: swap a model's shard in / out, and a rank's report of a swap-in
 KIND_NAMES = {BATCH: "batch", PING: "ping", STOP: "stop", SWITCH: "switch", DATA: "data", SKIP: "skip",
-              PONG: "pong"}
+              PONG: "pong", LOAD: "load", EVICT: "evict", LOADED: "loaded"}
 # streams (header tag; the payload travels on tag + 1)
-CTRL, RAW, ACT, OUT, PONGS = 100, 102, 104, 106, 108
-STREAM_NAMES = {CTRL: "control message", RAW: "raw inputs", ACT: "activations", OUT: "outputs", PONGS: "pong"}
+CTRL, RAW, ACT, OUT, PONGS, SWAPS = 100, 102, 104, 106, 108, 110
+STREAM_NAMES = {CTRL: "control message", RAW: "raw inputs", ACT: "activations", OUT: "outputs", PONGS: "pong",
+                SWAPS: "swap-in report"}
 
 _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
            torch.int8, torch.uint8, torch.bool, torch.complex64]

@@ -1,0 +1,171 @@
+"""Several models behind one server: outputs, no lost request across swaps, LRU, each rank reads only its shard.
+
+Three tiny models (two GPTs of different widths and seeds, an MLP whose stages sit on the ranks
+the other way round) behind one 2-rank server. ``one`` keeps at most one model resident, so
+interleaved requests swap on nearly every batch; ``lru`` keeps two, swaps from sharded
+safetensors files written here (one shard file per stage) and is driven in a fixed order to see
+which model is evicted. Every expected output is the unsplit model's forward on the same
+inputs and weights, computed here.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeshift.spec import ModelSpec
+from serve_helpers import GPT, Server, assert_close, graph_nodes, package, reference
+
+pytestmark = pytest.mark.timeout(400)
+
+GPT_B = ModelSpec("pipeshift.models:gpt", {"vocab_size": 50, "width": 24, "depth": 2, "heads": 2, "block_size": 32},
+                  seed=7)
+MLP = ModelSpec("pipeshift.models:mlp", {"in_features": 16, "width": 32, "depth": 3, "num_classes": 5}, seed=5)
+MODELS = {"a": (GPT, [[0], [1]]), "b": (GPT_B, [[0], [1]]), "c": (MLP, [[1], [0]])}
+
+
+def inputs(name: str, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if name == "c":
+        return torch.randn(n, 16, generator=g)
+    return torch.randint(0, 50, (n, 3 + seed % 5), generator=g)
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("models")
+    out = {}
+    for name, (spec, ranks) in MODELS.items():
+        nodes = graph_nodes(spec)
+        out[name] = package(d / name, spec, [len(nodes) // 2], ranks, nodes)
+    return out
+
+
+def stage_names(pkg: Path) -> list[set[str]]:
+    """The tensor names (original FQNs) of each stage of a package."""
+    from pipeshift.runtime.local import stage_tensor_names
+    from pipeshift.runtime.package import load_stage_package
+
+    p = load_stage_package(pkg)
+    entries = p.entries(torch.nn.Identity())
+    names: list[set[str]] = [set() for _ in range(p.num_stages)]
+    for i, (module, _, _) in enumerate(entries[:-1]):
+        names[p.module_to_stage[i]] |= stage_tensor_names(module)
+    return names
+
+
+def write_stage_shards(state: dict[str, torch.Tensor], stages: list[set[str]], out: Path) -> list[str]:
+    """A sharded safetensors directory with one shard per stage (the Hugging Face layout)."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True)
+    files, weight_map = [], {}
+    for s, names in enumerate(stages):
+        name = f"model-{s + 1:05d}-of-{len(stages):05d}.safetensors"
+        save_file({k: state[k].clone().contiguous() for k in sorted(names)}, str(out / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in names})
+        files.append(name)
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return files
+
+
+@pytest.fixture(scope="module")
+def one(tmp_path_factory, packages):
+    d = tmp_path_factory.mktemp("one")
+    server = Server(d, None, 2, [*[a for n, p in packages.items() for a in ("--model", f"{n}={p}")],
+                                 "--max-loaded", "1", "--max-batch", "4", "--queue", "64"])
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def lru(tmp_path_factory, packages):
+    d = tmp_path_factory.mktemp("lru")
+    weights, refs = {}, {}
+    for name, (spec, _) in MODELS.items():
+        other = ModelSpec(spec.callable, spec.kwargs, seed=spec.seed + 100).build().model  # not the seed's weights
+        state = other.state_dict()
+        files = write_stage_shards(state, stage_names(packages[name]), d / f"w_{name}")
+        weights[name] = (d / f"w_{name}", files)
+        other.eval()
+        refs[name] = other
+    args = [a for n, p in packages.items() for a in ("--model", f"{n}={p}:{weights[n][0]}")]
+    server = Server(d, None, 2, [*args, "--max-loaded", "2", "--swap-from", "file"])
+    yield server, weights, refs
+    server.close()
+
+
+def test_interleaved_requests_across_swaps_equal_each_model_alone(one):
+    refs = {name: reference(spec) for name, (spec, _) in MODELS.items()}
+    rng = random.Random(0)
+    cases = [(rng.choice("abc"), 1 + i % 3, 500 + i) for i in range(45)]
+
+    def send(case):
+        name, n, seed = case
+        x = inputs(name, n, seed)
+        if seed % 2:
+            return one.client.post(f"/v1/models/{name}/predict", json={"inputs": [x.tolist()]})
+        return one.client.post("/v1/predict", json={"model": name, "inputs": [x.tolist()]})
+
+    with cf.ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(send, cases))
+    assert len(answers) == len(cases)
+    for (name, n, seed), r in zip(cases, answers):
+        assert r.status_code == 200, (name, r.text)
+        with torch.no_grad():
+            assert_close(r.json()["outputs"][0], refs[name](inputs(name, n, seed)), tol=1e-5)
+    listing = one.client.get("/v1/models").json()
+    by_name = {m["id"]: m for m in listing["data"]}
+    assert sum(m["state"] in ("resident", "loading") for m in by_name.values()) <= 1
+    assert listing["swaps"] >= 3 and all(m["swaps_in"] >= 1 for m in by_name.values())
+    assert sum(m["batches"] for m in by_name.values()) >= 1
+    # counted end to end: the server answered exactly what was sent, every one with 200
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(one.client.get("/metrics").text)}
+    answered = {s.labels["status"]: s.value for s in families["pipeshift_serve_requests"].samples
+                if s.name.endswith("_total") and s.labels["endpoint"] == "predict"}
+    assert answered == {"200": float(len(cases))}
+    swapped = {s.labels["model"]: s.value for s in families["pipeshift_serve_swaps"].samples
+               if s.name.endswith("_total") and s.labels["kind"] == "in"}
+    assert sum(swapped.values()) == listing["swaps"]
+    # requests that name no model or an unknown one get one-line reasons
+    r = one.client.post("/v1/predict", json={"inputs": [[[1, 2]]]})
+    assert r.status_code == 400 and "name the model" in r.json()["error"]
+    r = one.client.post("/v1/models/zz/predict", json={"inputs": [[[1, 2]]]})
+    assert r.status_code == 404 and "zz" in r.json()["error"]
+
+
+def test_eviction_is_lru_and_each_rank_reads_only_its_shard(lru, packages):
+    server, weights, refs = lru
+    decisions_before = len(server.client.get("/v1/models").json()["decisions"])
+    for k, name in enumerate("abac"):  # a and b resident; a used again; c comes: b is the least recently used
+        x = inputs(name, 2, 900 + k)
+        r = server.client.post(f"/v1/models/{name}/predict", json={"inputs": [x.tolist()]})
+        assert r.status_code == 200, r.text
+        with torch.no_grad():
+            assert_close(r.json()["outputs"][0], refs[name](x), tol=1e-5)
+    listing = server.client.get("/v1/models").json()
+    events = [(d["event"], d["model"]) for d in listing["decisions"][decisions_before:]
+              if d["event"] in ("swap-in", "evict")]
+    assert events == [("swap-in", "a"), ("swap-in", "b"), ("evict", "b"), ("swap-in", "c")]
+    states = {m["id"]: m["state"] for m in listing["data"]}
+    assert states == {"a": "resident", "b": "offloaded", "c": "resident"}
+    for m in listing["data"]:
+        name = m["id"]
+        if m["swaps_in"] == 0:
+            continue
+        stages = stage_names(packages[name])
+        stage_of_rank = {r: s for s, ranks in enumerate(MODELS[name][1]) for r in ranks}
+        directory, files = weights[name]
+        for rank, rec in m["last_swap_in"].items():
+            s = stage_of_rank[int(rank)]
+            assert rec["error"] is None
+            assert set(rec["tensors"]) == stages[s], (name, rank)  # its own tensors, every one, nothing else
+            assert [Path(f).name for f in rec["files"]] == [files[s]]  # only its own shard file was opened
+            assert rec["bytes"] == m["bytes_per_rank"][rank]
