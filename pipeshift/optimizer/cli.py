@@ -25,7 +25,9 @@ from pipeshift.optimizer.topology import from_flags, read_topology, with_speeds
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("graph", nargs="?", help="graph.txt written by `pipeshift profile` (or PipeDream's profiler)")
+    p.add_argument("graph", nargs="*", metavar="GRAPH",
+                   help="graph.txt written by `pipeshift profile` (or PipeDream's profiler); with --objective serve, "
+                        "several ([NAME=]GRAPH) for one multi-model server: a plan each, placed together")
     p.add_argument("-f", "--profile_filename", "--profile-filename", dest="profile_filename", help="same as GRAPH (PipeDream's flag)")
     p.add_argument("-o", "--output_directory", "--output-directory", dest="output", help="plan directory to write")
     p.add_argument("-n", "--all_num_machines", "--num-workers", dest="num_workers", nargs="+", metavar="N",
@@ -49,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective", choices=("train", "serve"), default="train",
                    help="serve: forward-only costs, replicas never synchronise, memory for weights + activations "
                         "in flight (for `pipeshift serve`)")
+    p.add_argument("--max-loaded", metavar="K", default=None,
+                   help="several graphs: models resident at once on the server (default: all); each rank's K "
+                        "largest shards must fit --memory-size")
     p.add_argument("--latency-slo", metavar="MS", default=None,
                    help="with --objective serve: the fastest plan whose predicted batch latency is at most MS")
     p.add_argument("--microbatches", type=str, default="4", metavar="M", help="microbatches per minibatch (default 4)")
@@ -168,9 +173,13 @@ def graph_reference(graph_path: Path, output: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.graph and args.profile_filename and args.graph != args.profile_filename:
+    if args.graph and args.profile_filename and args.graph != [args.profile_filename]:
         raise PipeshiftError("give the graph once: as GRAPH or as -f, not both")
-    graph_arg = args.graph or args.profile_filename
+    if len(args.graph) > 1:
+        return run_several(args)
+    if args.max_loaded is not None:
+        raise PipeshiftError("--max-loaded is for several graphs (a plan for a multi-model server)")
+    graph_arg = args.graph[0] if args.graph else args.profile_filename
     if not graph_arg:
         raise PipeshiftError("which graph? give GRAPH (graph.txt) or -f graph.txt")
     opt = options_from_args(args)
@@ -197,4 +206,64 @@ def run(args: argparse.Namespace) -> int:
         print(summary(doc))
         if args.output:
             print(f"wrote {Path(args.output) / 'plan.json'} (planned in {elapsed:.3f} s)")
+    return 0
+
+
+def run_several(args: argparse.Namespace) -> int:
+    """One plan per graph for a multi-model server, placed so that every rank's resident budget holds."""
+    import dataclasses
+
+    from pipeshift.optimizer.colocate import colocate
+
+    if args.objective != "serve":
+        raise PipeshiftError("several graphs make a plan for a multi-model server: add --objective serve")
+    if not args.output:
+        raise PipeshiftError("several graphs: -o DIR (each model's plan goes to DIR/NAME/)")
+    max_loaded = _one(args.max_loaded, "--max-loaded", int, 1, strict=False)
+    models: dict[str, tuple[Path, Any, dict[str, Any]]] = {}
+    for k, text in enumerate(args.graph):
+        name, sep, path = text.partition("=")
+        if not sep:
+            name, path = Path(text).parent.name or f"model{k}", text
+        if not name or "/" in name or name in (".", ".."):
+            raise PipeshiftError(f"{text!r}: a model name cannot be empty or a path")
+        if name in models:
+            raise PipeshiftError(f"{text!r}: the model name {name} is given twice (name them: NAME=GRAPH)")
+        graph_path = Path(path)
+        models[name] = (graph_path, read_graph_txt(graph_path), read_profile_json(graph_path))
+    opt = options_from_args(args)
+    topo = topology_from_args(args)
+    if args.batch_size is not None:
+        for _, _, profile in models.values():
+            profile["batch_size"] = int(_one(args.batch_size, "--batch-size", int, 1, strict=False))
+    out = Path(args.output)
+
+    def plan_one(name: str, limit: float | None) -> dict[str, Any]:
+        graph_path, graph, profile = models[name]
+        try:
+            result = make_plan(graph, topo, dataclasses.replace(opt, memory_limit=limit))
+        except PipeshiftError as e:
+            raise PipeshiftError(f"model {name} ({graph_path}): {e}") from None
+        return plan_document(graph, graph_reference(graph_path, str(out / name)), result, topo, opt, profile)
+
+    inner = topo.levels[0].workers if len(topo.levels) > 1 else None
+    t0 = time.perf_counter()
+    placed, summary_doc = colocate(list(models), plan_one, opt.memory_limit, max_loaded, inner)
+    summary_doc["planner_seconds"] = time.perf_counter() - t0
+    if out.exists() and not out.is_dir():
+        raise PipeshiftError(f"{out}: exists and is not a directory (-o names the plan directory)")
+    try:
+        for p in placed:
+            write_plan_dir(out / p.name, models[p.name][1], p.doc)
+        (out / "placement.json").write_text(json.dumps(summary_doc, indent=1) + "\n")
+    except OSError as e:
+        raise PipeshiftError(f"{out}: cannot write the plans ({e.strerror or e})") from None
+    if not args.quiet:
+        for p in placed:
+            print(f"== {p.name} (ranks shifted by {p.shift})")
+            print(summary(p.doc))
+        worst = summary_doc["worst_rank"]
+        print(f"resident bytes per rank (the {max_loaded or len(placed)} largest shards): worst rank "
+              f"{worst['rank']} holds {worst['bytes']:.4g} bytes of {', '.join(worst['models'])}")
+        print(f"wrote {out}/NAME/plan.json for {', '.join(models)} and {out / 'placement.json'}")
     return 0

@@ -314,7 +314,7 @@ def add_swap_metrics(metrics, frontend) -> None:
                 g.add_metric([m.name], {"resident": 1.0, "loading": 0.5}.get(m.state, 0.0))
             yield g
 
-    metrics.swapped = swapped
+    frontend.on_swap = swapped
     metrics.registry.register(Residency())
 
 

@@ -32,7 +32,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pipeshift.serve import wire
@@ -97,6 +97,7 @@ class MultiFrontend(Frontend):
         self.swaps = 0
         self.swaps_in_a_row = 0
         self.decisions: collections.deque[dict[str, Any]] = collections.deque(maxlen=DECISIONS_KEPT)
+        self.on_swap: Callable[[str, list[str]], None] | None = None  # (swapped in, evicted): the metrics
 
     def door(self, name: str) -> _ModelQueue:
         return _ModelQueue(self, name)
@@ -272,11 +273,12 @@ class MultiFrontend(Frontend):
         with self._cv:
             m.state = LOADING
             m.loading_since = time.monotonic()
+            m.resident_since = self.swaps  # its batches from now on follow this swap, not precede it
         self._log("swap-in", model=m.name, waiting=len(m.queue), oldest_waited_s=waited,
                   ranks=m.ranks, bytes={str(r): n for r, n in m.bytes_per_rank.items()},
                   mode="pipelined" if self.pipelined else "whole")
-        if self.metrics is not None and hasattr(self.metrics, "swapped"):
-            self.metrics.swapped(m.name, [v.name for v in victims])
+        if self.on_swap is not None:
+            self.on_swap(m.name, [v.name for v in victims])
         self._reports.put(m)
 
     def _swap_reports(self) -> None:
@@ -301,7 +303,6 @@ class MultiFrontend(Frontend):
                 return
             with self._cv:
                 m.state = RESIDENT
-                m.resident_since = self.swaps
                 m.swaps_in += 1
                 m.last_swap_s = time.monotonic() - m.loading_since
                 self._cv.notify_all()
