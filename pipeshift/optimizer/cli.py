@@ -212,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
 def run_several(args: argparse.Namespace) -> int:
     """One plan per graph for a multi-model server, placed so that every rank's resident budget holds."""
     import dataclasses
+    import json
 
     from pipeshift.optimizer.colocate import colocate
 
