@@ -46,7 +46,7 @@ def sh(cmd: list[str], cwd: Path) -> None:
 def prepare(work: Path, args: argparse.Namespace) -> dict[str, Path]:
     model = ["pipeshift.models:mlp", "--model-arg", f"in_features={args.width}", "--model-arg",
              f"width={args.width}", "--model-arg", f"depth={args.depth}"]
-    sh([PY, "-m", "pipeshift", "profile", *model, "-b", str(args.max_batch), "-o", "prof"], work)
+    sh([PY, "-m", "pipeshift", "profile", *model, "-b", str(args.max_batch), "--threads", "1", "-o", "prof"], work)
     plans = {"one": ["-n", "1"], "pipelined": ["-n", "2", "--straight-pipeline"], "replicated": ["-n", "2"]}
     out = {}
     for name, flags in plans.items():

@@ -9,6 +9,7 @@ the same inputs, computed here.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import csv
 import json
 import os
 import signal
@@ -86,6 +87,51 @@ def test_wire_round_trip():
         assert got.dtype == want.dtype and torch.equal(got, want)
     with pytest.raises(wire.PeerError):
         wire.payload_bytes(torch.zeros(wire.HEADER_LEN, dtype=torch.int64))
+
+
+def test_one_answer_per_request_in_process():
+    """The engine alone (one rank, no processes): 200s, a full queue's 503s, a deadline's 504s — once each."""
+    import threading
+
+    from torch import nn
+
+    from pipeshift.serve.frontend import Config, Frontend, Request
+    from pipeshift.serve.worker import StageWorker
+
+    class Slow(nn.Module):
+        def forward(self, x):
+            time.sleep(0.3)
+            return 2 * x
+
+    entries = [(Slow(), ["input0"], ["node1"]), (nn.Identity(), ["node1", "target"], ["loss"])]
+    mailbox = wire.Mailbox()
+    worker = StageWorker(0, entries, [0, 0], {0: [0]}, frontend=0, link=wire.Link(0, mailbox, 10.0, str),
+                         device=torch.device("cpu"), timeout_s=10.0)
+    engine = Frontend(0, 1, worker, mailbox, Config(max_batch=2, max_delay_s=0.0, queue_size=4, inflight=1,
+                                                    timeout_s=10.0, ping_interval_s=0.05))
+    answers: dict[int, list] = {i: [] for i in range(10)}
+    requests = [Request([torch.full((1, 3), float(i))], 10.0 if i == 0 else 0.15,
+                        lambda outcome, i=i: answers[i].append(outcome)) for i in range(10)]
+    engine.start()
+    dispatcher = threading.Thread(target=engine.run, daemon=True)
+    dispatcher.start()
+    for r in requests:
+        engine.submit(r)
+    deadline = time.monotonic() + 30
+    while any(not a for a in answers.values()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)  # a late second answer would show up here
+    engine.stop()
+    dispatcher.join(timeout=10)
+    engine.shutdown_ranks()
+    assert all(len(a) == 1 for a in answers.values()), answers
+    statuses = {i: a[0].status for i, a in answers.items()}
+    assert statuses[0] == 200 and {503, 504} <= set(statuses.values()) <= {200, 503, 504}, statuses
+    for i, a in answers.items():
+        if a[0].status == 200:
+            assert torch.equal(a[0].outputs[0], torch.full((1, 3), 2.0 * i))
+        else:
+            assert a[0].reason
 
 
 def test_three_stages_equal_the_unsplit_model(three, model):
@@ -201,6 +247,22 @@ def test_two_stages_and_switches_under_load(two, model, nodes):
     assert moved and len(moved[-1]["new_stages"][1]) < len(nodes) - len(nodes) // 4  # rank 1 holds less than plan_b gave it
     assert switches() >= 2
     check_outputs(two, model)  # and on the new split
+
+
+def test_loadtest_counts_every_request(three, tmp_path, capsys):
+    from pipeshift.cli import main
+
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    rows = tmp_path / "load.csv"
+    assert main(["loadtest", three.base, "--concurrency", "4", "--requests", "12", "--csv", str(rows),
+                 "--token-file", str(token), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["requests"] == 12 and summary["statuses"] == {"200": 12}
+    with open(rows) as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["200"] * 12
+    assert main(["loadtest", "http://10.1.2.3:8000", "--rate", "1", "--duration", "1"]) == 1
+    assert "not a loopback address" in capsys.readouterr().err
 
 
 def test_full_queue_and_a_killed_rank(three, model):

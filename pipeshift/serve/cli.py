@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=float, default=30.0,
                    help="seconds without an answer from a rank before it counts as dead (default %(default)s)")
     g.add_argument("--threads", type=int, default=None, help="torch intra-op threads per rank")
+    g.add_argument("--device", default="cpu",
+                   help="where the stages compute: cpu, cuda or auto (messages between ranks go through "
+                        "gloo from host memory either way)")
     g.add_argument("--init-from", default=None, metavar="PATH",
                    help="weights: a safetensors file, a sharded directory with its index, a checkpoint or a .pt "
                         "(each rank reads only its own tensors; default: the seed's initialisation)")
@@ -184,7 +187,7 @@ def _serve_rank(args: argparse.Namespace) -> int:
     except PipeshiftError:
         pass  # reported by the start-up agreement, on every rank
     info = init_distributed(rank=args.rank, world_size=args.world_size, dist_addr=args.dist_addr,
-                            backend="gloo", device="cpu", timeout_s=args.timeout, expected_world=expected)
+                            backend="gloo", device=args.device, timeout_s=args.timeout, expected_world=expected)
     try:
         if args.package is None:
             from pipeshift.serve import multi

@@ -287,7 +287,7 @@ class Frontend:
                 if msg.kind == wire.SKIP:
                     skip = skip or msg.text
                 else:
-                    got.update(zip(r.returns[s], msg.tensors))
+                    got.update((n, t.cpu()) for n, t in zip(r.returns[s], msg.tensors))
             if skip is not None:
                 for q in batch.requests:
                     q.finish(Outcome(400, reason=f"the model rejected the inputs: {skip}"))
@@ -308,6 +308,8 @@ class Frontend:
         seq = 0
         while not self.stopping and self.dead is None:
             with self._switching:
+                if self.stopping or self.dead is not None:  # the ranks may have been told to stop meanwhile
+                    return
                 with self._ctrl_lock:
                     for rank in range(self.world_size):
                         link.send(wire.Message(wire.PING, seq), rank, wire.CTRL)
@@ -443,7 +445,8 @@ class Frontend:
             return
         self._answer_all(Outcome(503, reason="the server is shutting down", headers={"Retry-After": "5"}))
         self._collect.put(None)
-        with self._ctrl_lock:
+        with self._switching, self._ctrl_lock:  # after the pinger's round: every ping it sent is answered
+            self.stopping = True
             for rank in range(self.world_size):
                 self._links["dispatch"].send(wire.Message(wire.STOP), rank, wire.CTRL)
         self._links["dispatch"].flush()

@@ -169,7 +169,10 @@ async def run_request(frontend: Frontend, tensors: list[torch.Tensor], timeout_s
     fut: asyncio.Future[Outcome] = loop.create_future()
 
     def done(outcome: Outcome) -> None:
-        loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(outcome))
+        try:
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(outcome))
+        except RuntimeError:  # the HTTP server's loop has closed (shutting down): nobody is waiting
+            pass
 
     req = Request(tensors, timeout_s, done)
     frontend.submit(req)

@@ -114,7 +114,7 @@ class StageWorker:
                 raise PeerError(f"rank {self.rank} (stage {s}): batch {b} brought {len(msg.tensors)} tensors, "
                                 f"expected {list(names)}")
             else:
-                env.update(zip(names, msg.tensors))
+                env.update((n, t.to(self.device, non_blocking=True)) for n, t in zip(names, msg.tensors))
         t0 = time.perf_counter()
         if skip is None:
             try:
