@@ -31,6 +31,8 @@ def run_one(probe_id: str, tree: Path, work: Path, base: Path, limit: float) -> 
         done = subprocess.run([sys.executable, str(HERE / "tests" / "probes.py"), probe_id, str(work), str(base)],
                               env=env, capture_output=True, text=True, timeout=limit, cwd=work.parent)
     except subprocess.TimeoutExpired:
+        if (work / "MARKER").exists():  # it ran the injection, then went on for too long
+            return {"outcome": "code executed", "code": None, "message": f"ran it, then no answer within {limit:g} s"}
         return {"outcome": "hang", "code": None, "message": f"no answer within {limit:g} s"}
     for line in done.stdout.splitlines():
         if line.startswith("PROBE-OUTCOME "):

@@ -35,6 +35,7 @@ def test_probe_ends_in_a_clean_error(probe: probes.Probe, base: Path, tmp_path: 
     monkeypatch.delenv("PIPESHIFT_TOKEN", raising=False)
     monkeypatch.delenv("PIPESHIFT_MASTER", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the scratch directory (evil module) leaves with the test
     scratch = probes.Scratch(tmp_path / "work", base)
     out = probe.run(scratch)
     assert not scratch.marker.exists(), f"{probe.id}: injected code ran ({out.message})"
