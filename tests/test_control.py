@@ -499,3 +499,25 @@ def test_master_cli_rejects_a_plan_that_does_not_match_the_graph(tmp_path, capsy
     assert main(["master", "--port", "0", "--token-file", str(TOKEN_FILE), "--plan", str(tmp_path / "plan.json")]) == 1
     err = capsys.readouterr().err
     assert "plan.json" in err and "does not match" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_replayed_or_altered_frame_ends_the_session(master):
+    s, nonce = raw_connect(master)
+    session = login(s, nonce)
+    assert protocol.recv_message(s, session=session)["type"] == "welcome"
+    frame = session.seal({"type": "status"})
+    s.sendall(frame)
+    assert protocol.recv_message(s, session=session)["type"] == "ok"
+    s.sendall(frame)  # the same bytes again: its sequence number is spent
+    assert s.recv(1) == b""
+    s.close()
+
+    s, nonce = raw_connect(master)
+    session = login(s, nonce)
+    protocol.recv_message(s, session=session)
+    frame = bytearray(session.seal({"type": "resize", "world_size": 2}))
+    frame[-3] ^= 1  # one bit of the body changed in flight
+    s.sendall(bytes(frame))
+    assert s.recv(1) == b""
+    s.close()
+    assert status_of(master)["commands"] == []

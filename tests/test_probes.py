@@ -106,3 +106,21 @@ def test_elastic_stops_at_once_when_a_rank_dies_during_start_up(base: Path, tmp_
     assert done.returncode != 0
     assert "rank 1 died during start-up (killed by signal 9); stopping the others now" in done.stderr, done.stderr
     assert took < 100, f"waited {took:.0f} s: the survivors sat out the rendezvous timeout"
+
+
+def test_the_rendezvous_store_listens_only_on_the_address_given() -> None:
+    """``--dist-addr 127.0.0.1:P`` must not open P on every interface (torch's tcp:// store does)."""
+    import torch.distributed as dist
+
+    from pipeshift.runtime.distributed import init_distributed
+
+    port = probes._free_port()
+    init_distributed(rank=0, world_size=1, dist_addr=f"127.0.0.1:{port}", timeout_s=30)
+    try:
+        listening = [line.split()[1] for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+                     if line.split()[3] == "0A" and int(line.split()[1].split(":")[1], 16) == port]
+        listening6 = [line.split()[1] for line in Path("/proc/net/tcp6").read_text().splitlines()[1:]
+                      if line.split()[3] == "0A" and int(line.split()[1].split(":")[1], 16) == port]
+    finally:
+        dist.destroy_process_group()
+    assert listening == ["0100007F:" + f"{port:04X}"] and listening6 == []
