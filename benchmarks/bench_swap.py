@@ -1,4 +1,4 @@
-"""Swapping models in and out of one set of serving ranks: `python -m benchmarks.bench_swap [--quick]`.
+"""Swapping models in and out of one set of serving ranks: `python benchmarks/bench_swap.py [--quick]`.
 
 Two measurements through ``pipeshift serve --model … --max-loaded 1`` (the real server, its
 front end and its ranks), each bounded:
@@ -15,7 +15,8 @@ front end and its ranks), each bounded:
   a Gamma process (``--rate`` per second, shape ``--gamma-shape``: bursty below 1) until
   ``--work-requests`` were sent; once with ``--swap-in pipelined`` (a stage starts as soon as its
   own shard is in) and once with ``--swap-in whole`` (batches wait for every rank's report, as in
-  Computron). p50/p99 latency, statuses and swap counts.
+  Computron); then pipelined with two resident, where a swap-in overlaps with serving the
+  resident model. p50/p99 latency, statuses and swap counts.
 
 Several ranks share this machine's cores and memory bandwidth (the load average is printed);
 the figures say what one machine does, not what separate devices would. Asserts nothing.
@@ -37,7 +38,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import Spread, load_average, markdown_table
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import Spread, load_average, markdown_table  # noqa: E402
 
 PY = sys.executable
 
@@ -52,7 +56,9 @@ def packages(work: Path, name: str, width: int, depth: int, stage_counts: list[i
     model = ["pipeshift.models:mlp", "--model-arg", f"in_features={width}", "--model-arg", f"width={width}",
              "--model-arg", f"depth={depth}"]
     if not (work / f"prof-{name}" / "graph.txt").exists():
-        sh([PY, "-m", "pipeshift", "profile", *model, "-b", "2", "-o", f"prof-{name}"], work)
+        # equal layers: a few steps tell the planner enough to cut them evenly
+        sh([PY, "-m", "pipeshift", "profile", *model, "-b", "2", "--iterations", "3", "--warmup", "1",
+            "--remeasure", "0", "-o", f"prof-{name}"], work)
     out = {}
     for s in stage_counts:
         plan, stages = f"plan-{name}-{s}", f"stages-{name}-{s}"
@@ -125,7 +131,7 @@ def swap_times(server: Server, big: str, small: str, swaps: int) -> tuple[list[f
 
 def part_stages(work: Path, args: argparse.Namespace) -> tuple[list[list[str]], list[str]]:
     big = packages(work, "big", args.width, args.depth, args.stages)
-    small = packages(work, "small", 16, 1, args.stages)
+    small = packages(work, "small", 16, 4, args.stages)
     rows, commands, one = [], [], None
     for s in args.stages:
         server = Server(work, {"big": big[s], "small": small[s]}, s, ["--max-loaded", "1"], f"stages{s}")
@@ -173,10 +179,12 @@ async def gamma_workload(url: str, names: list[str], examples: dict, n: int, rat
 
 
 def part_workload(work: Path, args: argparse.Namespace) -> tuple[list[list[str]], list[str]]:
-    pkgs = {n: packages(work, f"work{n}", args.work_width, args.work_depth, [2])[2] for n in ("m1", "m2", "m3")}
+    stages = packages(work, "work", args.work_width, args.work_depth, [2])[2]
+    pkgs = {n: stages for n in ("m1", "m2", "m3")}  # one package, three models (each its own weights)
     rows, commands = [], []
-    for mode in ("pipelined", "whole"):
-        server = Server(work, pkgs, 2, ["--max-loaded", "1", "--swap-in", mode, "--max-batch", "8"], f"work-{mode}")
+    for mode, k in (("pipelined", 1), ("whole", 1), ("pipelined", 2)):
+        server = Server(work, pkgs, 2, ["--max-loaded", str(k), "--swap-in", mode, "--max-batch", "8"],
+                        f"work-{mode}-{k}")
         try:
             listed = server.models()
             examples = {n: listed[n]["example"]["inputs"] for n in pkgs}
@@ -197,7 +205,7 @@ def part_workload(work: Path, args: argparse.Namespace) -> tuple[list[list[str]]
         for _, _, st in results:
             statuses[st] = statuses.get(st, 0) + 1
         p50, p99 = (np.percentile(ok, q) * 1000 if ok else float("nan") for q in (50, 99))
-        rows.append([mode, str(len(results)), f"{p50:.0f}", f"{p99:.0f}", f"{max(ok) * 1000:.0f}" if ok else "–",
+        rows.append([mode, str(k), str(len(results)), f"{p50:.0f}", f"{p99:.0f}", f"{max(ok) * 1000:.0f}" if ok else "–",
                      str(listing["swaps"] - before), f"{np.median(swap_s) * 1000:.0f}" if swap_s else "–",
                      f"{wall:.1f}", json.dumps(statuses)])
     return rows, commands
@@ -207,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a 0.27 GB model, fewer swaps and requests")
     p.add_argument("--width", type=int, default=4096)
-    p.add_argument("--depth", type=int, default=16, help="with --width 4096: 16 layers ≈ 1.07 GB")
+    p.add_argument("--depth", type=int, default=17, help="with --width 4096: 16 hidden layers ≈ 1.07 GB")
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--swaps", type=int, default=5, help="swap-ins measured per stage count")
     p.add_argument("--work-width", type=int, default=2048)
@@ -238,11 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip != "workload":
         load_before = load_average()
         rows, commands = part_workload(work, args)
-        print(f"\nComputron-like workload: 3 MLPs {args.work_width} x {args.work_depth} on 2 ranks, --max-loaded 1, "
+        print(f"\nComputron-like workload: 3 MLPs {args.work_width} x {args.work_depth} on 2 ranks, "
               f"{args.work_requests} requests, Gamma arrivals ({args.rate:g}/s, shape {args.gamma_shape:g}, seed "
               f"{args.seed}); load average {load_before:.1f} before, {load_average():.1f} after\n")
-        print(markdown_table(["swap-in", "requests", "p50 ms", "p99 ms", "max ms", "swaps", "median swap-in ms",
-                              "wall s", "statuses"], rows, right=range(1, 8)))
+        print(markdown_table(["swap-in", "--max-loaded", "requests", "p50 ms", "p99 ms", "max ms", "swaps", "median swap-in ms",
+                              "wall s", "statuses"], rows, right=range(1, 9)))
         print("\nCommands (in the work directory):\n")
         for cmd in commands:
             print(f"* `{cmd}`")

@@ -169,3 +169,82 @@ def test_eviction_is_lru_and_each_rank_reads_only_its_shard(lru, packages):
             assert set(rec["tensors"]) == stages[s], (name, rank)  # its own tensors, every one, nothing else
             assert [Path(f).name for f in rec["files"]] == [files[s]]  # only its own shard file was opened
             assert rec["bytes"] == m["bytes_per_rank"][rank]
+
+
+class _Routing:
+    """A stand-in for a model's routing: the scheduler only tells models apart by it."""
+
+
+def _frontend(budget: dict[int, int], max_loaded: int, max_swaps_in_a_row: int = 2):
+    from types import SimpleNamespace
+
+    from pipeshift.serve import wire
+    from pipeshift.serve.frontend import Config
+    from pipeshift.serve.scheduler import MultiFrontend, Served
+
+    models = [Served(n, _Routing(), {0: 100, 1: 100}) for n in "abc"]
+    worker = SimpleNamespace(routing=models[0].routing, repartitioner=None)
+    return MultiFrontend(0, 2, worker, wire.Mailbox(), Config(), models, budget=budget, max_loaded=max_loaded,
+                         max_swaps_in_a_row=max_swaps_in_a_row)
+
+
+def _wait(frontend, name: str, at: float) -> None:
+    from pipeshift.serve.frontend import Request
+
+    req = Request([torch.zeros(1, 2)], 60.0, lambda outcome: None)
+    req.arrived = at
+    frontend.models[name].queue.append(req)
+
+
+def test_choice_is_oldest_first_lru_never_busy_and_bounded_swaps():
+    from pipeshift.serve.frontend import Batch
+    from pipeshift.serve.residency import RESIDENT
+
+    f = _frontend({0: 1000, 1: 1000}, max_loaded=2)
+    a, b, c = (f.models[n] for n in "abc")
+    a.state = c.state = RESIDENT
+    a.last_use, c.last_use = 1.0, 2.0
+    _wait(f, "c", at=10.0)
+    _wait(f, "b", at=5.0)  # b waited longest but is offloaded: a swap, evicting the least recently used
+    with f._cv:
+        assert f._choose() == ("swap", b, [a])
+    with f._inflight_lock:  # a batch of a in flight: a cannot go, and c is the only other one
+        f._inflight[0] = Batch(0, [], a.routing, 0.0)
+    with f._cv:
+        assert f._choose() == ("serve", c, [])  # room only once a's batch is done: serve what is resident
+    f._inflight.clear()
+    f.swaps_in_a_row = 2  # two swaps in a row: a resident model's waiting requests go first
+    with f._cv:
+        assert f._choose() == ("serve", c, [])
+    assert f.decisions[-1]["event"] == "hold" and f.decisions[-1]["model"] == "b"
+    # the budget, not the count, can make room: b needs 100 bytes on each rank, 50 are left
+    f = _frontend({0: 250, 1: 250}, max_loaded=3)
+    a, b, c = (f.models[n] for n in "abc")
+    a.state = c.state = RESIDENT
+    a.last_use, c.last_use = 3.0, 2.0
+    _wait(f, "b", at=1.0)
+    with f._cv:
+        assert f._choose() == ("swap", b, [c])
+
+
+def test_bad_model_arguments_are_one_line_errors(packages, capsys):
+    from pipeshift.cli import main
+
+    a = packages["a"]
+    cases = [
+        (["--model", "a"], "expected NAME=STAGES"),
+        (["--model", f"a/b={a}"], "a name is letters"),
+        (["--model", f"a={a}", "--model", f"a={a}"], "given twice"),
+        (["--model", "a=/nonexistent/stages"], "not a stage package directory"),
+        (["--model", f"a={a}:/nonexistent/weights"], "no such file"),
+        ([str(a), "--model", f"a={a}"], "not both"),
+        (["--model", f"a={a}", "--max-loaded", "0"], "--max-loaded must be >= 1"),
+        ([str(a), "--max-loaded", "1"], "--max-loaded needs --model"),
+        (["--model", f"a={a}", "--allow-repartition"], "works with one model"),
+        (["--model", f"a={a}", "--init-from", str(a)], "NAME=STAGES:WEIGHTS"),
+        ([], "nothing to serve"),
+    ]
+    for argv, message in cases:
+        assert main(["serve", *argv, "--local", "2"]) == 1, argv
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, (argv, err)

@@ -51,8 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pipelined: a model's batches start while it loads, each stage as soon as its own shard is "
                         "in; whole: wait until every rank has loaded (default %(default)s)")
     g.add_argument("--max-swaps-in-a-row", type=int, default=2, metavar="N",
-                   help="after N swaps with no batch of an already resident model, serve resident models' waiting "
-                        "requests before the next swap (default %(default)s)")
+                   help="after N swaps with no batch of an already resident model, a batch of a resident model "
+                        "with waiting requests goes before the next swap (default %(default)s)")
 
 
 def parse_models(values: list[str]) -> list[tuple[str, str, str | None]]:
@@ -228,8 +228,13 @@ def serve(args: argparse.Namespace, info) -> int:
     except PipeshiftError as e:
         error = str(e)
     comm = Communicator(info.rank, stage_of=lambda r: -1, tags={}, timeout_s=args.timeout)
-    budget = args.device_memory or default_budget(info.device, info.world_size if args.local is None else 1)
-    budgets = agree(comm, info.rank, config, error, info={"budget": budget})
+    import os
+
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")  # torchrun: the ranks on this machine
+    here = int(local) if local.isdigit() and int(local) > 0 else info.world_size
+    budget = args.device_memory or default_budget(info.device, here)
+    budgets = {r: int(d["budget"]) for r, d in enumerate(agree(comm, info.rank, config, error,
+                                                                info={"budget": budget}))}
     mailbox = wire.Mailbox()
 
     def who(rank: int) -> str:
@@ -241,6 +246,11 @@ def serve(args: argparse.Namespace, info) -> int:
     workers, shards = {}, {}
     error = None
     try:
+        for b in built:  # every rank checks every model: the same verdict everywhere, before serving
+            for r, n in sorted(b.bytes_per_rank.items()):
+                if n > budgets[r]:
+                    raise PipeshiftError(f"model {b.name} needs {n} bytes resident on rank {r}, more than its "
+                                         f"budget of {budgets[r]} bytes (--device-memory)")
         for b in built:
             if not any(info.rank in rs for rs in b.pkg.stage_to_rank.values()):
                 continue
@@ -258,7 +268,7 @@ def serve(args: argparse.Namespace, info) -> int:
     if info.rank != args.frontend_rank:
         worker.run()
         return 0
-    return _frontend(args, info, built, worker, mailbox, who, {r: int(d["budget"]) for r, d in enumerate(budgets)})
+    return _frontend(args, info, built, worker, mailbox, who, budgets)
 
 
 def _frontend(args, info, built, worker, mailbox, who, budget: dict[int, int]) -> int:
@@ -267,14 +277,7 @@ def _frontend(args, info, built, worker, mailbox, who, budget: dict[int, int]) -
     from pipeshift.serve.metrics import ServeMetrics
     from pipeshift.serve.scheduler import MultiFrontend, Served
 
-    served = []
-    for b in built:
-        per_rank = b.bytes_per_rank
-        for r, n in sorted(per_rank.items()):
-            if n > budget[r]:
-                raise PipeshiftError(f"model {b.name} needs {n} bytes resident on rank {r}, more than its budget of "
-                                     f"{budget[r]} bytes (--device-memory)")
-        served.append(Served(b.name, b.routing, per_rank))
+    served = [Served(b.name, b.routing, b.bytes_per_rank) for b in built]
     cfg = Config(max_batch=args.max_batch, max_delay_s=args.max_delay_ms / 1000.0, queue_size=args.queue,
                  inflight=args.inflight or 2 * info.world_size, timeout_s=args.timeout)
     frontend = MultiFrontend(info.rank, info.world_size, worker, mailbox, cfg, served, budget=budget,

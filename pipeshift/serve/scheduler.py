@@ -8,8 +8,8 @@ flight, the collector, the pinger, failure and shut-down) with its dispatcher re
   for a model being swapped in waits in its queue like any other; a swap never fails a request.
 * **Choice**: the model whose oldest request has waited longest goes next. If it is resident
   its batch is dispatched; otherwise a swap is needed. After ``max_swaps_in_a_row`` swaps with
-  no batch of an already-resident model in between, a resident model with waiting requests is
-  served first, so a hot model keeps being served while cold ones come and go.
+  no batch of an already-resident model in between, a batch of a resident model with waiting
+  requests goes first, so a hot model keeps being served while cold ones come and go.
 * **Residency**: at most ``max_loaded`` models resident (or loading) at once, and on every rank
   the bytes of the resident shards within that rank's budget (``--device-memory``). Room is
   made by evicting the least recently used resident models that have no batch in flight (a
@@ -171,6 +171,7 @@ class MultiFrontend(Frontend):
         if fallback is not None and self.swaps_in_a_row >= self.max_swaps_in_a_row:
             self._log("hold", model=oldest.name, serving=fallback.name, swaps_in_a_row=self.swaps_in_a_row,
                       reason=f"{self.swaps_in_a_row} swaps in a row: a resident model's waiting requests first")
+            self.swaps_in_a_row = 0  # one batch of it; then swaps may come again
             return "serve", fallback, []
         victims = self._victims(oldest)
         if victims is None:  # room only once a busy model's batches finish
