@@ -271,11 +271,12 @@ def test_ctl_repartition_delivers_the_plan_to_every_worker(master, tmp_path, cap
     plan_file = tmp_path / "plan.json"
     plan_file.write_text(json.dumps(PLAN))
     assert main(ctl(master, "repartition", "--plan", str(plan_file))) == 0
-    assert "for step 42" in capsys.readouterr().out
+    # rank 0 polled at step 41: it takes the command at 42 and switches after step 43
+    assert "the ranks switch after step 43" in capsys.readouterr().out
     assert workers[1].heartbeat(force=True) == 1  # heartbeats say a command is waiting
     commands = [w.poll() for w in workers]
     for command in commands:
-        assert command["type"] == "repartition" and command["plan"] == PLAN and command["at_step"] == 42
+        assert command["type"] == "repartition" and command["plan"] == PLAN and command["at_step"] == 43
         assert command["source"] == "operator"
     assert [w.poll() for w in workers] == [None, None]  # delivered once
     workers[0].ack(commands[0]["id"], "applied")
@@ -377,7 +378,7 @@ def test_master_policy_repartitions_on_persistent_slowdown_and_logs_decisions(tm
                 assert w0.poll() is None
                 w1.report(step, {1: {"compute_s": 2.0, "wait_s": 4.0, "comm_s": 0.0}})
             command = w0.poll()
-            assert command["source"] == "policy" and command["at_step"] == 41
+            assert command["source"] == "policy" and command["at_step"] == 42  # taken at 41, switched after 42
             assert [s["nodes"] for s in command["plan"]["stages"]] == [["node0"], ["node1", "node2", "node3"]]
             assert [s["fqns"] for s in command["plan"]["stages"]] == [["l0"], ["l1", "l2", "l3"]]
             assert [s["ranks"] for s in command["plan"]["stages"]] == [[0], [1]]

@@ -112,10 +112,18 @@ def test_operator_repartition_and_grow_through_the_master(tmp_path):
     assert kinds[2][0] == "resize" and "command #3" in kinds[2][1]
     assert "resize: restarting on 3 workers" in result["out"]
     acks = {c["id"]: c["acks"] for c in final["commands"]}
-    assert acks[1]["0"] == "rejected" and acks[2]["0"] == "applied" and acks[3]["0"] == "applied"
+    assert acks[1]["0"].startswith("rejected: ") and acks[2]["0"] == "applied" and acks[3]["0"] == "applied"
+    assert f"rejected: {log[0]['reason']}".startswith(acks[1]["0"])  # the ranks' reason reaches ctl status
     assert len(final_plan(tmp_path)["stages"]) == 3
     assert metric_steps(tmp_path) == list(range(1, steps + 1))
     h.assert_same_weights(h.final_weights(tmp_path / "ck"), h.reference(steps, m, sgd))
+    # the step the master announced is the step the ranks switched after; every rank says so itself
+    announced = next(c["at_step"] for c in final["commands"] if c["id"] == 2)
+    assert log[1]["step"] == announced
+    for rank in (0, 1):
+        assert f"pipeshift train: rank {rank}: switched after step {announced} (operator command #2)" in result["out"]
+        own = h.jsonl(tmp_path / "out" / f"rank{rank}" / "repartitions.jsonl")
+        assert own[0]["step"] == announced and own[0]["rank"] == rank and "bytes_sent" in own[0]
 
 
 POLICY = {"persist_windows": 2, "cooldown_windows": 2, "threshold": 0.5, "clear_threshold": 0.2, "fixed_pause_s": 0.0}

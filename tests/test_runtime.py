@@ -489,6 +489,9 @@ def test_dead_or_silent_rank_ends_every_other_rank_with_one_clear_message(workdi
         assert "rank 1 (stage 1)" in neighbour and "exited" in neighbour
     else:
         assert "rank 2 (stage 2)" in neighbour and f"no answer within {timeout:g} s" in neighbour
+        # and the rank beyond it, which only saw its neighbour go, names the original failure too
+        far = _error_lines(results[0][2])[0]
+        assert far.startswith("pipeshift train: error: rank 2 failed first (rank 1 (stage 1): no answer"), far
 
 
 # -- start-up checks -----------------------------------------------------------------------------

@@ -87,8 +87,13 @@ def format_status(status: dict[str, Any]) -> str:
             ["id", "type", "source", "at_step", "stages", "workers", "delivered_to", "acks"],
             [[c["id"], c["type"], c["source"], c["at_step"], c["stages"], c.get("world_size"),
               ",".join(map(str, c["delivered_to"])) or None,
-              ", ".join(f"{r}:{s}" for r, s in c["acks"].items()) or None] for c in status["commands"]],
+              ", ".join(f"{r}:{s.split(':')[0]}" for r, s in c["acks"].items()) or None] for c in status["commands"]],
         ))
+        for c in status["commands"]:  # why a command was refused, as the ranks said it
+            reasons = {s.partition(":")[2].strip() for s in c["acks"].values() if s.startswith("rejected:")}
+            ranks = [r for r, s in c["acks"].items() if s.startswith("rejected")]
+            for why in sorted(reasons):
+                lines.append(f"  #{c['id']} rejected by rank{'s' if len(ranks) > 1 else ''} {','.join(ranks)}: {why}")
     return "\n".join(lines)
 
 
@@ -105,13 +110,14 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(status, indent=1) if args.json else format_status(status))
         elif args.action == "repartition":
             reply = ctl.repartition(plan.to_json(), at_step=args.at_step)
-            print(f"queued repartition #{reply['id']} ({plan.num_stages} stages) for step {reply['at_step']} "
+            print(f"queued repartition #{reply['id']} ({plan.num_stages} stages): the ranks switch after step "
+                  f"{reply['at_step']}, queued "
                   f"at {time.strftime('%H:%M:%S')}")
         elif args.action == "resize":
             if not 1 <= args.workers <= 1 << 16:
                 raise PipeshiftError("--workers must be from 1 to 65536")
             reply = ctl.resize(args.workers, at_step=args.at_step)
-            print(f"queued resize #{reply['id']} to {args.workers} workers for step {reply['at_step']} "
+            print(f"queued resize #{reply['id']} to {args.workers} workers: the ranks stop at step {reply['at_step']}, queued "
                   f"at {time.strftime('%H:%M:%S')}")
         else:
             reply = ctl.policy(args.state == "on")

@@ -103,6 +103,7 @@ class WorkerRecord:
     step: int | None = None
     last_report: dict[str, Any] | None = None
     cursor: int = 0  # id of the last command delivered to this rank
+    polled_step: int | None = None  # its step when it last polled for commands
     reported_dead: bool = False
 
     def state(self, now: float, timeout_s: float) -> tuple[str, str]:
@@ -411,10 +412,11 @@ class Master:
                 decision, new_plan = outcome
                 self._log(decision.to_json())
                 if new_plan is not None:
-                    self._queue_repartition(new_plan, self._next_step(), "policy", decision=decision.window)
+                    self._queue_repartition(new_plan, self._switch_step(), "policy", decision=decision.window)
         return {"type": "ok", "commands_pending": self._pending_for(record)}
 
     def _on_poll(self, record: WorkerRecord, message: dict[str, Any]) -> dict[str, Any]:
+        record.polled_step = record.step
         for command in self.commands:
             if command["id"] > record.cursor:
                 record.cursor = command["id"]
@@ -489,8 +491,7 @@ class Master:
                 check_against_running(plan, self.running_plan)
         except PipeshiftError as e:
             raise MessageError(f"invalid plan: {e}") from None
-        if at_step is None:
-            at_step = self._next_step()
+        at_step = self._switch_step(at_step)  # the step the ranks will really switch after
         if self.policy is not None:
             self.policy.adopt_plan(plan)
         command = self._queue_repartition(plan, at_step, "operator")
@@ -498,9 +499,7 @@ class Master:
 
     def _on_resize(self, message: dict[str, Any]) -> dict[str, Any]:
         world_size = _int(message, "world_size", 1, self.max_workers)
-        at_step = self._step(message, "at_step")
-        if at_step is None:
-            at_step = self._next_step()
+        at_step = self._next_tick(self._step(message, "at_step"))  # the tick the ranks will stop at
         command = {"id": self._last_command_id() + 1, "type": "resize", "world_size": world_size, "at_step": at_step,
                    "source": "operator", "issued_at": time.time(), "delivered_to": []}
         self.commands.append(command)
@@ -520,6 +519,31 @@ class Master:
         """The step after the latest any live worker has reached: the earliest a switch can happen."""
         steps = [w.step for w in self.workers.values() if w.step is not None and not w.left]
         return max(steps) + 1 if steps else 0
+
+    def _next_tick(self, requested: int | None = None) -> int:
+        """The control tick at which rank 0 will take a command queued now (at ``requested`` or later).
+
+        Rank 0 polls at its ticks (every ``window_steps`` of its reports), right after reporting:
+        once it has polled at its latest step, the next chance is one window on.
+        """
+        lead = self.workers.get(0)
+        report = (lead.last_report or {}) if lead is not None else {}
+        if lead is None or lead.step is None or "step" not in report:
+            return max(requested or 0, self._next_step())
+        k = max(int(report.get("window_steps") or 1), 1)
+        reported = int(report["step"])  # a tick; heartbeats may have moved lead.step on since
+        polled = lead.polled_step is not None and lead.polled_step >= reported
+        tick = max(reported + (k if polled else 0), -(-lead.step // k) * k)
+        if requested is not None and requested > tick:
+            tick = -(-requested // k) * k
+        return tick
+
+    def _switch_step(self, requested: int | None = None) -> int:
+        """The step after which the ranks will switch to a plan queued now: the one to announce.
+
+        A switch agreed at a tick happens at the next synchronisation point, one step later.
+        """
+        return self._next_tick(None if requested is None else requested - 1) + 1
 
     def _last_command_id(self) -> int:
         return self.commands[-1]["id"] if self.commands else 0

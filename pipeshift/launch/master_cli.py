@@ -77,11 +77,13 @@ def worker_address(host: str, port: int) -> tuple[str, str | None]:
         resolved = netif.resolve_ipv4(host)
         ip = ipaddress.ip_address(resolved) if resolved else None
     outward = netif.local_address_towards(netif.TEST_NET)  # the default route's address, if any
+    if outward is None or ipaddress.ip_address(outward).is_loopback:  # no default route: any real interface
+        outward = next((a for a in netif.interface_addresses().values() if not ipaddress.ip_address(a).is_loopback),
+                       None)
     if ip is not None and ip.is_unspecified:
-        addr = outward if outward and not ipaddress.ip_address(outward).is_loopback else socket.gethostname()
-        return f"{addr}:{port}", None
+        return f"{outward or socket.gethostname()}:{port}", None
     if ip is not None and ip.is_loopback:
-        hint = f" (this machine's address: {outward})" if outward and not ipaddress.ip_address(outward).is_loopback else ""
+        hint = f" (this machine's address: {outward})" if outward else ""
         return f"{host}:{port}", (f"listening on loopback {host}: only processes on this machine can reach it; "
                                   f"for workers on other machines start it with --host 0.0.0.0{hint}")
     return f"{host}:{port}", None

@@ -149,7 +149,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _train(args, info)
     except PipeshiftError as e:
-        _exit(f"pipeshift train: error: {e}", 1)
+        from pipeshift.runtime.failure import explain
+
+        from pipeshift.runtime.comm import PeerError
+
+        said = (explain(info.rank, str(e), witness=True, peer=e.peer, silent=e.silent, timeout_s=args.timeout)
+                if isinstance(e, PeerError) else explain(info.rank, str(e), witness=False))
+        _exit(f"pipeshift train: error: {said}", 1)
     except KeyboardInterrupt:
         _exit("pipeshift train: interrupted", 130)
     except BaseException:

@@ -46,7 +46,16 @@ ACT, GRAD = "activation", "gradient"
 
 
 class PeerError(PipeshiftError):
-    """A peer died, stopped answering, or sent something unexpected; the message says which."""
+    """A peer died, stopped answering, or sent something unexpected; the message says which.
+
+    ``peer`` is that rank when one is known (a collective's failure names none); ``silent``: it
+    did not answer within the timeout (it may be alive, itself waiting for another rank).
+    """
+
+    def __init__(self, message: str, peer: int | None = None, silent: bool = False):
+        super().__init__(message)
+        self.peer = peer
+        self.silent = silent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +134,10 @@ class Communicator:
         reason = _reason(err, self.timeout_s)
         peer_text = f" from {self.who(peer)}" if peer is not None and doing.startswith("waiting") else (
             f" to {self.who(peer)}" if peer is not None else "")
-        return PeerError(f"{me}: {reason} while {doing}{peer_text}, at {self.where}")
+        if peer is None and isinstance(err, PeerError):
+            peer = err.peer
+        silent = reason.startswith("no answer") or bool(isinstance(err, PeerError) and err.silent)
+        return PeerError(f"{me}: {reason} while {doing}{peer_text}, at {self.where}", peer, silent)
 
     def _tag(self, name: str, kind: str, meta: bool = False) -> int:
         try:

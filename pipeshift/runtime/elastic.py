@@ -266,6 +266,7 @@ class Controller:
         self._window_steps = 0
         self._ticks_since_switch = 0
         self.switches = 0
+        self.last_rejection = ""
         self.log_dir = Path(config.output_dir)
 
     # -- what the trainer asks ----------------------------------------------------------------
@@ -366,7 +367,7 @@ class Controller:
                 ok = self._schedule(trainer, decided["plan"], decided["source"], strict=False,
                                     command_id=decided.get("id"), at=trainer.step + 1) is not None
             if not ok and decided.get("id") is not None:
-                self._master("ack", decided["id"], "rejected")
+                self._master("ack", decided["id"], f"rejected: {self.last_rejection}")
             return None
         if decided["action"] == "resize":
             return self._resize(trainer, int(decided["world_size"]), decided)
@@ -383,7 +384,10 @@ class Controller:
             at = command.get("at_step")
             if not isinstance(at, int) or isinstance(at, bool) or at < 0:
                 at = 0 if at is None else self.config.total_steps + 1  # malformed: never due
-            if at <= trainer.step:
+            # a repartition's at_step is the step it switches after (the one agreed here, plus one);
+            # a resize's is the tick it stops at
+            ahead = 1 if command.get("type") == "repartition" else 0
+            if at <= trainer.step + ahead:
                 self.pending.remove(command)
                 if command.get("type") == "repartition" and isinstance(command.get("plan"), dict):
                     return {"action": "switch", "plan": command["plan"], "id": command.get("id"),
@@ -483,8 +487,25 @@ class Controller:
                   f"{len(plan['stages'])} stages, {record['keys_moved']} tensors moved "
                   f"({record['bytes_moved'] / 1e6:.2f} MB), pause {record['pause_s']:.3f} s",
                   file=sys.stderr, flush=True)
+        # every rank: one line and its own part of the record, beside its metrics
+        mine = {"event": "repartition", "step": trainer.step, "source": source, **report}
+        self._log_own(trainer, mine)
+        nodes = plan["stages"][report["stage"]].get("nodes") or []
+        print(f"pipeshift train: rank {self.rank}: switched after step {trainer.step} ({source}): now stage "
+              f"{report['stage']} ({len(nodes)} nodes), sent {report['keys_sent']} tensors "
+              f"({report['bytes_sent'] / 1e6:.2f} MB), received {report['keys_received']} "
+              f"({report['bytes_received'] / 1e6:.2f} MB), pause {report['pause_s']:.3f} s",
+              file=sys.stderr, flush=True)
+
+    def _log_own(self, trainer, record: dict[str, Any]) -> None:
+        """This rank's own line in ``rankR/repartitions.jsonl`` (every rank writes one per switch)."""
+        out = Path(trainer.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "repartitions.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"time": time.time(), "rank": self.rank, **record}, default=_json_default) + "\n")
 
     def _reject(self, trainer, source: str, why: str) -> None:
+        self.last_rejection = why
         if self.rank == 0:
             self._log("repartitions.jsonl", {"event": "rejected", "step": trainer.step, "source": source,
                                              "reason": why})
@@ -497,7 +518,7 @@ class Controller:
                    else f"{world_size} workers requested, the job has {self.world_size}")
             self._reject(trainer, decided.get("source", "resize"), why)
             if decided.get("id") is not None:
-                self._master("ack", decided["id"], "rejected")
+                self._master("ack", decided["id"], f"rejected: {why}")
             return None
         if trainer.last_saved != trainer.step:
             trainer.save()

@@ -52,15 +52,34 @@ class Tracer:
 class MetricsLog:
     """Appends rows to ``metrics.csv``, flushing each so a crashed run keeps what it measured."""
 
-    def __init__(self, path: str | os.PathLike, append: bool = False):
+    def __init__(self, path: str | os.PathLike, append: bool = False, upto_step: int | None = None):
+        """``append`` continues an earlier run's file; ``upto_step`` first drops its rows past that
+        step (a run resumed from a checkpoint repeats the steps after it: one row per step stays)."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fresh = not (append and self.path.exists())
+        if not fresh and upto_step is not None:
+            fresh = not self._truncate(upto_step)
         self._file = open(self.path, "w" if fresh else "a", newline="")
         self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS, extrasaction="ignore")
         if fresh:
             self._writer.writeheader()
             self._file.flush()
+
+    def _truncate(self, upto_step: int) -> bool:
+        """Keep the rows of steps <= ``upto_step``; False if the file is not ours to continue."""
+        with open(self.path, newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != COLUMNS:
+                return False
+            kept = [row for row in reader if str(row.get("step", "")).isdigit() and int(row["step"]) <= upto_step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(kept)
+        os.replace(tmp, self.path)
+        return True
 
     def row(self, **values: Any) -> None:
         clean = {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in values.items() if v is not None}

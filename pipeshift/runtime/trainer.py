@@ -174,7 +174,7 @@ class Trainer:
             self.resume()
         if self.controller is not None:
             self.controller.at_start(self)
-        self.log = MetricsLog(self.out_dir / "metrics.csv", append=cfg.resume and self.step > 0)
+        self.log = MetricsLog(self.out_dir / "metrics.csv", append=cfg.resume and self.step > 0, upto_step=self.step)
         self._bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train ({cfg.schedule})", unit="step",
                          disable=not (cfg.progress and self.reporter), file=sys.stderr, dynamic_ncols=True)
         feed = MicrobatchFeed(lambda: self.data(cfg.batch_size, "train", cfg.seed), self.step * cfg.microbatches)
