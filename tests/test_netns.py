@@ -167,7 +167,7 @@ def test_master_and_three_ranks_on_a_bridge_with_ctl_repartition(cluster, tmp_pa
                                *[x for k in range(3) for x in ("--slowdown", f"{k}:30")], "--timeout", "60", "--no-progress", "--output-dir",
                                str(tmp_path / "out")], tmp_path, environ)
              for r, k in enumerate(RANKS)]
-    ctl = [PY, "-m", "pipeshift", "ctl", "--master", where, "--token", token]
+    ctl = [PY, "-m", "pipeshift", "ctl", "--master", where]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # the job is running once every rank has reported
         status = subprocess.run(["ip", "netns", "exec", cluster.names["m"], *ctl, "status", "--json"],
@@ -187,3 +187,41 @@ def test_master_and_three_ranks_on_a_bridge_with_ctl_repartition(cluster, tmp_pa
         assert f"rank {r}: switched after step {announced} (operator command #1)" in text, text[-3000:]
     final = json.loads((tmp_path / "out" / "repartitions.jsonl").read_text().splitlines()[-1])
     assert final["event"] == "repartition" and [len(s) for s in final["stages"]] == [3, 3, 6]
+
+
+def _status(cluster: Cluster, where: str, environ: dict[str, str]) -> dict:
+    out = subprocess.run(["ip", "netns", "exec", cluster.names["m"], PY, "-m", "pipeshift", "ctl", "--master", where,
+                          "status", "--json"], capture_output=True, text=True, env=environ, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_master_through_launch_local_and_through_torchrun(cluster, tmp_path):
+    """--master reaches the ranks whether pipeshift's launcher or a bare torchrun starts them."""
+    h.package(tmp_path, [6], [[0], [1]])
+    environ = h.env(PIPESHIFT_TOKEN="netns-token-2")
+    cluster.start("m", [PY, "-m", "pipeshift", "master", "--host", "0.0.0.0", "--port", "29616"], tmp_path, environ)
+    where = f"{cluster.addr['m']}:29616"
+    deadline = time.monotonic() + 60
+    while subprocess.run(["ip", "netns", "exec", cluster.names["m"], PY, "-m", "pipeshift", "ctl", "--master", where,
+                          "status"], capture_output=True, env=environ, timeout=60).returncode != 0:
+        assert time.monotonic() < deadline, "the master did not come up"
+        time.sleep(0.5)
+    train = ["--steps", "{steps}", "--microbatches", "2", "--optimizer", "sgd", "--report-every", "2",
+             "--no-progress", "--output-dir", "{out}", "--master", where]
+    jobs = {
+        "b": (6, [PY, "-m", "pipeshift", "launch", "--local", "2", str(tmp_path / "stages")]),
+        "c": (8, [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "pipeshift", "--",
+                  "train", str(tmp_path / "stages")]),
+    }
+    seen: set[int] = set()
+    for who, (steps, cmd) in jobs.items():
+        args = [a.format(steps=steps, out=tmp_path / f"out-{who}") for a in train]
+        [(rc, text)] = _finish([cluster.start(who, [*cmd, *args], tmp_path, environ)], 240)
+        assert rc == 0, text[-3000:]
+        workers = {w["rank"]: w for w in _status(cluster, where, environ)["workers"]}
+        # both ranks of this job registered and reported (new processes: not the previous job's)
+        assert sorted(workers) == [0, 1] and all((w["step"] or 0) >= 2 for w in workers.values()), workers
+        pids = {w["pid"] for w in workers.values()}
+        assert not pids & seen
+        seen |= pids
