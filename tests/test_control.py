@@ -522,3 +522,16 @@ def test_a_replayed_or_altered_frame_ends_the_session(master):
     assert s.recv(1) == b""
     s.close()
     assert status_of(master)["commands"] == []
+
+
+def test_a_rejection_reason_from_the_ranks_shows_in_ctl_status(master):
+    from pipeshift.launch.ctl_cli import format_status
+
+    worker = MasterClient.connect(master.address, TOKEN, rank=0, stage=0)
+    with CtlClient(master.address, TOKEN) as c:
+        queued = c.repartition(json.loads(json.dumps(PLAN)))
+    assert worker.poll()["id"] == queued["id"]
+    worker.ack(queued["id"], "rejected: the run ends at the next step")
+    text = format_status(status_of(master))
+    assert f"  #{queued['id']} rejected by rank 0: the run ends at the next step" in text
+    worker.close()
