@@ -83,7 +83,7 @@ def test_operator_repartition_and_grow_through_the_master(tmp_path):
             "--master", f"{host}:{port}", "--slowdown", "0:30", "--slowdown", "1:30", "--slowdown", "2:30"]
     result: dict = {}
     job = threading.Thread(target=lambda: result.update(zip(("rc", "out"), h.launch(
-        tmp_path, 2, args, environ=h.env(PIPESHIFT_TOKEN=token), limit=180))))
+        tmp_path, 2, args, elastic=["--max-workers", "3"], environ=h.env(PIPESHIFT_TOKEN=token), limit=300))))
     job.start()
     token_file = tmp_path / "token"
     token_file.write_text(token + "\n")
@@ -99,7 +99,7 @@ def test_operator_repartition_and_grow_through_the_master(tmp_path):
         events = tmp_path / "out" / "repartitions.jsonl"
         h.wait_until(lambda: any(r["event"] == "repartition" for r in h.jsonl(events)), 60)
         assert main([*ctl, "resize", "--workers", "3"]) == 0
-        job.join(timeout=180)
+        job.join(timeout=300)
         final = status()
     finally:
         job.join(timeout=5)
