@@ -50,7 +50,7 @@ def check_spec(spec: ModelSpec, source: str, *, trusted: Iterable[ModelSpec | No
         return
     if builtin_builder(spec.callable) and spec.inputs is None:
         return
-    named = spec.callable if spec.inputs is None or builtin_builder(spec.callable) else spec.inputs
+    named = spec.inputs if spec.inputs is not None and builtin_builder(spec.callable) else spec.callable
     if known:
         why = f"it differs from the spec of the package you named ({known[0].callable}, seed {known[0].seed})"
     else:

@@ -813,7 +813,7 @@ PROBES: list[Probe] = [
     Probe("codegen-user-module", "code from data files", "plan.json names a module that runs on import",
           p_codegen_user_module, "--trust-spec"),
     Probe("codegen-inputs", "code from data files", "plan.json model.inputs is a foreign callable", p_codegen_inputs,
-          "--trust-spec"),
+          "evil_probe_mod:inputs"),
     Probe("resume-plan-spec", "code from data files", "the checkpoint's plan.json names os:system",
           p_resume_plan_spec, "refusing"),
     Probe("flipped-bytes-export", "checkpoints", "64 flipped bytes in stage0.pt, export", p_flipped_export, "SHA-256"),
