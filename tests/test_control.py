@@ -535,3 +535,22 @@ def test_a_rejection_reason_from_the_ranks_shows_in_ctl_status(master):
     text = format_status(status_of(master))
     assert f"  #{queued['id']} rejected by rank 0: the run ends at the next step" in text
     worker.close()
+
+
+def test_a_plan_that_changes_the_running_job_is_refused_before_it_is_queued(master):
+    running = {**PLAN, "model": {"callable": "pipeshift.models:mlp", "kwargs": {}, "seed": 0}, "batch_size": 8,
+               "memory": {"limit_bytes": 1e9}}
+    with MasterClient.connect(master.address, TOKEN, rank=0, stage=0) as w:
+        w.announce_plan(running, step=3)
+    changed = {"batch_size": 10 ** 12, "model": {**running["model"], "seed": 1},
+               "memory_per_worker_bytes": [5e9, 1e8]}
+    with CtlClient(master.address, TOKEN) as c:
+        for key, value in changed.items():
+            with pytest.raises(RequestRefused, match="batch_size|model spec|memory limit"):
+                c.repartition({**running, key: value})
+        with pytest.raises(RequestRefused, match="ranks"):
+            c.repartition({**running, "stages": [{**running["stages"][0], "ranks": [0]},
+                                                 {**running["stages"][1], "ranks": [2]}]})
+        assert c.repartition({**running, "stages": [{**st, "nodes": n} for st, n in
+                                                   zip(running["stages"], (["node0"], ["node1", "node2", "node3"]))]})
+        assert len(c.status()["commands"]) == 1

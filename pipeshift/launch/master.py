@@ -572,11 +572,19 @@ class Master:
 
 
 def check_against_running(plan: dict[str, Any], running: dict[str, Any]) -> None:
-    """A new plan may re-split the running job, not change it: same model, seed and batch size, same ranks."""
+    """A new plan may re-split the running job, not change it: same model, seed and batch size, same ranks,
+    and no worker predicted beyond the job's memory limit."""
     for key in ("model", "batch_size"):
         if key in running and plan.get(key) != running.get(key):
             what = "model spec (callable, arguments or seed)" if key == "model" else key
             raise PipeshiftError(f"its {what} differs from the running job's; a repartition only moves layers")
+    limit = (running.get("memory") or {}).get("limit_bytes") if isinstance(running.get("memory"), dict) else None
+    need = plan.get("memory_per_worker_bytes")
+    if isinstance(limit, (int, float)) and isinstance(need, list) and need:
+        worst = max((m for m in need if isinstance(m, (int, float)) and not isinstance(m, bool)), default=0)
+        if worst > limit:
+            raise PipeshiftError(f"it needs {worst:.3g} bytes on one worker, more than the job's memory limit "
+                                 f"{limit:.3g}")
     ranks = sorted(r for st in plan["stages"] if isinstance(st, dict) for r in (st.get("ranks") or []))
     mine = sorted(r for st in running["stages"] if isinstance(st, dict) for r in (st.get("ranks") or []))
     if ranks and mine and ranks != mine:
