@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         print("\n(note: this build has no --slowdown/--policy yet; the demo trains on a static plan)")
     env_threads = os.environ.get("OMP_NUM_THREADS")
     _run(_pipeshift(*train), log, timeout=1800)
-    _run(_pipeshift("export", str(ckpt), "-o", str(out / "model.pt")), log)
+    _run(_pipeshift("export", str(ckpt), "-o", str(out / "model.pt"), "--package", str(stages)), log)
 
     # -- report ---------------------------------------------------------------------------
     doc = json.loads((plan / "plan.json").read_text())

@@ -197,7 +197,8 @@ def test_export_picks_the_format_from_the_output_and_round_trips(loaded_run, tmp
     final = h.final_weights(workdir / "ck")
     total = sum(v.numel() * v.element_size() for v in final.values())
     out = tmp_path / "sharded"
-    assert cli.main(["export", str(workdir / "ck"), "-o", f"{out}/", "--max-shard-size", str(total // 3)]) == 0
+    assert cli.main(["export", str(workdir / "ck"), "-o", f"{out}/", "--max-shard-size", str(total // 3),
+                     "--package", str(workdir / "stages")]) == 0
     index = json.loads((out / INDEX).read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) >= 3 and all((out / s).is_file() for s in shards)
