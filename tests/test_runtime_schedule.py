@@ -7,8 +7,14 @@ import itertools
 import pytest
 
 from pipeshift.errors import PipeshiftError
-from pipeshift.runtime import schedule as S
+from pipeshift.schedule import actions as S
+from pipeshift.schedule import order as O
+from pipeshift.schedule.registry import SCHEDULES
+from pipeshift.optimizer.simulator import SimStage, rank_lists
+from pipeshift.runtime.pipeline import rank_schedule
 from pipeshift.runtime.topology import build_topology
+from pipeshift.schedule import check as C
+from pipeshift.schedule.check import validate_schedule
 
 
 def ops(order):
@@ -16,37 +22,37 @@ def ops(order):
 
 
 def test_flush_and_gpipe_orders():
-    assert ops(S.compute_order("gpipe", 2, 0, 3)) == "F0 F1 F2 B0 B1 B2 S"
-    assert ops(S.compute_order("flush", 3, 0, 4)) == "F0 F1 F2 B0 F3 B1 B2 B3 S"
-    assert ops(S.compute_order("flush", 3, 1, 4)) == "F0 F1 B0 F2 B1 F3 B2 B3 S"
-    assert ops(S.compute_order("flush", 3, 2, 4)) == "F0 B0 F1 B1 F2 B2 F3 B3 S"
-    two = S.compute_order("flush", 2, 0, 2, minibatches=2)
+    assert ops(O.compute_order("gpipe", 2, 0, 3)) == "F0 F1 F2 B0 B1 B2 S"
+    assert ops(O.compute_order("flush", 3, 0, 4)) == "F0 F1 F2 B0 F3 B1 B2 B3 S"
+    assert ops(O.compute_order("flush", 3, 1, 4)) == "F0 F1 B0 F2 B1 F3 B2 B3 S"
+    assert ops(O.compute_order("flush", 3, 2, 4)) == "F0 B0 F1 B1 F2 B2 F3 B3 S"
+    two = O.compute_order("flush", 2, 0, 2, minibatches=2)
     assert ops(two) == "F0 F1 B0 B1 S F2 F3 B2 B3 S"
     assert all(w.grads == 2 and w.minibatch_end for w in two if w.op == "S")
 
 
 def test_async_orders_step_per_backward_group():
-    order = S.compute_order("1f1b", 2, 0, 2, minibatches=2)
+    order = O.compute_order("1f1b", 2, 0, 2, minibatches=2)
     assert ops(order) == "F0 F1 B0 S F2 B1 S F3 B2 S B3 S"
     assert [w.minibatch_end for w in order if w.op == "S"] == [False, True, False, True]
     # replicas of a 1f1b stage step together, once per microbatch each
-    order = S.compute_order("1f1b", 2, 1, 4, replicas=2)
+    order = O.compute_order("1f1b", 2, 1, 4, replicas=2)
     assert ops(order) == "F0 F1 B0 F2 B1 S F3 B2 B3 S"
     assert [w.grads for w in order if w.op == "S"] == [2, 2]
-    assert ops(S.compute_order("2bw", 2, 0, 2, minibatches=2)) == "F0 F1 B0 F2 B1 S F3 B2 B3 S"
+    assert ops(O.compute_order("2bw", 2, 0, 2, minibatches=2)) == "F0 F1 B0 F2 B1 S F3 B2 B3 S"
 
 
 def test_replicas_split_microbatches_round_robin():
     # stage 0 x2 feeding stage 1 x1: one microbatch in flight for each of the three ranks
-    assert S.in_flight([2, 1], 0) == 3 and S.in_flight([2, 1], 1) == 1
-    order = S.compute_order("flush", 2, 0, 6, stage_replicas=[2, 1])
+    assert O.in_flight([2, 1], 0) == 3 and O.in_flight([2, 1], 1) == 1
+    order = O.compute_order("flush", 2, 0, 6, stage_replicas=[2, 1])
     assert ops(order) == "F0 F1 F2 B0 F3 B1 F4 B2 F5 B3 B4 B5 S"
-    mine = [S.for_replica(order, 2, r) for r in range(2)]
+    mine = [O.for_replica(order, 2, r) for r in range(2)]
     assert ops(mine[0]) == "F0 F2 B0 F4 B2 B4 S"
     assert ops(mine[1]) == "F1 F3 B1 F5 B3 B5 S"
     # warm-up never grows downstream (1F1B deadlocks otherwise)
     for reps in ([1, 3, 1], [1, 1, 1, 1], [2, 1, 2]):
-        depth = [S.in_flight(reps, s) for s in range(len(reps))]
+        depth = [O.in_flight(reps, s) for s in range(len(reps))]
         assert depth == sorted(depth, reverse=True) and depth[-1] == reps[-1]
 
 
@@ -56,7 +62,7 @@ def test_lowering_prefetches_receives_and_ends_with_flush():
         "recv_fwd mb0", "recv_fwd mb1", "fwd mb0 @v0", "bwd mb0 @v0", "send_bwd mb0",
         "fwd mb1 @v0", "bwd mb1 @v0", "send_bwd mb1", "step (minibatch end)", "flush"]
     # a gradient receive is never posted before its own forward has run
-    for kind, stages, m, reps in itertools.product(S.SCHEDULES, (2, 3), (3, 4), (1, 2)):
+    for kind, stages, m, reps in itertools.product(SCHEDULES, (2, 3), (3, 4), (1, 2)):
         for stage in range(stages - 1):
             for rep in range(reps):
                 seen = set()
@@ -74,7 +80,7 @@ def test_printable():
 
 def test_unknown_schedule():
     with pytest.raises(PipeshiftError, match="unknown schedule"):
-        S.compute_order("pipedream", 2, 0, 2)
+        O.compute_order("pipedream", 2, 0, 2)
 
 
 def _versions_in_use(actions):
@@ -143,87 +149,91 @@ def test_2bw_needs_enough_microbatches():
         S.rank_actions("2bw", 4, 0, 2, minibatches=3)
 
 
-# -- deadlock freedom: a discrete-event replay of every rank's actions ----------------------------
+# -- deadlock freedom and consistency: the library's replay, run at start-up ---------------------
+LAYOUTS = [[1], [2], [1, 1], [2, 1], [1, 2], [1, 1, 1], [2, 1, 2], [1, 3, 1], [1, 1, 1, 1], [2, 1, 1, 2]]
 
 
-def _simulate(kind: str, replicas: list[int], m: int, minibatches: int = 2) -> int:
-    """Run all ranks' action lists against each other with rendezvous sends; return max in flight.
+def _stage_ranks(replicas):
+    bounds = list(itertools.accumulate([0, *replicas]))
+    return tuple(tuple(range(a, b)) for a, b in zip(bounds, bounds[1:]))
 
-    A receive is usable once its sender has sent; a ``flush`` waits until every send has been
-    posted for by its receiver (gloo semantics); an all-reduce waits for the stage's replicas.
-    """
+
+def _chain_topology(replicas):
+    """A partition whose stage s reads the previous stage's activation: the runtime's routing of a chain."""
     n = len(replicas)
-    ranks = list(itertools.accumulate([0] + replicas))
-    stage_ranks = [list(range(ranks[s], ranks[s + 1])) for s in range(n)]
-    lists, where = {}, {}
-    for s in range(n):
-        for j, r in enumerate(stage_ranks[s]):
-            role = S.Role(loads_data=s == 0, receives_inputs=s > 0, sends_outputs=s < n - 1,
-                          receives_grads=s < n - 1, sends_grads=s > 0, replicated=replicas[s] > 1)
-            order = S.compute_order(kind, n, s, m, replicas=replicas[s], minibatches=minibatches,
-                                    stage_replicas=replicas)
-            lists[r] = S.plan_weight_versions(S.lower(S.for_replica(order, replicas[s], j), role),
-                                              S.version_rule(kind, m))
-            where[r] = s
-
-    def peer(stage, mb):
-        return stage_ranks[stage][mb % replicas[stage]]
-
-    sent, posted, unmatched = set(), set(), {r: set() for r in lists}
-    arrivals, reached = {}, {r: 0 for r in lists}
-    pc = {r: 0 for r in lists}
-    inflight = {r: 0 for r in lists}
-    peak = 0
-    while any(pc[r] < len(lists[r]) for r in lists):
-        moved = False
-        for r in lists:
-            while pc[r] < len(lists[r]):
-                a, s = lists[r][pc[r]], where[r]
-                if a.kind == S.RECV_FWD:
-                    posted.add(("F", s, a.mb))
-                elif a.kind == S.RECV_BWD:
-                    posted.add(("B", s, a.mb))
-                elif a.kind == S.FWD:
-                    if s > 0 and ("F", s, a.mb) not in sent:
-                        break
-                    inflight[r] += 1
-                elif a.kind == S.BWD:
-                    if s < n - 1 and ("B", s, a.mb) not in sent:
-                        break
-                    inflight[r] -= 1
-                elif a.kind == S.SEND_FWD:
-                    sent.add(("F", s + 1, a.mb))
-                    unmatched[r].add(("F", s + 1, a.mb))
-                elif a.kind == S.SEND_BWD:
-                    sent.add(("B", s - 1, a.mb))
-                    unmatched[r].add(("B", s - 1, a.mb))
-                elif a.kind == S.ALLREDUCE:
-                    key = (s, reached[r])
-                    if arrivals.get(key, set()) is not None:
-                        arrivals.setdefault(key, set()).add(r)
-                    if len(arrivals[key]) < replicas[s]:
-                        break
-                    reached[r] += 1
-                elif a.kind == S.FLUSH:
-                    if unmatched[r] - posted:
-                        break
-                peak = max(peak, inflight[r])
-                pc[r] += 1
-                moved = True
-        if not moved:
-            stuck = {r: str(lists[r][pc[r]]) for r in lists if pc[r] < len(lists[r])}
-            raise AssertionError(f"deadlock: {stuck}")
-    return peak
+    io = [(["input0"] if s == 0 else [f"act{s - 1}"], [f"act{s}"]) for s in range(n)]
+    io.append(([f"act{n - 1}", "target"], ["loss"]))
+    return build_topology(io, [*range(n), n - 1], _stage_ranks(replicas))
 
 
-@pytest.mark.parametrize("kind", S.SCHEDULES)
-@pytest.mark.parametrize("replicas", [[1], [1, 1], [1, 1, 1], [2, 1], [1, 2], [2, 1, 2], [1, 1, 1, 1]])
-def test_every_schedule_completes_without_deadlock(kind, replicas):
-    m = 2 * max(len(replicas), max(replicas))
-    peak = _simulate(kind, replicas, m)
-    # backpressure: 1F1B-style schedules bound the microbatches a rank holds by the ranks after it
-    bound = m if kind == "gpipe" else sum(replicas)
-    assert peak <= bound
+@pytest.mark.parametrize("kind", SCHEDULES)
+@pytest.mark.parametrize("replicas", LAYOUTS)
+def test_simulator_replays_the_lists_the_runtime_runs(kind, replicas):
+    """For every schedule on 1-4 stages with replication, each rank's list is the same in both."""
+    m, steps = 2 * max(len(replicas), *replicas) * max(replicas), 2
+    stages = [SimStage(forward_s=1.0, backward_s=2.0, replicas=r, ranks=ranks)
+              for r, ranks in zip(replicas, _stage_ranks(replicas))]
+    simulated = rank_lists(stages, kind, m, steps)
+    topo = _chain_topology(replicas)
+    runtime = {rank: rank_schedule(topo, rank, kind, m, steps) for ranks in topo.stage_ranks for rank in ranks}
+    assert simulated == runtime
+    # and the lists pass the start-up check: no deadlock, every microbatch once, the cost model's bounds
+    replayed = validate_schedule(kind, _stage_ranks(replicas), m, steps)
+    assert set(replayed.peak_in_flight) == set(runtime)
+
+
+def A_lists(kind, replicas, m, minibatches=2):
+    return S.pipeline_actions(kind, _stage_ranks(replicas), m, minibatches)
+
+
+def _replay(kind, replicas, m, lists, minibatches=2):
+    return C.replay(kind, _stage_ranks(replicas), m, minibatches, lists)
+
+
+def test_replay_bounds_microbatches_in_flight_by_the_ranks_downstream():
+    # 1F1B-style schedules hold one microbatch per worker from the stage to the end; GPipe all of them
+    for kind, want in [("flush", [3, 2, 1]), ("1f1b", [3, 2, 1]), ("gpipe", [6, 6, 6])]:
+        replayed = _replay(kind, [1, 1, 1], 6, A_lists(kind, [1, 1, 1], 6))
+        assert [replayed.peak_in_flight[r] for r in range(3)] == want
+
+
+@pytest.mark.parametrize(("breakage", "message"), [
+    ("backward_first", "deadlocks with 4 microbatches on ranks \\[\\[0, 1\\], \\[2\\]\\]: rank 0 at #0 bwd mb0"),
+    ("drop_allreduce", "deadlocks .*rank 1 at #11 allreduce"),  # its replica waits in the collective
+    ("drop_allreduce_both", "all-reduced 1 times, the cost model counts 2"),
+    ("forward_twice", "forward of microbatch 0 twice"),
+    ("drop_backward", "ran B of microbatches"),
+    ("extra_step", "took 3 optimizer steps"),
+    ("wrong_replica", "which stage 0 runs on rank 1"),
+])
+def test_replay_refuses_broken_lists(breakage, message):
+    replicas = [2, 1]
+    lists = A_lists("flush", replicas, 4)
+    r0 = lists[0]
+    if breakage == "backward_first":  # waits for a gradient of a forward it has not run: nobody can move
+        first_bwd = next(a for a in r0 if a.kind == S.BWD)
+        r0.remove(first_bwd)
+        r0.insert(0, first_bwd)
+    elif breakage.startswith("drop_allreduce"):
+        for r in (0, 1) if breakage.endswith("both") else (0,):
+            lists[r].remove(next(a for a in lists[r] if a.kind == S.ALLREDUCE))
+    elif breakage == "forward_twice":
+        r0.insert(r0.index(next(a for a in r0 if a.kind == S.FWD)), next(a for a in r0 if a.kind == S.FWD))
+    elif breakage == "drop_backward":
+        r0.remove(next(a for a in r0 if a.kind == S.BWD and a.mb == 2))
+    elif breakage == "extra_step":
+        r0.append(next(a for a in r0 if a.kind == S.STEP))
+    elif breakage == "wrong_replica":
+        lists[0], lists[1] = lists[1], lists[0]
+    with pytest.raises(PipeshiftError, match=message):
+        _replay("flush", replicas, 4, lists)
+
+
+def test_startup_check_refuses_impossible_microbatch_counts():
+    with pytest.raises(PipeshiftError, match="do not divide"):
+        validate_schedule("flush", ((0, 1), (2,)), 3)
+    with pytest.raises(PipeshiftError, match="at least as many microbatches as stages"):
+        validate_schedule("2bw", ((0,), (1,), (2,)), 2)
 
 
 def test_topology_routes_skips_raw_inputs_and_targets():

@@ -9,7 +9,8 @@ import pytest
 
 from pipeshift.cli import main
 from pipeshift.errors import PipeshiftError
-from pipeshift.optimizer.schedules import SCHEDULES, Action, max_in_flight, schedule_actions, stage_warmup
+from pipeshift.schedule.order import Pass, max_in_flight, schedule_actions, stage_warmup
+from pipeshift.schedule.registry import SCHEDULES
 from pipeshift.optimizer.simulator import SimStage, simulate
 
 
@@ -21,7 +22,7 @@ def test_schedule_lists_run_every_microbatch_once(kind: str, S: int, M: int) -> 
         assert sorted(a.microbatch for a in acts if a.kind == "F") == list(range(M))
         assert sorted(a.microbatch for a in acts if a.kind == "B") == list(range(M))
         pos = {a: i for i, a in enumerate(acts)}
-        assert all(pos[Action("F", i)] < pos[Action("B", i)] for i in range(M))
+        assert all(pos[Pass("F", i)] < pos[Pass("B", i)] for i in range(M))
         expected = M if kind == "gpipe" else min(S - s, M)
         assert max_in_flight(acts) == expected
         # replicas split the microbatches round-robin and keep the stage's order
@@ -32,7 +33,7 @@ def test_schedule_lists_run_every_microbatch_once(kind: str, S: int, M: int) -> 
 
 
 def test_schedule_rejects_nonsense() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(PipeshiftError, match="unknown schedule"):
         schedule_actions("zigzag", 2, 0, 4)
     with pytest.raises(ValueError):
         schedule_actions("flush", 2, 2, 4)

@@ -22,6 +22,7 @@ from pipeshift.optimizer import cost as ps_cost
 from pipeshift.optimizer.planner import COST_MODELS, SEARCHES, PlanOptions, make_plan
 from pipeshift.optimizer.report import plan_document, summary, write_plan_dir
 from pipeshift.optimizer.topology import from_flags, read_topology, with_speeds
+from pipeshift.schedule.registry import SCHEDULES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activation_compression_ratio", "--activation-compression-ratio", dest="compression",
                    metavar="R", help="activations shrink by R on the wire (PipeDream counts transfers only when given)")
     p.add_argument("--cost-model", choices=COST_MODELS, default="pipeshift")
-    p.add_argument("--schedule", choices=ps_cost.SCHEDULES, default="1f1b", help="pipeline schedule the plan is for")
+    p.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="pipeline schedule the plan is for")
     p.add_argument("--objective", choices=("train", "serve"), default="train",
                    help="serve: forward-only costs, replicas never synchronise, memory for weights + activations "
                         "in flight (for `pipeshift serve`)")

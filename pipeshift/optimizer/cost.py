@@ -43,9 +43,9 @@ import math
 import numpy as np
 
 from pipeshift.optimizer.dp import slot_pairs
+from pipeshift.schedule.registry import ScheduleKind, schedule_kind
 
 INF = np.inf
-SCHEDULES = ("1f1b", "flush", "gpipe", "2bw")
 SERVE = "serve"  # the forward-only schedule of ``--objective serve``
 
 
@@ -56,39 +56,48 @@ class Schedule:
     kind: str = "1f1b"
     microbatches: int = 1
 
+    @property
+    def spec(self) -> ScheduleKind:
+        return schedule_kind(self.kind)
+
     def share(self, replicas: np.ndarray | int) -> np.ndarray:
+        """Fraction of the stage's microbatches one replica runs (a flush waits for the busiest replica)."""
         r = np.asarray(replicas, dtype=np.float64)
-        if self.kind in ("flush", "gpipe"):
+        if self.spec.synchronous:
             return np.ceil(self.microbatches / r) / self.microbatches
         return 1.0 / r
 
     def sync(self, replicas: np.ndarray | int) -> np.ndarray:
+        """Stage microbatches per gradient all-reduce."""
         r = np.asarray(replicas, dtype=np.float64)
-        if self.kind == SERVE:  # replicas never synchronise
+        if not self.spec.backward:  # replicas never synchronise
             return np.full_like(r, np.inf)
-        return r if self.kind == "1f1b" else np.full_like(r, float(self.microbatches))
+        return r if self.spec.step_every == "replica_group" else np.full_like(r, float(self.microbatches))
 
     @property
     def directions(self) -> float:
         """Messages per cut per microbatch: activations forward, gradients back (serving: forward only)."""
-        return 1.0 if self.kind == SERVE else 2.0
+        return 2.0 if self.spec.backward else 1.0
 
     def in_flight(self, downstream: np.ndarray | int, replicas: np.ndarray | int) -> np.ndarray:
+        """Microbatches one replica holds at most (:func:`pipeshift.schedule.check.replay` checks the bound)."""
         r = np.asarray(replicas, dtype=np.float64)
         depth = np.ceil((np.asarray(downstream, dtype=np.float64) + r) / r)
         per_replica = np.ceil(self.microbatches / r)
-        if self.kind == "flush":
-            return np.minimum(depth, per_replica)
-        if self.kind == "gpipe":
+        if self.spec.order == "gpipe":
             return per_replica + 0 * depth
+        if self.spec.synchronous:
+            return np.minimum(depth, per_replica)
         return depth
 
     def weight_versions(self, in_flight: np.ndarray) -> np.ndarray:
-        if self.kind == SERVE:
+        """Stashed weight copies: one per microbatch in flight (stashing), two (2BW) or none beyond the live one."""
+        if not self.spec.backward:
             return np.zeros_like(in_flight)  # the weights themselves: Memory.bytes counts them once
-        if self.kind == "1f1b":
+        weights = self.spec.weights
+        if weights == "stashed":
             return in_flight
-        return np.full_like(in_flight, 2.0 if self.kind == "2bw" else 1.0)
+        return np.full_like(in_flight, 2.0 if weights == "double" else 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +110,7 @@ class Memory:
     @classmethod
     def for_schedule(cls, schedule: Schedule, limit: float | None, optimizer_states: float) -> Memory:
         """Serving keeps no optimizer state (and no gradients: versions are 0, see weight_versions)."""
-        return cls(limit, 0.0 if schedule.kind == SERVE else optimizer_states)
+        return cls(limit, optimizer_states if schedule.spec.backward else 0.0)
 
     def bytes(self, params, stash, in_flight, versions):
         return params * (versions + 1.0 + self.optimizer_states) + in_flight * stash

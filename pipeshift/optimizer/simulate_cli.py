@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 
 from pipeshift.errors import PipeshiftError
-from pipeshift.optimizer.schedules import SCHEDULES
 from pipeshift.optimizer.simulator import simulate, stages_from_plan
 from pipeshift.plan import MAX_MICROBATCHES, read_plan
+from pipeshift.schedule.registry import SCHEDULES
 from pipeshift.textable import text_table
 
 

@@ -1,12 +1,12 @@
 """Discrete-event simulation of a plan's pipeline under a schedule.
 
-Every rank executes its action list (:mod:`pipeshift.optimizer.schedules`) in order; an action
-starts when its rank is free and its input has arrived: a forward needs the previous stage's
-activations, a backward the next stage's gradients. Transfers occupy a link (one per
-sender/receiver pair and direction) for ``latency + bytes / bandwidth`` and queue behind
-earlier transfers on it. Replicated stages take microbatches round-robin and all-reduce their
-gradients (once per own microbatch for 1f1b, once per minibatch otherwise). Durations come from
-the plan's per-stage costs, so the simulated timeline is the planner's prediction played out
+Every rank executes its action list (:mod:`pipeshift.schedule.actions`: the list the runtime
+executes) in order; an action starts when its rank is free and its input has arrived: a forward
+needs the previous stage's activations, a backward the next stage's gradients. Transfers occupy
+a link (one per sender/receiver pair and direction) for ``latency + bytes / bandwidth`` and
+queue behind earlier transfers on it. Replicated stages take microbatches round-robin and
+all-reduce their gradients where the list says (once per own microbatch for 1f1b, once per
+minibatch otherwise). Durations come from the plan's per-stage costs, so the simulated timeline is the planner's prediction played out
 with the schedule's bubbles, queues and warm-up — what the DP's steady-state objective leaves
 out.
 
@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pipeshift.errors import PipeshiftError
 from pipeshift.plan import Plan, as_plan
-from pipeshift.optimizer.schedules import FLUSHING, Action, schedule_actions, stage_warmup
+from pipeshift.schedule import actions as A
+from pipeshift.schedule.actions import Action, pipeline_actions
+from pipeshift.schedule.registry import schedule_kind
 
 COMPUTE, COMM = 0, 1
 
@@ -84,53 +86,43 @@ class SimResult:
                               "microbatches": self.microbatches, "steps": self.steps}}
 
 
-def _rank_actions(kind: str, replicas: list[int], s: int, q: int, M: int, steps: int) -> list[tuple[str, int]]:
-    """Actions of replica q of stage s over the whole run, with all-reduce ("R") inserted."""
-    S, r = len(replicas), replicas[s]
-    warm = stage_warmup(replicas, s)
-    out: list[tuple[str, int]] = []
-    if kind in FLUSHING:
-        for t in range(steps):
-            acts = schedule_actions(kind, S, s, M, replica=q, num_replicas=r, warmup=warm)
-            out += [(a.kind, a.microbatch + t * M) for a in acts]
-            if r > 1 and acts:
-                out.append(("R", t))
-        return out
-    acts: list[Action] = schedule_actions(kind, S, s, M * steps, replica=q, num_replicas=r, warmup=warm)
-    if r == 1:
-        return [(a.kind, a.microbatch) for a in acts]
-    mine_last = {}  # 2bw: last microbatch of each minibatch this replica handles
-    for a in acts:
-        if a.kind == "B":
-            mine_last[a.microbatch // M] = max(mine_last.get(a.microbatch // M, -1), a.microbatch)
-    for a in acts:
-        out.append((a.kind, a.microbatch))
-        if a.kind == "B" and (kind == "1f1b" or mine_last[a.microbatch // M] == a.microbatch):
-            out.append(("R", a.microbatch))
+def rank_lists(stages: Sequence[SimStage], kind: str, microbatches: int, steps: int) -> dict[int, list[Action]]:
+    """Every rank's action list over the whole run: the lists the runtime executes, as one segment.
+
+    The runtime runs a segment (``steps`` minibatches between synchronisation points) from
+    :func:`pipeshift.schedule.actions.rank_actions`; so does the simulator, and it replays the
+    compute and all-reduce actions (transfers are timed from the sends' completion instead).
+    """
+    return pipeline_actions(kind, stage_ranks(stages), microbatches, minibatches=steps)
+
+
+def stage_ranks(stages: Sequence[SimStage]) -> list[list[int]]:
+    """Each stage's ranks: the plan's where it names them, else the next free ones."""
+    out, next_rank = [], 0
+    for st in stages:
+        ranks = list(st.ranks) if len(st.ranks) == st.replicas else list(range(next_rank, next_rank + st.replicas))
+        next_rank = max([next_rank, *(r + 1 for r in ranks)])
+        out.append(ranks)
     return out
+
+
+_REPLAYED = {A.FWD: "F", A.BWD: "B", A.ALLREDUCE: "R"}
 
 
 def simulate(
     stages: list[SimStage], kind: str, microbatches: int, steps: int = 1, optimizer_states: float = 2.0
 ) -> SimResult:
     """Run the schedule over ``steps`` minibatches of ``microbatches`` microbatches each."""
-    if kind not in ("1f1b", "flush", "gpipe", "2bw"):
-        raise PipeshiftError(f"unknown schedule {kind!r}")
+    schedule_kind(kind, training=True)
     if not stages:
         raise PipeshiftError("the plan has no stages")
     if microbatches < 1 or steps < 1:
         raise PipeshiftError("need at least one microbatch and one step")
     S, M = len(stages), microbatches
     total_mb = M * steps
-    ranks: list[tuple[int, int, int]] = []  # (stage, replica, rank id)
-    next_rank = 0
-    for s, st in enumerate(stages):
-        for q in range(st.replicas):
-            rid = st.ranks[q] if len(st.ranks) == st.replicas else next_rank
-            next_rank = max(next_rank, rid) + 1
-            ranks.append((s, q, rid))
-    replicas = [st.replicas for st in stages]
-    lists = [_rank_actions(kind, replicas, s, q, M, steps) for s, q, _ in ranks]
+    ranks = [(s, q, rid) for s, ids in enumerate(stage_ranks(stages)) for q, rid in enumerate(ids)]
+    by_rank = rank_lists(stages, kind, M, steps)
+    lists = [[(_REPLAYED[a.kind], a.mb) for a in by_rank[rid] if a.kind in _REPLAYED] for _, _, rid in ranks]
     ptr = [0] * len(ranks)
     free = [0.0] * len(ranks)
     busy = [0.0] * len(ranks)
@@ -205,7 +197,8 @@ def simulate(
     stats = []
     for i, (s, q, rid) in enumerate(ranks):
         st = stages[s]
-        versions = peak_live[i] if kind == "1f1b" else (2 if kind == "2bw" else 1)
+        weights = schedule_kind(kind).weights
+        versions = peak_live[i] if weights == "stashed" else (2 if weights == "double" else 1)
         mem = st.parameter_bytes * (max(versions, 1) + 1 + optimizer_states) + peak_live[i] * st.stash_bytes
         stats.append(RankStats(rid, s, q, busy[i], peak_live[i], mem))
     bubble = 1.0 - sum(busy) / (len(ranks) * makespan) if makespan > 0 else 0.0

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from pipeshift.errors import PipeshiftError
-from pipeshift.runtime.schedule import SCHEDULES
+from pipeshift.schedule.registry import SCHEDULES
 from pipeshift.spec import parse_model_args
 
 # per-process settings that may legitimately differ between ranks

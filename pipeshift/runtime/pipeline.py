@@ -1,4 +1,4 @@
-"""The executor: runs one rank's action list (see :mod:`pipeshift.runtime.schedule`) for one partition.
+"""The executor: runs one rank's action list (see :mod:`pipeshift.schedule.actions`) for one partition.
 
 A :class:`Pipeline` owns everything that depends on the partition — the routing
 (:class:`~pipeshift.runtime.topology.Topology`), this rank's :class:`~pipeshift.runtime.stage.Stage`,
@@ -24,7 +24,9 @@ import torch
 import torch.distributed as dist
 
 from pipeshift.errors import PipeshiftError
-from pipeshift.runtime import schedule as S
+from pipeshift.schedule import actions as S
+from pipeshift.schedule.check import validate_schedule
+from pipeshift.schedule.registry import schedule_kind
 from pipeshift.runtime.comm import ACT, GRAD, Communicator, PendingRecv, TensorMeta
 from pipeshift.runtime.metrics import COMM, COMPUTE, Tracer
 from pipeshift.runtime.stage import Stage, StageEntry
@@ -57,6 +59,22 @@ class Counters:
     losses: list[torch.Tensor] = dataclasses.field(default_factory=list)
 
 
+def stage_role(topo: Topology, stage: int) -> S.Role:
+    """What ``stage`` exchanges in this partition, so its action list holds only transfers that happen."""
+    inbound, outbound = topo.inbound(stage), topo.outbound(stage)
+    return S.Role(loads_data=stage == 0, receives_inputs=bool(inbound), sends_outputs=bool(outbound),
+                  receives_grads=any(not e.raw for e in outbound), sends_grads=any(not e.raw for e in inbound),
+                  replicated=topo.replicas(stage) > 1)
+
+
+def rank_schedule(topo: Topology, rank: int, schedule: str, microbatches: int, minibatches: int = 1) -> list[S.Action]:
+    """The action list ``rank`` runs for a segment of ``minibatches`` minibatches of this partition."""
+    stage = topo.stage_of(rank)
+    return S.rank_actions(schedule, topo.num_stages, stage, microbatches, replicas=topo.replicas(stage),
+                          replica=topo.replica_of(rank), role=stage_role(topo, stage), minibatches=minibatches,
+                          stage_replicas=[len(r) for r in topo.stage_ranks])
+
+
 class Pipeline:
     """One rank's share of a partitioned model and the machinery to run its schedule."""
 
@@ -66,7 +84,7 @@ class Pipeline:
                  lr_scheduler: SchedulerFactory | None = None, device: torch.device | str = "cpu",
                  timeout_s: float = 60.0, tracer: Tracer | None = None, source: str = "conf.json"):
         self.rank = rank
-        self.schedule = S.check_schedule(schedule)
+        self.schedule = schedule_kind(schedule, training=True).name
         self.microbatches = microbatches
         self.device = torch.device(device)
         self.optimizer_factory = optimizer
@@ -87,6 +105,8 @@ class Pipeline:
             raise PipeshiftError(
                 f"{source}: stage_to_rank_map uses {topo.world_size} ranks but {dist.get_world_size()} were started"
             )
+        # every rank's list, replayed against the others before any process group exists
+        validate_schedule(self.schedule, tuple(tuple(r) for r in topo.stage_ranks), self.microbatches)
         self.topology: Topology = topo
         self.stage_id = topo.stage_of(self.rank)
         self.replica = topo.replica_of(self.rank)
@@ -100,15 +120,7 @@ class Pipeline:
         self.optimizer = self.optimizer_factory(params)
         self.lr_scheduler = self.scheduler_factory(self.optimizer) if self.scheduler_factory else None
         self.group = self._replica_groups(topo)
-        inbound, outbound = topo.inbound(self.stage_id), topo.outbound(self.stage_id)
-        self.role = S.Role(
-            loads_data=self.is_first,
-            receives_inputs=bool(inbound),
-            sends_outputs=bool(outbound),
-            receives_grads=any(not e.raw for e in outbound),
-            sends_grads=any(not e.raw for e in inbound),
-            replicated=self.replicas > 1,
-        )
+        self.role = stage_role(topo, self.stage_id)
         self.comm.reset(topo.stage_of, dict(topo.tags))
         self._inflight: dict[int, _Microbatch] = {}
         self._actions: dict[tuple[str, int], list[S.Action]] = {}
@@ -157,11 +169,7 @@ class Pipeline:
         """This rank's action list for a segment of ``minibatches`` minibatches (cached)."""
         key = ("train", minibatches)
         if key not in self._actions:
-            order = S.compute_order(self.schedule, self.topology.num_stages, self.stage_id, self.microbatches,
-                                    replicas=self.replicas, minibatches=minibatches,
-                                    stage_replicas=[len(r) for r in self.topology.stage_ranks])
-            lowered = S.lower(S.for_replica(order, self.replicas, self.replica), self.role)
-            self._actions[key] = S.plan_weight_versions(lowered, S.version_rule(self.schedule, self.microbatches))
+            self._actions[key] = rank_schedule(self.topology, self.rank, self.schedule, self.microbatches, minibatches)
         return self._actions[key]
 
     def eval_actions(self) -> list[S.Action]:

@@ -38,7 +38,7 @@ from pipeshift.runtime import checkpoint as ckpt
 from pipeshift.runtime.metrics import MetricsLog
 from pipeshift.runtime.pipeline import Batch, Pipeline, load_optimizer_state_by_fqn, optimizer_state_by_fqn
 from pipeshift.runtime.repartition import maybe_fault
-from pipeshift.runtime.schedule import ASYNC_SCHEDULES
+from pipeshift.schedule.registry import ASYNCHRONOUS
 
 
 @dataclasses.dataclass
@@ -209,7 +209,7 @@ class Trainer:
     def _segment_length(self) -> int:
         """Minibatches until the next synchronisation point (always 1 for synchronous schedules)."""
         cfg = self.config
-        if cfg.schedule not in ASYNC_SCHEDULES:
+        if cfg.schedule not in ASYNCHRONOUS:
             return 1
         end = cfg.steps
         for every in (cfg.checkpoint_every if cfg.checkpoint_dir else 0,

@@ -11,7 +11,7 @@ without any communication:
      replicated stages, see :func:`in_flight`), then one forward / one backward alternately,
      then the remaining backwards, then one step per minibatch.
 
-   The forward/backward orders are the simulator's own (``pipeshift.optimizer.schedules``).
+   (built in :mod:`pipeshift.schedule.order`, with the facts of :mod:`pipeshift.schedule.registry`):
    * ``1f1b`` (PipeDream): the same 1F1B order but continuous across minibatches (no flush);
      a step after every backward group (one microbatch per replica).
    * ``2bw`` (PipeDream-2BW): continuous 1F1B with one step per ``microbatches`` backwards.
@@ -38,10 +38,8 @@ import dataclasses
 from collections.abc import Callable, Sequence
 
 from pipeshift.errors import PipeshiftError
-from pipeshift.optimizer.schedules import schedule_actions, stage_warmup
-
-SCHEDULES = ("flush", "gpipe", "1f1b", "2bw")
-ASYNC_SCHEDULES = ("1f1b", "2bw")
+from pipeshift.schedule.order import Work, compute_order, for_replica
+from pipeshift.schedule.registry import schedule_kind
 
 # Rank-level action kinds, in the words the trace and error messages use.
 LOAD = "load"  # first stage: take the microbatch from the data loader
@@ -54,24 +52,6 @@ SEND_BWD = "send_bwd"
 ALLREDUCE = "allreduce"  # sum gradients over the stage's replicas
 STEP = "step"
 FLUSH = "flush"  # wait for every outstanding send
-
-
-@dataclasses.dataclass(frozen=True)
-class Work:
-    """One entry of a stage-level order: ``F``/``B`` of a microbatch, or ``S`` (optimizer step).
-
-    A step carries ``grads``: how many stage-level backwards its gradient sums (the divisor
-    that turns the sum into a mean), and ``minibatch_end``: whether it closes a minibatch (the
-    LR scheduler and the metrics advance there).
-    """
-
-    op: str
-    mb: int = -1
-    grads: int = 0
-    minibatch_end: bool = False
-
-    def __str__(self) -> str:
-        return f"{self.op}{self.mb}" if self.op in "FB" else "S"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,68 +83,6 @@ class Action:
         if self.kind in (FWD, BWD) and self.version >= 0:
             text += f" @v{self.version}" + ("/stash" if self.stashed else "")
         return text
-
-
-def check_schedule(kind: str) -> str:
-    if kind not in SCHEDULES:
-        raise PipeshiftError(f"unknown schedule {kind!r}: one of {', '.join(SCHEDULES)}")
-    return kind
-
-
-def in_flight(stage_replicas: Sequence[int], stage: int) -> int:
-    """Microbatches a 1F1B stage holds in steady state (over all its replicas): its warm-up + 1.
-
-    The warm-up is the simulator's (:func:`pipeshift.optimizer.schedules.stage_warmup`): one
-    forward for every worker from this stage to the end, minus one — ``num_stages - stage - 1``
-    without replicas. It never grows downstream, which keeps 1F1B deadlock-free.
-    """
-    return stage_warmup(list(stage_replicas), stage) + 1
-
-
-def compute_order(kind: str, num_stages: int, stage: int, microbatches: int, *,
-                  replicas: int = 1, minibatches: int = 1,
-                  stage_replicas: Sequence[int] | None = None) -> list[Work]:
-    """Stage-level order of one *segment*: ``minibatches`` minibatches of ``microbatches`` each.
-
-    The forward/backward order is the simulator's
-    (:func:`pipeshift.optimizer.schedules.schedule_actions`), so a simulated and a measured run
-    execute the same lists; this adds the optimizer steps. Synchronous schedules (``flush``,
-    ``gpipe``) repeat their per-minibatch order; asynchronous ones (``1f1b``, ``2bw``) run 1F1B
-    continuously over the whole segment, which ends with the pipeline drained (a
-    synchronisation point: checkpoints, evaluation, repartitioning). ``stage_replicas`` (every
-    stage's replica count) sizes the warm-up; default: no other stage is replicated.
-    """
-    check_schedule(kind)
-    if not 0 <= stage < num_stages:
-        raise ValueError(f"stage {stage} outside 0..{num_stages - 1}")
-    if stage_replicas is None:
-        stage_replicas = [1] * num_stages
-        stage_replicas[stage] = replicas
-    warmup = stage_warmup(list(stage_replicas), stage)
-    m = microbatches
-    if kind in ("flush", "gpipe"):
-        body = [Work(a.kind, a.microbatch) for a in schedule_actions(kind, num_stages, stage, m, warmup=warmup)]
-        order: list[Work] = []
-        for b in range(minibatches):
-            order += [Work(w.op, w.mb + b * m) for w in body]
-            order.append(Work("S", grads=m, minibatch_end=True))
-        return order
-    total = m * minibatches
-    group = replicas if kind == "1f1b" else m
-    order = []
-    done = 0
-    for a in schedule_actions(kind, num_stages, stage, total, warmup=warmup):
-        order.append(Work(a.kind, a.microbatch))
-        if a.kind == "B":
-            done += 1
-            if done % group == 0:
-                order.append(Work("S", grads=group, minibatch_end=done % m == 0))
-    return order
-
-
-def for_replica(order: Sequence[Work], replicas: int, replica: int) -> list[Work]:
-    """The part of a stage-level order that replica ``replica`` of ``replicas`` runs."""
-    return [w for w in order if w.op == "S" or w.mb % replicas == replica]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,7 +159,7 @@ def version_rule(kind: str, microbatches: int) -> Callable[[int, int], int]:
       and at most two versions are in use at a time. (Needs ``microbatches >= num_stages``: the
       version a minibatch needs must exist when its first forward runs.)
     """
-    if kind == "2bw":
+    if schedule_kind(kind).weights == "double":
         return lambda mb, steps: max(mb // microbatches - 1, 0)
     return lambda mb, steps: steps
 
@@ -299,16 +217,36 @@ def plan_weight_versions(actions: Sequence[Action], rule: Callable[[int, int], i
     return out
 
 
+def chain_role(num_stages: int, stage: int, replicas: int) -> Role:
+    """The role of a stage in a plain chain: it exchanges activations and gradients with both neighbours."""
+    return Role(loads_data=stage == 0, receives_inputs=stage > 0, sends_outputs=stage < num_stages - 1,
+                receives_grads=stage < num_stages - 1, sends_grads=stage > 0, replicated=replicas > 1)
+
+
 def rank_actions(kind: str, num_stages: int, stage: int, microbatches: int, *, replicas: int = 1,
                  replica: int = 0, role: Role | None = None, minibatches: int = 1,
                  stage_replicas: Sequence[int] | None = None) -> list[Action]:
-    """Everything above in one call: the annotated action list of one rank for one segment."""
-    role = role or Role(loads_data=stage == 0, receives_inputs=stage > 0, sends_outputs=stage < num_stages - 1,
-                        receives_grads=stage < num_stages - 1, sends_grads=stage > 0, replicated=replicas > 1)
+    """Everything above in one call: the annotated action list of one rank for one segment.
+
+    This is the list the runtime executes (:meth:`pipeshift.runtime.pipeline.Pipeline.actions`)
+    and the simulator replays (:func:`pipeshift.optimizer.simulator.simulate`).
+    """
+    role = role or chain_role(num_stages, stage, replicas)
     order = compute_order(kind, num_stages, stage, microbatches, replicas=replicas, minibatches=minibatches,
                           stage_replicas=stage_replicas)
     actions = lower(for_replica(order, replicas, replica), role)
     return plan_weight_versions(actions, version_rule(kind, microbatches))
+
+
+def pipeline_actions(kind: str, stage_ranks: Sequence[Sequence[int]], microbatches: int, minibatches: int = 1,
+                     roles: Sequence[Role] | None = None) -> dict[int, list[Action]]:
+    """Every rank's :func:`rank_actions` for a pipeline whose stage ``s`` runs on ``stage_ranks[s]``."""
+    n = len(stage_ranks)
+    replicas = [len(r) for r in stage_ranks]
+    return {rank: rank_actions(kind, n, s, microbatches, replicas=replicas[s], replica=q,
+                               role=roles[s] if roles is not None else None, minibatches=minibatches,
+                               stage_replicas=replicas)
+            for s, ranks in enumerate(stage_ranks) for q, rank in enumerate(ranks)}
 
 
 def format_actions(actions: Sequence[Action]) -> str:
