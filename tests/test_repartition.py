@@ -20,6 +20,7 @@ from pipeshift.errors import PipeshiftError
 from pipeshift.runtime import elastic
 from pipeshift.runtime.policy import Chain, ReplanRequest, builtin_replan
 from pipeshift.runtime.repartition import Partition, Repartitioner, _Item, _pack, _unpack, plan_transfers
+from pipeshift.testing.slowdown import parse_slowdowns, slowdown_at
 
 # -- who sends what -----------------------------------------------------------------------------
 
@@ -88,12 +89,12 @@ def test_prepared_plan_builds_stages_over_the_full_model(tmp_path):
 
 
 def test_slowdown_flags():
-    s = elastic.parse_slowdowns(["1:3@10", "1:1@20", "0:2"])
-    assert [elastic.slowdown_at(s, 1, step) for step in (0, 9, 10, 19, 20, 50)] == [1, 1, 3, 3, 1, 1]
-    assert elastic.slowdown_at(s, 0, 0) == 2 and elastic.slowdown_at(s, 2, 5) == 1
+    s = parse_slowdowns(["1:3@10", "1:1@20", "0:2"])
+    assert [slowdown_at(s, 1, step) for step in (0, 9, 10, 19, 20, 50)] == [1, 1, 3, 3, 1, 1]
+    assert slowdown_at(s, 0, 0) == 2 and slowdown_at(s, 2, 5) == 1
     for bad in ("1", "x:2", "1:0.5", "1:2@-1", "-1:2"):
         with pytest.raises(PipeshiftError, match="--slowdown"):
-            elastic.parse_slowdowns([bad])
+            parse_slowdowns([bad])
 
 
 def test_repartition_at_flags(tmp_path):

@@ -34,7 +34,7 @@ from pipeshift.errors import PipeshiftError
 from pipeshift.runtime.distributed import free_port
 from pipeshift.runtime.elastic import ELASTIC_FILE, EXIT_REGROUP
 from pipeshift.runtime.cli import READY_ENV
-from pipeshift.runtime.repartition import ATTEMPT_ENV
+from pipeshift.testing.faults import ATTEMPT_ENV
 
 
 def flag_value(args: Sequence[str], name: str) -> str | None:

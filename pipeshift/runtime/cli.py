@@ -9,8 +9,9 @@ line naming the rank, stage, schedule action and tensor it was waiting for.
 
 Repartitioning while training (see README.md, "Repartitioning"): ``--repartition-at STEP:PLAN``
 switches at a fixed step, ``--master HOST:PORT`` takes operators' ``pipeshift ctl`` commands and
-the master's policy, ``--policy auto`` runs the policy in-process on rank 0; ``--slowdown``
-emulates a slower worker. After a resize every rank exits with 75 and is restarted (``pipeshift
+the master's policy, ``--policy auto`` runs the policy in-process on rank 0. ``--slowdown`` is an
+experiment flag: it emulates a slower worker through the runtime's hook points
+(:mod:`pipeshift.testing.slowdown`). After a resize every rank exits with 75 and is restarted (``pipeshift
 launch --local N --elastic``, or torchrun) with ``--resume``, which re-plans for the new number
 of ranks.
 """
@@ -197,12 +198,15 @@ def _train(args: argparse.Namespace, info) -> int:
     from pipeshift.runtime.package import load_stage_package
     from pipeshift.runtime.pipeline import Pipeline
     from pipeshift.runtime.trainer import TrainConfig, Trainer, agree, check_partition
+    from pipeshift.testing import install as install_hooks
 
     from pipeshift.runtime import elastic
 
     # Load everything, but report a local failure through the agreement so every rank says it.
     error, pkg, bundle, entries, config, job = None, None, None, None, {}, None
+    hooks = None
     try:
+        hooks = install_hooks(info.rank, args.slowdown)  # experiments' and tests' hooks, if asked for
         pkg = load_stage_package(args.package)
         optimizer = optimizer_factory(args)
         scheduler = scheduler_factory(args)
@@ -242,7 +246,7 @@ def _train(args: argparse.Namespace, info) -> int:
                         job.stage_ranks or pkg.stage_to_rank, schedule=cfg.schedule,
                         microbatches=cfg.microbatches, optimizer=optimizer, lr_scheduler=scheduler,
                         device=info.device, timeout_s=args.timeout, tracer=tracer,
-                        source=job.source or str(pkg.path / "conf.json"))
+                        source=job.source or str(pkg.path / "conf.json"), hooks=hooks)
     del entries  # other stages' modules are not needed on this rank (a repartitioner keeps the full model)
     job.entries = None
     controller = job.controller(pipeline, cfg)

@@ -77,39 +77,6 @@ def parse_repartition_at(values: Sequence[str]) -> list[ForcedSwitch]:
     return sorted(out, key=lambda f: (f.step, f.index))
 
 
-@dataclasses.dataclass(frozen=True)
-class Slowdown:
-    """``--slowdown RANK:FACTOR[@STEP]``: from step ``step`` on, that rank computes ``factor``× slower."""
-
-    rank: int
-    factor: float
-    step: int = 0
-
-
-def parse_slowdowns(values: Sequence[str]) -> list[Slowdown]:
-    out = []
-    for text in values or []:
-        head, _, step = text.partition("@")
-        rank, sep, factor = head.partition(":")
-        try:
-            item = Slowdown(int(rank), float(factor), int(step) if step else 0)
-        except ValueError:
-            item = None
-        if not sep or item is None or item.rank < 0 or not item.factor >= 1.0 or item.step < 0:
-            raise PipeshiftError(f"--slowdown {text!r}: expected RANK:FACTOR[@STEP] with FACTOR >= 1, e.g. 1:3@50")
-        out.append(item)
-    return out
-
-
-def slowdown_at(slowdowns: Sequence[Slowdown], rank: int, step: int) -> float:
-    """The factor for minibatch ``step + 1`` on ``rank``: the latest entry that has started."""
-    factor, since = 1.0, -1
-    for s in slowdowns:
-        if s.rank == rank and s.step <= step and s.step >= since:
-            factor, since = s.factor, s.step
-    return factor
-
-
 def file_digest(paths: Sequence[str]) -> str:
     h = hashlib.sha256()
     for path in paths:
@@ -248,14 +215,12 @@ class Controller:
     """
 
     def __init__(self, rank: int, world_size: int, repartitioner: Repartitioner | None, config: ControlConfig, *,
-                 forced: Sequence[ForcedSwitch] = (), slowdowns: Sequence[Slowdown] = (), master=None, policy=None,
-                 chain=None):
+                 forced: Sequence[ForcedSwitch] = (), master=None, policy=None, chain=None):
         self.rank = rank
         self.world_size = world_size
         self.repartitioner = repartitioner
         self.config = config
         self.forced = list(forced)
-        self.slowdowns = list(slowdowns)
         self.master = master
         self.policy = policy
         self.chain = chain
@@ -291,11 +256,9 @@ class Controller:
     def on_minibatch(self, trainer, counters) -> None:
         self._window += (counters.compute_s, counters.wait_s, counters.comm_s)
         self._window_steps += 1
-        trainer.pipeline.slowdown = slowdown_at(self.slowdowns, self.rank, trainer.step)
 
     def at_start(self, trainer) -> None:
         """After a resume: apply the forced switches of the resumed step not applied before it."""
-        trainer.pipeline.slowdown = slowdown_at(self.slowdowns, self.rank, trainer.step)
         self.applied = list(trainer.resumed_switches)
         if self.rank == 0 and self.plan is not None:
             self._master("announce_plan", self.plan, trainer.step)
@@ -435,7 +398,8 @@ class Controller:
             self._reject(trainer, source, error)
             return None
         if reserve:
-            rp.reserve(prepared, trainer.pipeline.optimizer, trainer.pipeline.device)
+            rp.reserve(prepared, trainer.pipeline.optimizer, trainer.pipeline.device,
+                       ahead=trainer.pipeline.hooks.reserve_landing_buffers)
         item = _Scheduled(at, plan, source, strict, prepared, forced_index, command_id)
         self.scheduled.append(item)
         return item
@@ -630,7 +594,6 @@ class Job:
     note: str = ""
     agreed: dict[str, Any] = dataclasses.field(default_factory=dict)
     forced: list[ForcedSwitch] = dataclasses.field(default_factory=list)
-    slowdowns: list[Slowdown] = dataclasses.field(default_factory=list)
     master: Any = None
     policy: Any = None
     chain: Any = None
@@ -638,12 +601,12 @@ class Job:
 
     def controller(self, pipeline, cfg) -> Controller | None:
         args = self.args
-        if not (self.repartitioner or self.forced or self.slowdowns or args.master or args.policy == "auto"):
+        if not (self.repartitioner or self.forced or args.master or args.policy == "auto"):
             return None  # nothing to decide, and the package's own partition: checkpoints need no plan
         config = ControlConfig(report_every=args.report_every, policy=args.policy, master=bool(args.master),
                                total_steps=cfg.steps, output_dir=Path(cfg.output_dir))
         return Controller(self.rank, self.world_size, self.repartitioner, config, forced=self.forced,
-                          slowdowns=self.slowdowns, master=self.master, policy=self.policy, chain=self.chain)
+                          master=self.master, policy=self.policy, chain=self.chain)
 
 
 def prepare_job(args, pkg, bundle, rank: int, world_size: int) -> Job:
@@ -657,7 +620,6 @@ def prepare_job(args, pkg, bundle, rank: int, world_size: int) -> Job:
 
     job = Job(entries=None, rank=rank, world_size=world_size, args=args)
     job.forced = parse_repartition_at(args.repartition_at)
-    job.slowdowns = parse_slowdowns(args.slowdown)
     wants = bool(job.forced or args.master or args.policy == "auto")
     if job.forced:
         job.agreed["repartition_plans"] = file_digest([f.path for f in job.forced])

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from pipeshift.errors import PipeshiftError
+from pipeshift.runtime.hooks import Hooks
 from pipeshift.schedule import actions as S
 from pipeshift.schedule.check import validate_schedule
 from pipeshift.schedule.registry import schedule_kind
@@ -82,7 +83,8 @@ class Pipeline:
                  stage_ranks: Mapping[int, Sequence[int]] | Sequence[Sequence[int]], *,
                  schedule: str, microbatches: int, optimizer: OptimizerFactory,
                  lr_scheduler: SchedulerFactory | None = None, device: torch.device | str = "cpu",
-                 timeout_s: float = 60.0, tracer: Tracer | None = None, source: str = "conf.json"):
+                 timeout_s: float = 60.0, tracer: Tracer | None = None, source: str = "conf.json",
+                 hooks: Hooks | None = None):
         self.rank = rank
         self.schedule = schedule_kind(schedule, training=True).name
         self.microbatches = microbatches
@@ -91,7 +93,7 @@ class Pipeline:
         self.scheduler_factory = lr_scheduler
         self.tracer = tracer or Tracer(rank, enabled=False)
         self.counters = Counters()
-        self.slowdown = 1.0  # injected: forward/backward take this many times their measured time
+        self.hooks = hooks or Hooks()
         self.comm = Communicator(rank, stage_of=lambda r: -1, tags={}, device=self.device, timeout_s=timeout_s)
         self.where_prefix = ""
         self._build(entries, module_to_stage, stage_ranks, source)
@@ -217,8 +219,8 @@ class Pipeline:
 
     def _compute(self, name: str, start: float, slow: bool = False, **args: Any) -> None:
         end = time.perf_counter()
-        if slow and self.slowdown > 1.0:  # an emulated slower worker: sleeping costs the shared cores nothing
-            time.sleep((self.slowdown - 1.0) * (end - start))
+        if slow and self.hooks.after_compute:  # an experiment's emulated slower worker, say
+            self.hooks.computed(end - start)
             end = time.perf_counter()
         self.counters.compute_s += end - start
         self.tracer.add(name, COMPUTE, start, end, **args)

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import signal
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -38,6 +36,7 @@ from torch import nn
 
 from pipeshift.errors import PipeshiftError
 from pipeshift.plan import Plan, as_plan, parse_plan
+from pipeshift.runtime.hooks import Hooks
 from pipeshift.runtime.pipeline import Pipeline, optimizer_state_by_fqn
 from pipeshift.runtime.stage import StageEntry
 
@@ -47,9 +46,6 @@ _ALIGN = 16
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
     torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128)}
-FAULT_ENV = "PIPESHIFT_FAULT"  # test hook, see maybe_fault
-ATTEMPT_ENV = "PIPESHIFT_ATTEMPT"  # set by the elastic supervisor; faults fire on attempt 0 only
-RESERVE_ENV = "PIPESHIFT_RESERVE"  # "0": no landing buffers reserved ahead (to measure what they save)
 
 
 # -- partitions -------------------------------------------------------------------------------
@@ -186,7 +182,7 @@ def exchange(transfers: Sequence[Transfer], rank: int, values: Mapping[str, torc
              optimizer_state: Mapping[str, Mapping[str, Any]], destination: Mapping[str, torch.Tensor],
              comm, where: str = "repartition",
              pool: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] | None = None,
-             ) -> tuple[ExchangeStats, dict[str, dict[str, Any]]]:
+             hooks: Hooks | None = None) -> tuple[ExchangeStats, dict[str, dict[str, Any]]]:
     """Run this rank's part of ``transfers``; returns its statistics and the optimizer state it received.
 
     ``values``/``optimizer_state``: this rank's current tensors and FQN-keyed optimizer state
@@ -194,7 +190,8 @@ def exchange(transfers: Sequence[Transfer], rank: int, values: Mapping[str, torc
     local full model's state, so the regenerated stages adopt them). Three rounds, each posted
     in full on every rank before anyone waits, so no rank can block another: sizes, then the
     JSON descriptions, then the payloads. ``comm`` (a Communicator) supplies the deadline and
-    the one-line error naming the peer; ``pool``, buffers reserved for large optimizer tensors.
+    the one-line error naming the peer; ``pool``, buffers reserved for large optimizer tensors;
+    ``hooks``, the rank's hook points (``mid_migration`` runs once the sends are posted).
     """
     stats = ExchangeStats()
     device = comm.device
@@ -247,7 +244,8 @@ def exchange(transfers: Sequence[Transfer], rank: int, values: Mapping[str, torc
         for k, item in enumerate(i for i in items if i.solo):
             works.append(post_send(item.tensor.contiguous().to(device), dst, 3 + k, f"{item.key} {item.name}".strip()))
         stats.keys_sent += len(sends[dst])
-    maybe_fault(rank, "migrate")
+    if hooks is not None:
+        hooks.migrating()
     landing: list[tuple[_Item, torch.Tensor]] = []  # (item, buffer) to place after the receives
     flats: list[tuple[list[_Item], torch.Tensor]] = []
     for src, (items, _scalars) in incoming.items():
@@ -334,23 +332,6 @@ def _landing_buffer(item: _Item, destination: Mapping[str, torch.Tensor], device
     elif pool.get((item.shape, dtype)):
         return pool[(item.shape, dtype)].pop()
     return torch.empty(item.shape, dtype=dtype, device=device)
-
-
-def maybe_fault(rank: int, point: str, step: int | None = None) -> None:
-    """Test hook: kill this rank (SIGKILL, like a lost machine) where ``$PIPESHIFT_FAULT`` says.
-
-    ``RANK@migrate``: in the middle of its next migration, after posting its sends;
-    ``RANK@step:N``: at the synchronisation point after step N. Comma-separated; only in the
-    first attempt (``$PIPESHIFT_ATTEMPT`` unset or 0), so the restarted job runs clean.
-    """
-    spec = os.environ.get(FAULT_ENV)
-    if not spec or os.environ.get(ATTEMPT_ENV, "0") != "0":
-        return
-    for part in spec.split(","):
-        who, _, where = part.partition("@")
-        name, _, at = where.partition(":")
-        if who.strip() == str(rank) and name == point and (not at or (step is not None and at == str(step))):
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 # -- the switch -----------------------------------------------------------------------------------
@@ -442,7 +423,8 @@ class Repartitioner:
         new = Partition.of(plan, stage_ranks, [m for m, _, _ in entries[:-1]])
         return Prepared(entries, stage_ranks, new, time.perf_counter() - t0)
 
-    def reserve(self, prepared: Prepared, optimizer: torch.optim.Optimizer, device: torch.device) -> int:
+    def reserve(self, prepared: Prepared, optimizer: torch.optim.Optimizer, device: torch.device,
+                ahead: bool = True) -> int:
         """Allocate, in the background, the optimizer-state buffers this rank will receive; returns their bytes.
 
         Fresh memory costs a page fault per 4 KiB page the first time it is written — for a
@@ -453,7 +435,7 @@ class Repartitioner:
         """
         self.release()
         per_param = _state_tensors_per_param(optimizer)
-        if not per_param or os.environ.get(RESERVE_ENV, "1") == "0":
+        if not per_param or not ahead:
             return 0
         full = dict(self.full_model.named_parameters())
         gaining = [t.key for t in plan_transfers(self.partition, prepared.partition) if t.dst == self.rank]
@@ -504,7 +486,7 @@ class Repartitioner:
                 if key in full and full[key].data_ptr() != current[key].data_ptr():
                     full[key].copy_(current[key])
         stats, received = exchange(transfers, self.rank, current, saved["state"], full, pipeline.comm, where,
-                                   pool=self._pool)
+                                   pool=self._pool, hooks=pipeline.hooks)
         self.release()
         t_move = time.perf_counter()
         faults = _page_faults() - faults

@@ -37,7 +37,6 @@ from pipeshift.errors import PipeshiftError
 from pipeshift.runtime import checkpoint as ckpt
 from pipeshift.runtime.metrics import MetricsLog
 from pipeshift.runtime.pipeline import Batch, Pipeline, load_optimizer_state_by_fqn, optimizer_state_by_fqn
-from pipeshift.runtime.repartition import maybe_fault
 from pipeshift.schedule.registry import ASYNCHRONOUS
 
 
@@ -172,6 +171,7 @@ class Trainer:
         cfg = self.config
         if cfg.resume:
             self.resume()
+        self.pipeline.hooks.step(self.step)
         if self.controller is not None:
             self.controller.at_start(self)
         self.log = MetricsLog(self.out_dir / "metrics.csv", append=cfg.resume and self.step > 0, upto_step=self.step)
@@ -191,7 +191,7 @@ class Trainer:
                     self.evaluate()
                 if cfg.checkpoint_dir and (self._due(cfg.checkpoint_every) or self.step == cfg.steps):
                     self.save()
-                maybe_fault(self.rank, "step", self.step)
+                self.pipeline.hooks.sync_point(self.step)
                 if self.controller is not None and self.controller.at_boundary(self) == "regroup":
                     self.regroup = True
                     break
@@ -227,6 +227,7 @@ class Trainer:
         self.step += 1
         now = time.perf_counter()
         counters = self.pipeline.take_counters()
+        self.pipeline.hooks.step(self.step)
         if self.controller is not None:
             self.controller.on_minibatch(self, counters)
         rate = cfg.microbatches * cfg.batch_size / max(now - self._last_time, 1e-9)
