@@ -24,7 +24,7 @@ from benchmarks.common import Spread, load_average, markdown_table
 from pipeshift.graph import Graph, Node, write_graph_txt
 
 SUBCOMMAND_MODULES = ["pipeshift.cli", "pipeshift.optimizer.cli", "pipeshift.optimizer.simulate_cli",
-                      "pipeshift.launch.ctl_cli", "pipeshift.show", "pipeshift.runtime.cli"]
+                      "pipeshift.launch.ctl_cli", "pipeshift.show", "pipeshift.launch.train"]
 
 
 def random_graph(n: int, seed: int = 0) -> Graph:

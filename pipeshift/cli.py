@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("pipeshift.optimizer.cli", "split a profiled graph into pipeline stages"),
     "simulate": ("pipeshift.optimizer.simulate_cli", "simulate a plan's pipeline schedule"),
     "codegen": ("pipeshift.codegen.cli", "generate per-stage nn.Module files from a plan"),
-    "train": ("pipeshift.runtime.cli", "train a stage package on this rank"),
+    "train": ("pipeshift.launch.train", "train a stage package on this rank"),
     "launch": ("pipeshift.launch.cli", "launch ranks locally or print per-host commands"),
     "export": ("pipeshift.runtime.export_cli", "re-assemble stage checkpoints into one state_dict"),
     "master": ("pipeshift.launch.master_cli", "run the control-plane master"),

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from pipeshift.errors import InputFileError, PipeshiftError
+from pipeshift.jsonfile import read_json_object
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -141,15 +142,8 @@ def _single_safetensors(path: Path) -> WeightSource:
 
 
 def _sharded(root: Path, index: Path) -> WeightSource:
-    if index.stat().st_size > MAX_INDEX_BYTES:
-        raise InputFileError(index, None, f"larger than {MAX_INDEX_BYTES} bytes")
-    try:
-        data = json.loads(index.read_text())
-    except UnicodeDecodeError:
-        raise InputFileError(index, None, "not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise InputFileError(index, e.lineno, f"invalid JSON: {e.msg}") from None
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    data = read_json_object(index, "safetensors index", max_bytes=MAX_INDEX_BYTES)
+    weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise InputFileError(index, None, "no 'weight_map' object (tensor name -> shard file)")
     files: dict[str, Path] = {}

@@ -39,7 +39,7 @@ def test_faults_and_reserve_from_the_environment() -> None:
 
 @pytest.mark.parametrize("spec", ["2@nowhere", "x@migrate", "2@step:three"])
 def test_bad_fault_specs_are_one_line_errors(spec: str) -> None:
-    with pytest.raises(PipeshiftError, match="expected RANK@migrate or RANK@step:N"):
+    with pytest.raises(PipeshiftError, match="expected RANK@start, RANK@migrate or RANK@step:N"):
         install(2, [], environ={"PIPESHIFT_FAULT": spec})
 
 

@@ -15,7 +15,6 @@ a plain tensor.
 from __future__ import annotations
 
 import dataclasses
-import json
 import operator
 import re
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from torch import nn
 from pipeshift.codegen.support import adopt
 from pipeshift.errors import InputFileError, PipeshiftError
 from pipeshift.graph.capture import CapturedGraph, NodeGroup
+from pipeshift.jsonfile import read_json_object
 from pipeshift.plan import Plan
 
 # The shape of a group's value: None for a tensor, (kind, children) for a tuple/list. ``kind``
@@ -162,13 +162,13 @@ def check_profile(plan: Plan, captured: CapturedGraph) -> None:
     ids would silently name other operations.
     """
     for path in _profile_candidates(plan):
-        try:
-            if not path.is_file() or path.stat().st_size > 512 * 1024 * 1024:
-                continue
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError):
+        if not path.is_file():
             continue
-        nodes = data.get("nodes") if isinstance(data, dict) else None
+        try:
+            data = read_json_object(path, "profile.json", max_bytes=512 * 1024 * 1024)
+        except InputFileError:
+            continue  # an unreadable profile only costs this check
+        nodes = data.get("nodes")
         if not isinstance(nodes, dict):
             continue
         if isinstance(data.get("model"), dict) and data["model"] != plan.model:

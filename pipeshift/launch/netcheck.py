@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeshift.errors import InputFileError, PipeshiftError
+from pipeshift.jsonfile import read_json_object
 
 DEFAULT_DIST_PORT = 29510
 
@@ -171,14 +172,7 @@ def summarise_levels(hosts: list[str], latency: list[list[float]], bandwidth: li
 def read_topology(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load and check a topology.json; problems are reported as ``file:line: …``."""
     p = str(path)
-    try:
-        data = json.loads(Path(p).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputFileError(p, None, "no such file") from None
-    except json.JSONDecodeError as e:
-        raise InputFileError(p, e.lineno, f"invalid JSON: {e.msg}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputFileError(p, None, f"cannot read: {e}") from None
+    data = read_json_object(p, "topology file", " (`pipeshift netcheck -o` writes one)")
     validate_topology(data, p)
     return data
 

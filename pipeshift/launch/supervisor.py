@@ -21,7 +21,6 @@ torchrun's elastic agent instead (``--nnodes MIN:MAX --max-restarts R``, same ``
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeshift.errors import PipeshiftError
+from pipeshift.jsonfile import read_json_object
 from pipeshift.runtime.distributed import free_port
 from pipeshift.runtime.elastic import ELASTIC_FILE, EXIT_REGROUP
 from pipeshift.runtime.cli import READY_ENV
@@ -126,11 +126,11 @@ class Supervisor:
     def _requested_size(self) -> int | None:
         path = self.checkpoint_dir / ELASTIC_FILE
         try:
-            data = json.loads(path.read_text())
+            data = read_json_object(path, "resize request")
             path.unlink()
-        except (OSError, ValueError):
+        except (OSError, PipeshiftError):
             return None
-        size = data.get("world_size") if isinstance(data, dict) else None
+        size = data.get("world_size")
         return size if isinstance(size, int) and not isinstance(size, bool) and size >= 1 else None
 
     def _round(self, n: int, attempt: int) -> tuple[list[int], int | None]:

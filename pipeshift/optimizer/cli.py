@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeshift.jsonfile import read_json_object
 from pipeshift.errors import InputFileError, PipeshiftError
+from pipeshift.jsonfile import read_json_object
 from pipeshift.graph import read_graph_txt
 from pipeshift.optimizer import cost as ps_cost
 from pipeshift.optimizer.planner import COST_MODELS, SEARCHES, PlanOptions, make_plan

@@ -34,7 +34,6 @@ one bandwidth per level; the summary never assumes more than was measured.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from pipeshift.errors import InputFileError, PipeshiftError
+from pipeshift.jsonfile import read_json_object
 from pipeshift.optimizer.placement import Links
 
 DEFAULT_BANDWIDTH = 1e9  # PipeDream's default for -b
@@ -157,14 +157,7 @@ def with_speeds(topo: Topology, speeds: Sequence[float] | None) -> Topology:
 def read_topology(path: str | Path) -> Topology:
     """Parse a topology JSON file (either shape in the module docstring)."""
     p = Path(path)
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputFileError(str(p), None, "no such file") from None
-    except (IsADirectoryError, UnicodeDecodeError) as e:
-        raise InputFileError(str(p), None, f"not a topology JSON file ({e})") from None
-    except json.JSONDecodeError as e:
-        raise InputFileError(str(p), e.lineno, f"invalid JSON: {e.msg}") from None
+    data = read_json_object(p, "topology file", " (`pipeshift netcheck -o` writes one)")
     try:
         return parse_topology(data)
     except PipeshiftError as e:

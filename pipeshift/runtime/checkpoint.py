@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from pipeshift.errors import InputFileError, PipeshiftError
+from pipeshift.jsonfile import read_json_object
 
 FORMAT = "pipeshift-checkpoint"
 LATEST = "latest"
@@ -118,13 +119,8 @@ def resolve(root: str | os.PathLike) -> Path:
 
 def read_meta(ckpt: Path) -> dict[str, Any]:
     path = ckpt / "meta.json"
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputFileError(path, None, f"unreadable: {e}") from None
-    except json.JSONDecodeError as e:
-        raise InputFileError(path, e.lineno, f"invalid JSON: {e.msg}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    meta = read_json_object(path, "checkpoint meta.json")
+    if meta.get("format") != FORMAT:
         raise InputFileError(path, None, f"not a pipeshift checkpoint (format should be {FORMAT!r})")
     for key in ("step", "num_stages"):
         if not isinstance(meta.get(key), int) or meta[key] < 0:

@@ -25,12 +25,15 @@ import os
 import socket
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pipeshift.errors import PipeshiftError
+from pipeshift.runtime.control import Connect
+from pipeshift.runtime.hooks import Hooks
 from pipeshift.schedule.registry import SCHEDULES
 from pipeshift.spec import parse_model_args
 
@@ -122,7 +125,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(it sleeps (FACTOR-1) x the measured time); repeatable, FACTOR 1 ends it")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, connect: Connect | None = None,
+        make_hooks: Callable[[int], Hooks] | None = None) -> int:
+    """Train this rank. The command (:mod:`pipeshift.launch.train`) wires in ``connect``, which reaches
+    the master for ``--master``, and ``make_hooks``, the rank's experiment and test hooks."""
     _check_numbers(args)
     if not args.no_malloc_tuning:
         from pipeshift.runtime.allocator import keep_freed_memory
@@ -130,25 +136,28 @@ def run(args: argparse.Namespace) -> int:
         keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
+    from pipeshift.jsonfile import read_json_object
     from pipeshift.runtime.distributed import init_distributed
-    from pipeshift.runtime.package import parse_conf, read_json
-    from pipeshift.runtime.repartition import maybe_fault
+    from pipeshift.runtime.package import parse_conf
 
-    maybe_fault(args.rank if args.rank is not None else int(os.environ.get("RANK", "0") or 0), "start")
+    # the rank's experiment and test hooks, first: some act before the process group exists
+    hooks = make_hooks(args.rank if args.rank is not None else int(os.environ.get("RANK", "0") or 0)) \
+        if make_hooks is not None else Hooks()
+    hooks.starting()
 
     # Before the group exists a mistake is an ordinary error; afterwards every rank must exit
     # even if peers are stuck, so errors end the process directly (see _exit).
     expected = None
     try:
         conf = Path(args.package) / "conf.json"
-        expected = sum(len(r) for r in parse_conf(read_json(conf), conf)[1].values())
+        expected = sum(len(r) for r in parse_conf(read_json_object(conf, "conf.json of the stage package"), conf)[1].values())
     except PipeshiftError:
         pass  # reported by the start-up agreement, on every rank
     info = init_distributed(rank=args.rank, world_size=args.world_size, dist_addr=args.dist_addr,
                             backend=args.backend, device=args.device, timeout_s=args.timeout,
                             expected_world=expected, iface=args.iface)
     try:
-        return _train(args, info)
+        return _train(args, info, connect, hooks)
     except PipeshiftError as e:
         from pipeshift.runtime.failure import explain
 
@@ -192,28 +201,26 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise PipeshiftError("--report-every must be >= 0")
 
 
-def _train(args: argparse.Namespace, info) -> int:
+def _train(args: argparse.Namespace, info, connect: Connect | None,
+           hooks: Hooks) -> int:
     from pipeshift.runtime.comm import Communicator
     from pipeshift.runtime.metrics import Tracer
     from pipeshift.runtime.package import load_stage_package
     from pipeshift.runtime.pipeline import Pipeline
     from pipeshift.runtime.trainer import TrainConfig, Trainer, agree, check_partition
-    from pipeshift.testing import install as install_hooks
 
     from pipeshift.runtime import elastic
 
     # Load everything, but report a local failure through the agreement so every rank says it.
     error, pkg, bundle, entries, config, job = None, None, None, None, {}, None
-    hooks = None
     try:
-        hooks = install_hooks(info.rank, args.slowdown)  # experiments' and tests' hooks, if asked for
         pkg = load_stage_package(args.package)
         optimizer = optimizer_factory(args)
         scheduler = scheduler_factory(args)
         bundle = pkg.bundle(weights=False)  # nothing allocated: this rank materialises only its stages
         microbatches = args.microbatches or 2 * pkg.num_stages
         batch_size = args.batch_size or pkg.batch_size or 32
-        job = elastic.prepare_job(args, pkg, bundle, info.rank, info.world_size)
+        job = elastic.prepare_job(args, pkg, bundle, info.rank, info.world_size, connect)
         entries = job.entries
         torch.manual_seed(args.seed)  # dropout's stream, whichever way the stages were built
         config = {"package": pkg.digest(), "conf": {"module_to_stage_map": pkg.module_to_stage,

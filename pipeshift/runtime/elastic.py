@@ -39,9 +39,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeshift.plan import read_plan
 from pipeshift.errors import InputFileError, PipeshiftError
+from pipeshift.plan import read_plan
 from pipeshift.runtime import checkpoint as ckpt
+from pipeshift.runtime.control import Connect, ControlPlane
 from pipeshift.runtime.local import LocalBuild, local_entries
 from pipeshift.runtime.repartition import Repartitioner, check_plan
 
@@ -594,7 +595,8 @@ class Job:
     note: str = ""
     agreed: dict[str, Any] = dataclasses.field(default_factory=dict)
     forced: list[ForcedSwitch] = dataclasses.field(default_factory=list)
-    master: Any = None
+    master: ControlPlane | None = None
+    connect: Connect | None = None  # how to reach the master (``--master``)
     policy: Any = None
     chain: Any = None
     local: LocalBuild | None = None  # which tensors this rank materialised, and read from --init-from
@@ -609,7 +611,7 @@ class Job:
                           master=self.master, policy=self.policy, chain=self.chain)
 
 
-def prepare_job(args, pkg, bundle, rank: int, world_size: int) -> Job:
+def prepare_job(args, pkg, bundle, rank: int, world_size: int, connect: Connect | None = None) -> Job:
     """Everything this rank needs before the start-up agreement (errors then reach every rank).
 
     The plan in force is the package's, or after a restart the checkpoint's (re-planned when the
@@ -618,7 +620,7 @@ def prepare_job(args, pkg, bundle, rank: int, world_size: int) -> Job:
     """
     from pipeshift.runtime.repartition import Partition, plan_stage_ranks
 
-    job = Job(entries=None, rank=rank, world_size=world_size, args=args)
+    job = Job(entries=None, rank=rank, world_size=world_size, args=args, connect=connect)
     job.forced = parse_repartition_at(args.repartition_at)
     wants = bool(job.forced or args.master or args.policy == "auto")
     if job.forced:
@@ -749,27 +751,15 @@ def _accepts_original(fn) -> bool:
 
 
 def _connect(job: Job, plan: dict[str, Any] | None) -> Job:
-    """Register with the master (every rank); an unreachable master only costs its commands."""
-    args = job.args
-    if not args.master:
+    """Register with the master (every rank), through the control plane the command wired in."""
+    if not job.args.master:
         return job
-    from pipeshift.launch import protocol
-    from pipeshift.launch.client import MasterClient, MasterUnavailable
-
-    token = protocol.read_token(args.master_token_file, "--master-token-file")
-    if not token:
-        raise PipeshiftError(f"--master needs the master's token: --master-token-file FILE or ${protocol.TOKEN_ENV}")
+    if job.connect is None:
+        raise PipeshiftError("--master: this command has no control-plane client (run `pipeshift train`)")
     stage = 0
     if plan is not None:
         from pipeshift.runtime.repartition import plan_stage_ranks
 
         stage = next((k for k, ranks in enumerate(plan_stage_ranks(plan)) if job.rank in ranks), 0)
-    try:
-        job.master = MasterClient.connect(args.master, token, job.rank, stage)
-    except protocol.AuthError as e:
-        raise PipeshiftError(str(e)) from None
-    except MasterUnavailable as e:
-        print(f"pipeshift train: rank {job.rank}: {e}; training without it until it answers", file=sys.stderr)
-        job.master = MasterClient(args.master, token, job.rank, stage)
-    job.master.start_heartbeat_thread()
+    job.master = job.connect(job.rank, stage)
     return job

@@ -16,7 +16,8 @@ from collections.abc import Callable
 class Hooks:
     """The hook points of one rank.
 
-    ``on_step(step)``: at the start of a run (the step it resumes from) and after every
+    ``at_start()``: first thing, before the process group is formed (a rank that dies here is
+    a dead child for the launcher, not a peer that left); ``on_step(step)``: at the start of a run (the step it resumes from) and after every
     minibatch; ``after_compute(seconds)``: after each forward or backward, with its duration (a
     hook that sleeps makes the pass look that much longer); ``at_sync_point(step)``: at each
     synchronisation point, after checkpointing; ``mid_migration()``: during a repartition's
@@ -24,11 +25,16 @@ class Hooks:
     ``reserve_landing_buffers``: whether a repartition allocates its receive buffers ahead.
     """
 
+    at_start: list[Callable[[], None]] = dataclasses.field(default_factory=list)
     on_step: list[Callable[[int], None]] = dataclasses.field(default_factory=list)
     after_compute: list[Callable[[float], None]] = dataclasses.field(default_factory=list)
     at_sync_point: list[Callable[[int], None]] = dataclasses.field(default_factory=list)
     mid_migration: list[Callable[[], None]] = dataclasses.field(default_factory=list)
     reserve_landing_buffers: bool = True
+
+    def starting(self) -> None:
+        for hook in self.at_start:
+            hook()
 
     def step(self, step: int) -> None:
         for hook in self.on_step:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -20,10 +19,10 @@ from torch import nn
 
 from pipeshift.codegen import load_package
 from pipeshift.errors import InputFileError, PipeshiftError
+from pipeshift.jsonfile import read_json_object
 from pipeshift.runtime.stage import StageEntry
 from pipeshift.spec import ModelBundle, ModelSpec
 
-MAX_JSON_BYTES = 64 * 1024 * 1024
 
 
 @dataclasses.dataclass
@@ -84,19 +83,6 @@ class StagePackage:
         return h.hexdigest()
 
 
-def read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise InputFileError(path, None, "file not found")
-    if path.stat().st_size > MAX_JSON_BYTES:
-        raise InputFileError(path, None, f"larger than {MAX_JSON_BYTES} bytes")
-    try:
-        return json.loads(path.read_text())
-    except UnicodeDecodeError as e:
-        raise InputFileError(path, None, f"not UTF-8 text ({e.reason})") from None
-    except json.JSONDecodeError as e:
-        raise InputFileError(path, e.lineno, f"invalid JSON: {e.msg}") from None
-
-
 def parse_conf(data: Any, path: Path) -> tuple[list[int], dict[int, list[int]]]:
     def bad(msg: str) -> InputFileError:
         return InputFileError(path, None, msg)
@@ -138,11 +124,9 @@ def load_stage_package(path: str | Path) -> StagePackage:
     if not init.is_file():
         raise InputFileError(init, None, "file not found: not a stage package")
     conf_path = path / "conf.json"
-    m2s, s2r = parse_conf(read_json(conf_path), conf_path)
+    m2s, s2r = parse_conf(read_json_object(conf_path, "conf.json of the stage package"), conf_path)
     plan_path = path / "plan.json"
-    plan = read_json(plan_path) if plan_path.exists() else {}
-    if not isinstance(plan, dict):
-        raise InputFileError(plan_path, None, "expected a JSON object")
+    plan = read_json_object(plan_path, "plan file") if plan_path.exists() else {}
     module = import_package(path)
     spec = plan_spec = None
     if plan.get("model") is not None:

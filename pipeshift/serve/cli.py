@@ -175,7 +175,8 @@ def _serve_rank(args: argparse.Namespace) -> int:
     import torch
 
     from pipeshift.runtime.distributed import init_distributed
-    from pipeshift.runtime.package import parse_conf, read_json
+    from pipeshift.jsonfile import read_json_object
+    from pipeshift.runtime.package import parse_conf
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -183,7 +184,7 @@ def _serve_rank(args: argparse.Namespace) -> int:
     try:
         if args.package is not None:  # several models: the job's size is --local's or torchrun's
             conf = Path(args.package) / "conf.json"
-            expected = sum(len(r) for r in parse_conf(read_json(conf), conf)[1].values())
+            expected = sum(len(r) for r in parse_conf(read_json_object(conf, "conf.json of the stage package"), conf)[1].values())
     except PipeshiftError:
         pass  # reported by the start-up agreement, on every rank
     info = init_distributed(rank=args.rank, world_size=args.world_size, dist_addr=args.dist_addr,

@@ -1,7 +1,8 @@
 """Injected failures for the restart tests: kill a rank (SIGKILL, like a lost machine) at a named point.
 
-``$PIPESHIFT_FAULT`` is comma-separated: ``RANK@migrate`` kills the rank in the middle of its next
-migration, after posting its sends; ``RANK@step:N`` at the synchronisation point after step N.
+``$PIPESHIFT_FAULT`` is comma-separated: ``RANK@start`` kills the rank as it starts, before the
+process group exists; ``RANK@migrate`` in the middle of its next migration, after posting its
+sends; ``RANK@step:N`` at the synchronisation point after step N.
 Faults fire only in the first attempt (``$PIPESHIFT_ATTEMPT`` unset or 0, set by the elastic
 supervisor), so the restarted job runs clean.
 """
@@ -31,11 +32,13 @@ def install_faults(hooks: Hooks, rank: int, environ: Mapping[str, str]) -> None:
     for part in spec.split(","):
         who, _, where = part.strip().partition("@")
         name, _, at = where.partition(":")
-        if name not in ("migrate", "step") or not who.isdigit() or (at and not at.isdigit()):
-            raise PipeshiftError(f"${FAULT_ENV} {part!r}: expected RANK@migrate or RANK@step:N")
+        if name not in ("start", "migrate", "step") or not who.isdigit() or (at and not at.isdigit()):
+            raise PipeshiftError(f"${FAULT_ENV} {part!r}: expected RANK@start, RANK@migrate or RANK@step:N")
         if int(who) != rank:
             continue
-        if name == "migrate":
+        if name == "start":
+            hooks.at_start.append(_die)
+        elif name == "migrate":
             hooks.mid_migration.append(_die)
         else:
             hooks.at_sync_point.append(lambda step, at=at: _die() if not at or step == int(at) else None)
