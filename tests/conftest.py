@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 PROFILES = REPO.parent / "shared" / "pipedream-profiles"
 
 

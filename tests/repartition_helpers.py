@@ -8,21 +8,20 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
 
+from helpers import PY, REPO, accumulate, assert_same_weights, final_weights, run_bounded, wait_until
 from pipeshift.codegen import generate_package
 from pipeshift.graph.capture import capture, to_graph
 from pipeshift.graph.graphtxt import write_graph_txt
-from pipeshift.runtime import checkpoint as ckpt
 from pipeshift.spec import ModelSpec
 
-PY = sys.executable
-REPO = Path(__file__).resolve().parents[1]
+# the shared harness, re-exported for the repartitioning tests that reach it as ``h.<name>``
+__all__ = ["BATCH", "NODES", "PY", "REPO", "SPEC", "assert_same_weights", "env", "final_weights", "graph_txt", "jsonl",
+           "launch", "package", "plan", "reference", "wait_until"]
+
 SPEC = ModelSpec("pipeshift.models:mlp", {"in_features": 8, "width": 12, "depth": 6, "num_classes": 4}, seed=11)
 NODES = [f"node{i}" for i in range(1, 13)]  # node1 is the input, node2..node12 the layers
 BATCH = 4
@@ -70,68 +69,19 @@ def env(**extra: str) -> dict[str, str]:
     return e
 
 
-def run(cmd: list[str], cwd: Path, limit: float, environ: dict[str, str] | None = None) -> tuple[int, str]:
-    """Run a command (and everything it starts, in its own session) with a hard time limit."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=environ or env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=limit)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        out, _ = proc.communicate()
-        raise AssertionError(f"timed out after {limit} s:\n{out[-4000:]}") from None
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
-    return proc.returncode, out
-
-
 def launch(workdir: Path, workers: int, args: list[str], *, elastic: list[str] | None = None, limit: float = 150,
            environ: dict[str, str] | None = None) -> tuple[int, str]:
     """``pipeshift launch --local N --elastic … train-args`` (always the supervisor: explicit ranks)."""
     cmd = [PY, "-m", "pipeshift", "launch", "--local", str(workers), "--elastic", *(elastic or []), "--",
            "stages", "--no-progress", "--threads", "1", "--timeout", "60", "--output-dir", "out",
            "--checkpoint-dir", "ck", *args]
-    return run(cmd, workdir, limit, environ)
-
-
-def final_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    where = ckpt.resolve(ckpt_dir)
-    return ckpt.assemble_state_dict(ckpt.stage_files(where, ckpt.read_meta(where)))
+    return run_bounded(cmd, workdir, limit, environ or env())
 
 
 def reference(steps: int, microbatches: int, make_optimizer) -> torch.nn.Module:
     """Single-process training with the same minibatches: flush's exact equivalent."""
-    bundle = SPEC.build()
-    model, crit = bundle.model, bundle.criterion()
-    data = bundle.data(BATCH, "train", 0) if bundle.data else bundle.synthetic_data(BATCH, 0)
-    opt = make_optimizer(model.parameters())
-    for _ in range(steps):
-        for _ in range(microbatches):
-            x, y = next(data)
-            (crit(model(*x), y) / microbatches).backward()
-        opt.step()
-        opt.zero_grad()
-    return model
-
-
-def assert_same_weights(got: dict[str, torch.Tensor], model: torch.nn.Module, rtol: float = 1e-5) -> None:
-    want = model.state_dict()
-    assert set(got) == set(want)
-    for name, w in want.items():
-        err = float((got[name].float() - w.float()).norm() / w.float().norm().clamp_min(1e-12))
-        assert err <= rtol, f"{name}: relative error {err:.3g}"
+    return accumulate(SPEC.build(), steps, microbatches, BATCH, make_optimizer)
 
 
 def jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def wait_until(predicate, timeout_s: float, every_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise AssertionError("condition not met in time")

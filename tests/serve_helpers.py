@@ -17,13 +17,13 @@ from pathlib import Path
 import httpx
 import torch
 
+from helpers import REPO
 from pipeshift.codegen import generate_package
 from pipeshift.graph.capture import capture, to_graph
 from pipeshift.graph.graphtxt import write_graph_txt
 from pipeshift.spec import ModelSpec
 
 PY = sys.executable
-REPO = Path(__file__).resolve().parents[1]
 GPT = ModelSpec("pipeshift.models:gpt", {"vocab_size": 50, "width": 16, "depth": 2, "heads": 2, "block_size": 32},
                 seed=3)
 

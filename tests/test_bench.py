@@ -16,12 +16,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from benchmarks import run_all  # noqa: E402
-from benchmarks.bench_prediction import measure, traced_compute  # noqa: E402
-from benchmarks.common import Spread, fmt_gap, markdown_table, relative_gap  # noqa: E402
+from benchmarks import run_all
+from benchmarks.bench_prediction import measure, traced_compute
+from benchmarks.common import Spread, fmt_gap, markdown_table, relative_gap
 
 # -- common ---------------------------------------------------------------------------------
 

@@ -21,12 +21,12 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import REPO
 from pipeshift.codegen import build_stages, generate_package, load_package, render_package
 from pipeshift.errors import PipeshiftError
 from pipeshift.graph.capture import LeafPolicy, capture
 from pipeshift.spec import ModelSpec
 
-REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
 TINY_ZOO = {

@@ -12,11 +12,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from helpers import REPO, wait_until
 from pipeshift.cli import main
 from pipeshift.errors import PipeshiftError
 from pipeshift.launch import protocol
@@ -26,20 +26,9 @@ from pipeshift.launch.protocol import AuthError, ProtocolError
 from pipeshift.runtime.policy import Chain, PolicyConfig
 
 pytestmark = pytest.mark.timeout(90)
-REPO = Path(__file__).resolve().parents[1]
 TOKEN = "s3cret-token"
 PLAN = {"version": 1, "stages": [{"stage_id": 0, "nodes": ["node0", "node1"], "ranks": [0]},
                                  {"stage_id": 1, "nodes": ["node2", "node3"], "ranks": [1]}]}
-
-
-def wait_until(predicate, timeout_s: float = 15.0, every_s: float = 0.05):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise AssertionError("condition not met in time")
 
 
 @pytest.fixture

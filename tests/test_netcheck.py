@@ -6,16 +6,15 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from helpers import REPO
 from pipeshift.cli import main
 from pipeshift.errors import PipeshiftError
 from pipeshift.launch.netcheck import free_port, read_topology, summarise_levels, validate_topology
 
 pytestmark = pytest.mark.timeout(180)
-REPO = Path(__file__).resolve().parents[1]
 FAST = ["--rounds", "3", "--warmup", "1", "--large-bytes", "65536", "--timeout", "60"]
 
 

@@ -575,16 +575,6 @@ def test_exhaustive_small_chain_all_split_counts() -> None:
     assert len(result.stages) <= 6
 
 
-def test_brute_force_helper_counts_partitions() -> None:
-    """Sanity of the reference: a 4-node chain has C(3, k-1) splits into k stages."""
-    g = random_dag(5, 4, chain=True)
-    states = all_downset_set(g, frozenset({"node1"}))
-    chains = 0
-    for k in range(1, 5):
-        chains += sum(1 for combo in itertools.combinations(states[:-1], k - 1))
-    assert chains == 2 ** 3
-
-
 @pytest.mark.parametrize("seed", [31, 32, 33])
 def test_glueing_zero_cost_nodes_keeps_the_optimum(seed: int) -> None:
     """Zero-cost sinks (unused __getitem__) and sources only multiply states; glued, the optimum stays."""

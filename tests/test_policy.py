@@ -294,13 +294,3 @@ def test_observe_rejects_bad_measurements():
 def test_config_is_validated():
     with pytest.raises(PipeshiftError):
         PolicyConfig(threshold=0.1, clear_threshold=0.2)
-
-
-def test_decision_is_json_serialisable():
-    import json
-
-    policy = balanced_policy()
-    for _ in range(3):
-        d = policy.observe(measured_for(policy, [2.0, 1.0]), step=7, remaining_steps=1000)
-    line = json.loads(json.dumps(d.to_json()))
-    assert line["event"] == "policy_decision" and line["repartition"] is True and line["step"] == 7

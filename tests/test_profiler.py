@@ -20,6 +20,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from helpers import REPO
 from pipeshift.cli import main
 from pipeshift.graph import read_graph_txt
 from pipeshift.graph.capture import TraceError, capture
@@ -29,8 +30,6 @@ from pipeshift.profiler.runner import GroupRunner
 from pipeshift.profiler.validate import backward_execution_order, collapse_runs
 from pipeshift.spec import ModelSpec
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 from tests import profiler_user_model as user  # noqa: E402
 
 # Tiny but not trivial: per-node Python overhead must stay small next to compute for the

@@ -12,13 +12,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from helpers import REPO
 from pipeshift.graph import read_graph_txt
 from pipeshift.optimizer.planner import PlanOptions, make_plan
 from pipeshift.optimizer.topology import from_flags
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `repro` is a top-level folder of the checkout, not part of the package
-    sys.path.insert(0, str(REPO))
 
 from repro.notation import (  # noqa: E402
     canonical,

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `repro` is a top-level folder of the checkout, not part of the package
-    sys.path.insert(0, str(REPO))
 
 from pipeshift.errors import PipeshiftError  # noqa: E402
 from repro.emulated_cluster import (  # noqa: E402

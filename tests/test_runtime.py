@@ -12,7 +12,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -21,14 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 from torch.func import functional_call
 
+from helpers import PY, accumulate, assert_same_weights, final_weights, free_port, stream
 from pipeshift import cli
 from pipeshift.runtime import checkpoint as ckpt
 from pipeshift.spec import ModelSpec
 
-PY = sys.executable
 TIMEOUT = 120  # hard limit per multi-process run (2 shared cores)
 
 # -- packages ---------------------------------------------------------------------------------
@@ -133,12 +131,6 @@ def workdir(tmp_path: Path, monkeypatch) -> Path:
 # -- running ranks ----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(workdir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(workdir / "mods"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -181,11 +173,6 @@ def train(workdir: Path, pkg: Path, world: int, *args: str, per_rank=None, expec
     return results
 
 
-def final_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    where = ckpt.resolve(ckpt_dir)
-    return ckpt.assemble_state_dict(ckpt.stage_files(where, ckpt.read_meta(where)))
-
-
 # -- single-process references ----------------------------------------------------------------
 
 
@@ -193,25 +180,9 @@ def _bundle(spec: dict):
     return ModelSpec.from_json(spec).build()
 
 
-def _stream(bundle, batch_size: int, seed: int, split: str = "train"):
-    if bundle.data is not None:
-        return bundle.data(batch_size, split, seed)
-    return bundle.synthetic_data(batch_size, seed + (split != "train"))
-
-
 def reference_accumulate(spec: dict, steps: int, m: int, b: int, make_opt, seed: int = 0):
     """Plain single-process training: gradient accumulation over m microbatches per step."""
-    bundle = _bundle(spec)
-    model, crit = bundle.model, bundle.criterion()
-    data = _stream(bundle, b, seed)
-    opt = make_opt(model.parameters())
-    for _ in range(steps):
-        for _ in range(m):
-            x, y = next(data)
-            (crit(model(*x), y) / m).backward()
-        opt.step()
-        opt.zero_grad()
-    return model
+    return accumulate(_bundle(spec), steps, m, b, make_opt, seed)
 
 
 def reference_versions(spec: dict, stage_fqns: list[list[str]], microbatches: int, b: int, lr: float,
@@ -227,7 +198,7 @@ def reference_versions(spec: dict, stage_fqns: list[list[str]], microbatches: in
     params = dict(model.named_parameters())
     opt = torch.optim.SGD(params.values(), lr=lr, momentum=momentum)
     history = [{n: p.detach().clone() for n, p in params.items()}]
-    data = _stream(bundle, b, seed)
+    data = stream(bundle, b, seed)
     grads = {n: torch.zeros_like(p) for n, p in params.items()}
     for t in range(microbatches):
         x, y = next(data)
@@ -246,14 +217,6 @@ def reference_versions(spec: dict, stage_fqns: list[list[str]], microbatches: in
             opt.zero_grad()
             history.append({n: p.detach().clone() for n, p in params.items()})
     return model
-
-
-def assert_same_weights(got: dict[str, torch.Tensor], model: nn.Module, rtol: float = 1e-5) -> None:
-    want = model.state_dict()
-    assert set(got) == set(want)
-    for name, w in want.items():
-        err = (got[name].float() - w.float()).norm() / w.float().norm().clamp_min(1e-12)
-        assert err <= rtol, f"{name}: relative error {err:.3g}"
 
 
 def sgd(lr=0.05, momentum=0.9):
@@ -305,7 +268,7 @@ def test_flush_run_writes_metrics_trace_and_evaluates(workdir):
     bundle = _bundle(MLP_SPEC)
     bundle.model.load_state_dict(final_weights(workdir / "ck"))
     bundle.model.eval()
-    data, crit = _stream(bundle, 4, 0, "val"), bundle.criterion()
+    data, crit = stream(bundle, 4, 0, "val"), bundle.criterion()
     with torch.no_grad():
         want = torch.stack([crit(bundle.model(*x), y) for x, y in (next(data) for _ in range(4))]).mean()
     assert abs(float(val[0]["loss"]) - float(want)) <= 1e-5 * abs(float(want))
@@ -334,41 +297,36 @@ def _stage_fqns(spec: dict, package: Path) -> list[list[str]]:
     return out
 
 
-@pytest.mark.parametrize("model, shape", [("mlp", [2]), ("skip", 3)])
-def test_1f1b_matches_weight_stashing_semantics(workdir, model, shape):
-    if model == "mlp":
-        pkg, spec = mlp_package(workdir / "pkg", shape), MLP_SPEC
-    else:
-        pkg, spec = skip_package(workdir / "pkg", shape), {"callable": "runtime_test_skipnet:build", "seed": 5}
-    stages = len(json.loads((pkg / "conf.json").read_text())["stage_to_rank_map"])
-    m, steps = stages, 3
-    train(workdir, pkg, stages, "--schedule", "1f1b", "--microbatches", str(m), "--steps", str(steps),
-          "--lr", "0.05", "--momentum", "0.9", "--checkpoint-dir", str(workdir / "ck"))
+# schedule -> (steps, weight version of stage s for microbatch t, microbatches per update), given stages, m
+WEIGHT_VERSIONS = {
     # PipeDream: stage s runs microbatch t on the weights after t - (stages - s - 1) updates,
     # forward and backward alike, and updates after every microbatch
-    ref = reference_versions(spec, _stage_fqns(spec, pkg), m * steps, 4, 0.05, 0.9,
-                             lambda s, t: max(0, t - (stages - s - 1)), step_every=1)
-    assert_same_weights(final_weights(workdir / "ck"), ref)
-    # and it is not plain synchronous SGD: the versions matter
-    sync = reference_versions(spec, _stage_fqns(spec, pkg), m * steps, 4, 0.05, 0.9, lambda s, t: t, step_every=1)
-    with pytest.raises(AssertionError):
-        assert_same_weights(final_weights(workdir / "ck"), sync)
+    "1f1b": (3, lambda stages, m: (lambda s, t: max(0, t - (stages - s - 1)), 1)),
+    # PipeDream-2BW: W(t+1) = W(t) - lr * grad(W(t-1)); minibatch b runs on W(max(b-1, 0))
+    "2bw": (4, lambda stages, m: (lambda s, t: max(t // m - 1, 0), m)),
+}
 
 
+@pytest.mark.parametrize("schedule", sorted(WEIGHT_VERSIONS))
 @pytest.mark.parametrize("model, shape", [("mlp", [2]), ("skip", 3)])
-def test_2bw_matches_double_buffered_semantics(workdir, model, shape):
+def test_asynchronous_schedules_match_their_weight_versions(workdir, schedule, model, shape):
     if model == "mlp":
         pkg, spec = mlp_package(workdir / "pkg", shape), MLP_SPEC
     else:
         pkg, spec = skip_package(workdir / "pkg", shape), {"callable": "runtime_test_skipnet:build", "seed": 5}
     stages = len(json.loads((pkg / "conf.json").read_text())["stage_to_rank_map"])
-    m, steps = stages, 4
-    train(workdir, pkg, stages, "--schedule", "2bw", "--microbatches", str(m), "--steps", str(steps),
+    m = stages
+    steps, rule = WEIGHT_VERSIONS[schedule]
+    version_of, step_every = rule(stages, m)
+    train(workdir, pkg, stages, "--schedule", schedule, "--microbatches", str(m), "--steps", str(steps),
           "--lr", "0.05", "--momentum", "0.9", "--checkpoint-dir", str(workdir / "ck"))
-    # PipeDream-2BW: W(t+1) = W(t) - lr * grad(W(t-1)); minibatch b runs on W(max(b-1, 0))
-    ref = reference_versions(spec, _stage_fqns(spec, pkg), m * steps, 4, 0.05, 0.9,
-                             lambda s, t: max(t // m - 1, 0), step_every=m)
+    ref = reference_versions(spec, _stage_fqns(spec, pkg), m * steps, 4, 0.05, 0.9, version_of, step_every)
     assert_same_weights(final_weights(workdir / "ck"), ref)
+    # and it is not plain synchronous SGD: the versions matter
+    sync = reference_versions(spec, _stage_fqns(spec, pkg), m * steps, 4, 0.05, 0.9, lambda s, t: t // step_every,
+                              step_every)
+    with pytest.raises(AssertionError):
+        assert_same_weights(final_weights(workdir / "ck"), sync)
 
 
 # -- checkpoints: resume and export --------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from pipeshift.runtime.distributed import free_port
+from helpers import accumulate, free_port
 from pipeshift.runtime.pipeline import Pipeline, optimizer_state_by_fqn
 from pipeshift.runtime.trainer import MicrobatchFeed
 from pipeshift.spec import ModelSpec
@@ -112,16 +112,8 @@ def _run(tmp_path: Path, steps_before: int, steps_after: int, limit: float = 120
 
 def test_rebuild_onto_a_new_partition_keeps_training_exact(tmp_path):
     got = _run(tmp_path, steps_before=2, steps_after=2)
-    bundle = ModelSpec.from_json(SPEC).build()
-    model, crit = bundle.model, bundle.criterion()
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
-    data = bundle.data(B, "train", 0)
-    for _ in range(4):
-        for _ in range(M):
-            x, y = next(data)
-            (crit(model(*x), y) / M).backward()
-        opt.step()
-        opt.zero_grad()
+    model = accumulate(ModelSpec.from_json(SPEC).build(), 4, M, B,
+                       lambda params: torch.optim.SGD(params, lr=LR, momentum=MOMENTUM))
     for name, want in model.state_dict().items():
         assert torch.allclose(got[name], want, rtol=1e-5, atol=1e-7), name
 
