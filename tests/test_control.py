@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 import time
 
 import numpy as np

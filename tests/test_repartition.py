@@ -17,7 +17,8 @@ from torch import nn
 
 import repartition_helpers as h
 from pipeshift.errors import PipeshiftError
-from pipeshift.runtime import elastic
+from pipeshift.runtime.job import parse_repartition_at
+from pipeshift.runtime.restart import load_chain, replan_for_workers
 from pipeshift.runtime.policy import Chain, ReplanRequest, builtin_replan
 from pipeshift.runtime.repartition import Partition, Repartitioner, _Item, _pack, _unpack, plan_transfers
 from pipeshift.testing.slowdown import parse_slowdowns, slowdown_at
@@ -99,13 +100,13 @@ def test_slowdown_flags():
 
 def test_repartition_at_flags(tmp_path):
     good = h.plan(tmp_path, "P", [3], [[0], [1]])
-    forced = elastic.parse_repartition_at([f"7:{good}", f"3:{good}"])
+    forced = parse_repartition_at([f"7:{good}", f"3:{good}"])
     assert [f.step for f in forced] == [3, 7] and forced[0].plan["stages"][0]["nodes"] == h.NODES[:3]
     with pytest.raises(PipeshiftError, match="STEP:PLAN"):
-        elastic.parse_repartition_at(["seven:x.json"])
+        parse_repartition_at(["seven:x.json"])
     (tmp_path / "bad.json").write_text("{nope")
     with pytest.raises(PipeshiftError, match="bad.json:1"):
-        elastic.parse_repartition_at([f"2:{tmp_path / 'bad.json'}"])
+        parse_repartition_at([f"2:{tmp_path / 'bad.json'}"])
 
 
 def test_policy_never_leaves_a_stage_with_only_the_inputs():
@@ -125,13 +126,13 @@ def test_policy_never_leaves_a_stage_with_only_the_inputs():
 def test_replan_for_fewer_workers_uses_the_profiled_times(tmp_path):
     h.package(tmp_path, [5, 9], [[0], [1], [2]])
     base = json.loads((tmp_path / "plan.json").read_text())
-    chain = elastic.load_chain(base, tmp_path / "graph.txt", "momentum")
-    two = elastic.replan_for_workers(base, 2, chain)
+    chain = load_chain(base, tmp_path / "graph.txt", "momentum")
+    two = replan_for_workers(base, 2, chain)
     assert [st["ranks"] for st in two["stages"]] == [[0], [1]]
     assert sum(len(st["nodes"]) for st in two["stages"]) == 12
     # eleven equal operations: the cut leaves five or six on each side
     assert sorted(len(st["nodes"]) for st in two["stages"]) in ([6, 6], [5, 7])
-    blind = elastic.replan_for_workers(base, 4, None)
+    blind = replan_for_workers(base, 4, None)
     assert [len(st["nodes"]) for st in blind["stages"]] == [3, 3, 3, 3]
 
 

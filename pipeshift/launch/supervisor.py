@@ -7,7 +7,7 @@ one process per rank (``pipeshift train --rank R --world-size N --dist-addr 127.
 on a fresh port for every round:
 
 * every rank exits 0 — done;
-* every rank exits :data:`~pipeshift.runtime.elastic.EXIT_REGROUP` — a planned resize: the
+* every rank exits :data:`~pipeshift.runtime.restart.EXIT_REGROUP` — a planned resize: the
   ranks have written a checkpoint and ``elastic.json`` with the new size; restart with it;
 * otherwise one rank failed (the survivors follow within ``--timeout``, or are killed after a
   grace period) — restart from the last consistent checkpoint, on the same number of ranks
@@ -32,8 +32,8 @@ from pathlib import Path
 from pipeshift.errors import PipeshiftError
 from pipeshift.jsonfile import read_json_object
 from pipeshift.runtime.distributed import free_port
-from pipeshift.runtime.elastic import ELASTIC_FILE, EXIT_REGROUP
 from pipeshift.runtime.cli import READY_ENV
+from pipeshift.runtime.restart import ELASTIC_FILE, EXIT_REGROUP
 from pipeshift.testing.faults import ATTEMPT_ENV
 
 

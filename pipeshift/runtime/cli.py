@@ -209,7 +209,8 @@ def _train(args: argparse.Namespace, info, connect: Connect | None,
     from pipeshift.runtime.pipeline import Pipeline
     from pipeshift.runtime.trainer import TrainConfig, Trainer, agree, check_partition
 
-    from pipeshift.runtime import elastic
+    from pipeshift.runtime.job import prepare_job
+    from pipeshift.runtime.restart import EXIT_REGROUP
 
     # Load everything, but report a local failure through the agreement so every rank says it.
     error, pkg, bundle, entries, config, job = None, None, None, None, {}, None
@@ -220,7 +221,7 @@ def _train(args: argparse.Namespace, info, connect: Connect | None,
         bundle = pkg.bundle(weights=False)  # nothing allocated: this rank materialises only its stages
         microbatches = args.microbatches or 2 * pkg.num_stages
         batch_size = args.batch_size or pkg.batch_size or 32
-        job = elastic.prepare_job(args, pkg, bundle, info.rank, info.world_size, connect)
+        job = prepare_job(args, pkg, bundle, info.rank, info.world_size, connect)
         entries = job.entries
         torch.manual_seed(args.seed)  # dropout's stream, whichever way the stages were built
         config = {"package": pkg.digest(), "conf": {"module_to_stage_map": pkg.module_to_stage,
@@ -276,7 +277,7 @@ def _train(args: argparse.Namespace, info, connect: Connect | None,
     sys.stdout.flush()
     sys.stderr.flush()
     _destroy()
-    return elastic.EXIT_REGROUP if trainer.regroup else 0
+    return EXIT_REGROUP if trainer.regroup else 0
 
 
 def _record_weights(path: Path, local, init_from: str | None, pkg) -> None:

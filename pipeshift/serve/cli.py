@@ -257,7 +257,7 @@ def _build(pkg, rank: int, init_from: str | None, repartitionable: bool):
 
     from torch import nn
 
-    from pipeshift.runtime.elastic import package_entries, package_plan
+    from pipeshift.runtime.job import package_entries, package_plan
     from pipeshift.runtime.local import local_entries
     from pipeshift.runtime.repartition import Partition, Repartitioner, plan_stage_ranks
 
@@ -326,7 +326,8 @@ def _forced(values: list[str]) -> list[tuple[int, dict[str, Any], str]]:
 
 
 def _policy(args: argparse.Namespace, pkg):
-    from pipeshift.runtime.elastic import find_graph, package_plan, policy_config
+    from pipeshift.runtime.job import package_plan, policy_config
+    from pipeshift.runtime.restart import find_graph
     from pipeshift.serve.policy import ServePolicy, serving_chain
 
     if args.report_every < 1:

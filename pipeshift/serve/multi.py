@@ -171,7 +171,7 @@ def _build(name: str, stages: str, weights: str | None, rank: int):
     """One model on this rank: its package, its entries (this rank's stages real), its routing."""
     from torch import nn
 
-    from pipeshift.runtime.elastic import package_entries
+    from pipeshift.runtime.job import package_entries
     from pipeshift.runtime.local import _aliases
     from pipeshift.runtime.package import load_stage_package
     from pipeshift.serve.routing import build_routing

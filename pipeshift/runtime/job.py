@@ -1,0 +1,278 @@
+"""Setting a rank's job up from the command line: the partition it starts on and what may move it.
+
+:func:`prepare_job` runs before the start-up agreement (so an error here reaches every rank): it
+parses the repartitioning flags, picks the plan in force (the package's, or after a restart the
+checkpoint's, see :mod:`pipeshift.runtime.restart`), builds this rank's stages, the
+repartitioner and the policy, and connects to the master through the control plane the command
+wired in. :meth:`Job.controller` then gives the trainer its :class:`~pipeshift.runtime.elastic.Controller`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+from pipeshift.errors import InputFileError, PipeshiftError
+from pipeshift.plan import read_plan
+from pipeshift.runtime.control import Connect, ControlPlane
+from pipeshift.runtime.local import LocalBuild, local_entries
+from pipeshift.runtime.repartition import Repartitioner
+
+from pipeshift.runtime.elastic import ControlConfig, Controller, ForcedSwitch
+from pipeshift.runtime.restart import find_graph, load_chain, resume_plan
+
+
+# -- flags --------------------------------------------------------------------------------------
+
+
+def read_plan_file(path: str) -> dict[str, Any]:
+    return read_plan(path).to_json()
+
+
+def parse_repartition_at(values: Sequence[str]) -> list[ForcedSwitch]:
+    out = []
+    for index, text in enumerate(values or []):
+        step, sep, path = text.partition(":")
+        if not sep or not step.strip().isdigit() or not path:
+            raise PipeshiftError(f"--repartition-at {text!r}: expected STEP:PLAN_JSON, e.g. 20:plan3/plan.json")
+        out.append(ForcedSwitch(index, int(step), path, read_plan_file(path)))
+    return sorted(out, key=lambda f: (f.step, f.index))
+
+
+def file_digest(paths: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(json.dumps(read_plan_file(path), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+# -- setting a job up -----------------------------------------------------------------------------
+
+
+def package_plan(pkg) -> dict[str, Any] | None:
+    """The package's plan.json with each stage's ranks taken from conf.json; None if it lists no stages."""
+    plan = pkg.plan
+    stages = plan.get("stages") if isinstance(plan, dict) else None
+    if not isinstance(stages, list) or not stages:
+        return None
+    if len(stages) != pkg.num_stages:
+        raise InputFileError(str(pkg.path / "plan.json"), None,
+                             f"lists {len(stages)} stages but conf.json has {pkg.num_stages}")
+    out = dict(plan)
+    out["stages"] = [{**st, "ranks": list(pkg.stage_to_rank[k]), "replicas": len(pkg.stage_to_rank[k])}
+                     for k, st in enumerate(stages)]
+    return out
+
+
+def _optimizer_kind(args) -> str:
+    name = str(args.optimizer).lower()
+    if name in ("adam", "adamw"):
+        return name
+    if name == "sgd":
+        return "momentum" if args.momentum else "sgd"
+    return "adam"  # unknown optimizers: assume two state tensors per parameter
+
+
+def policy_config(items: Sequence[str]):
+    from pipeshift.runtime.policy import PolicyConfig
+    from pipeshift.spec import parse_model_args
+
+    known = {f.name for f in dataclasses.fields(PolicyConfig)}
+    values = parse_model_args(items)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise PipeshiftError(f"--policy-arg: unknown setting(s) {unknown}; known: {', '.join(sorted(known))}")
+    try:
+        return PolicyConfig(**values)
+    except TypeError as e:
+        raise PipeshiftError(f"--policy-arg: {e}") from None
+
+
+@dataclasses.dataclass
+class Job:
+    """How this rank starts: its module list, the partition, and what drives repartitioning."""
+
+    entries: list | None
+    rank: int
+    world_size: int
+    args: Any
+    repartitioner: Repartitioner | None = None
+    module_to_stage: list[int] | None = None
+    stage_ranks: list[list[int]] | None = None
+    source: str | None = None
+    note: str = ""
+    agreed: dict[str, Any] = dataclasses.field(default_factory=dict)
+    forced: list[ForcedSwitch] = dataclasses.field(default_factory=list)
+    master: ControlPlane | None = None
+    connect: Connect | None = None  # how to reach the master (``--master``)
+    policy: Any = None
+    chain: Any = None
+    local: LocalBuild | None = None  # which tensors this rank materialised, and read from --init-from
+
+    def controller(self, pipeline, cfg) -> Controller | None:
+        args = self.args
+        if not (self.repartitioner or self.forced or args.master or args.policy == "auto"):
+            return None  # nothing to decide, and the package's own partition: checkpoints need no plan
+        config = ControlConfig(report_every=args.report_every, policy=args.policy, master=bool(args.master),
+                               total_steps=cfg.steps, output_dir=Path(cfg.output_dir))
+        return Controller(self.rank, self.world_size, self.repartitioner, config, forced=self.forced,
+                          master=self.master, policy=self.policy, chain=self.chain)
+
+
+def prepare_job(args, pkg, bundle, rank: int, world_size: int, connect: Connect | None = None) -> Job:
+    """Everything this rank needs before the start-up agreement (errors then reach every rank).
+
+    The plan in force is the package's, or after a restart the checkpoint's (re-planned when the
+    number of ranks changed). Stages are built over this rank's full model whenever anything may
+    repartition, so a switch moves references, not copies, for the layers a rank keeps.
+    """
+    from pipeshift.runtime.repartition import Partition, plan_stage_ranks
+
+    job = Job(entries=None, rank=rank, world_size=world_size, args=args, connect=connect)
+    job.forced = parse_repartition_at(args.repartition_at)
+    wants = bool(job.forced or args.master or args.policy == "auto")
+    if job.forced:
+        job.agreed["repartition_plans"] = file_digest([f.path for f in job.forced])
+    base = package_plan(pkg)
+    chain = None
+    if base is not None and (args.policy == "auto" or args.resume):
+        chain = load_chain(base, find_graph(base, pkg.path, args.graph), _optimizer_kind(args))
+    plan, job.note = resume_plan(args.checkpoint_dir if args.resume else None, world_size, base, chain)
+    if plan is not None:
+        _same_model(plan, pkg, "the checkpoint's plan.json")
+    criterion = bundle.criterion()
+    if plan is None and not wants:
+        job.local = package_entries(pkg, bundle.model, criterion, rank, args.init_from)
+        job.entries = job.local.entries
+        return _connect(job, None)
+    if base is None:
+        raise PipeshiftError(f"{pkg.path}: repartitioning needs a stage package written by `pipeshift codegen` "
+                             "(its plan.json lists the stages)")
+    from pipeshift.codegen import build_stages, capture_model, render_package
+
+    full = bundle.model
+    # Capture the model's graph now rather than at the first switch: it builds and runs a fresh
+    # copy of the model, seconds for a large one, which would otherwise lengthen the first pause.
+    model_capture = capture_model(plan or base)
+    if plan is None:
+        plan = base
+        original = _accepts_original(pkg.module.model)
+
+        def make(model):  # a package that cannot adopt builds its own model; a switch copies its values in
+            module = _WithOriginal(pkg.module.model, model) if original else pkg.module
+            return dataclasses.replace(pkg, module=module).entries(criterion)
+    else:
+        inputs = render_package(plan, model_capture).layout.criterion_inputs
+
+        def make(model):
+            return [*build_stages(plan, model, model_capture=model_capture), (criterion, inputs, ["loss"])]
+        job.source = "the checkpoint's plan.json"
+    stage_ranks = plan_stage_ranks(plan)
+    # A job that may repartition keeps every layer on every rank, so a switch has them at hand.
+    job.local = local_entries(make, full, list(range(len(stage_ranks))) + [len(stage_ranks) - 1],
+                              range(len(stage_ranks)), seed=pkg.spec.seed if pkg.spec else 0,
+                              init_from=args.init_from, who=f"rank {rank}")
+    job.entries = job.local.entries
+    job.stage_ranks = plan_stage_ranks(plan)
+    job.module_to_stage = list(range(len(job.stage_ranks))) + [len(job.stage_ranks) - 1]
+    partition = Partition.of(plan, job.stage_ranks, [m for m, _, _ in job.entries[:-1]])
+    job.repartitioner = Repartitioner(rank, full, job.entries[-1], partition, model_capture)
+    job.agreed["start_plan"] = hashlib.sha256(json.dumps(plan.get("stages"), sort_keys=True).encode()).hexdigest()
+    if args.policy == "auto":
+        if chain is None:
+            raise PipeshiftError("--policy auto needs the profiled graph.txt: pass --graph (the plan's "
+                                 f"'graph' {base.get('graph')!r} was not found)")
+        from pipeshift.runtime.policy_driver import PolicyDriver
+
+        job.chain = chain
+        job.policy = PolicyDriver(plan, chain, policy_config(args.policy_arg))
+    elif chain is not None:
+        job.chain = chain
+    return _connect(job, plan)
+
+
+def _same_model(plan: Mapping[str, Any], pkg, source: str) -> None:
+    """A plan read from a checkpoint is data: it may only re-split the package's own model.
+
+    Its spec is what the stages would be built from, so a spec other than the package's would
+    import and run code the user never named (and train another model besides).
+    """
+    from pipeshift.spec import ModelSpec
+
+    try:
+        spec = ModelSpec.from_json(plan.get("model"))
+    except PipeshiftError as e:
+        raise PipeshiftError(f"{source}: {e}") from None
+    if pkg.spec is None or spec != pkg.spec:
+        raise PipeshiftError(f"{source} names the model {spec.callable} (seed {spec.seed}), not the package's "
+                             f"{pkg.spec.callable if pkg.spec else 'unknown'} model; refusing to run it")
+
+
+class _WithOriginal:
+    """A package module whose ``model(criterion)`` adopts from a model we already hold."""
+
+    def __init__(self, model_fn, original):
+        self._fn, self._original = model_fn, original
+
+    def model(self, criterion):
+        return self._fn(criterion, self._original)
+
+
+def package_entries(pkg, model, criterion, rank: int, init_from: str | None) -> LocalBuild:
+    """The package's entries with only this rank's stages' tensors real (see :mod:`pipeshift.runtime.local`).
+
+    A hand-written package whose ``model(criterion)`` cannot adopt from a given model builds its
+    own whole model; weights from ``init_from`` are then loaded into this rank's stages only.
+    """
+    from pipeshift.runtime.local import stage_tensor_names
+
+    stages = [s for s, ranks in pkg.stage_to_rank.items() if rank in ranks]
+    who = f"rank {rank} (stage {', '.join(map(str, stages))})"
+    if _accepts_original(pkg.module.model):
+        def make(m):
+            return dataclasses.replace(pkg, module=_WithOriginal(pkg.module.model, m)).entries(criterion)
+
+        return local_entries(make, model, pkg.module_to_stage, stages, seed=pkg.spec.seed if pkg.spec else 0,
+                             init_from=init_from, who=who)
+    entries = pkg.entries(criterion)
+    held: list[str] = []
+    loaded: list[str] = []
+    for i, (module, _, _) in enumerate(entries[:-1]):
+        if pkg.module_to_stage[i] in stages:
+            state = module.state_dict(keep_vars=True)
+            mine = sorted(set(state) & stage_tensor_names(module))
+            held += mine
+            if init_from is not None:
+                from pipeshift.weights import load_into, open_weights
+
+                loaded += load_into(state, open_weights(init_from), mine, who=who)
+    return LocalBuild(entries, held, loaded)
+
+
+def _accepts_original(fn) -> bool:
+    import inspect
+
+    try:
+        return len(inspect.signature(fn).parameters) >= 2
+    except (TypeError, ValueError):
+        return False
+
+
+def _connect(job: Job, plan: dict[str, Any] | None) -> Job:
+    """Register with the master (every rank), through the control plane the command wired in."""
+    if not job.args.master:
+        return job
+    if job.connect is None:
+        raise PipeshiftError("--master: this command has no control-plane client (run `pipeshift train`)")
+    stage = 0
+    if plan is not None:
+        from pipeshift.runtime.repartition import plan_stage_ranks
+
+        stage = next((k for k, ranks in enumerate(plan_stage_ranks(plan)) if job.rank in ranks), 0)
+    job.master = job.connect(job.rank, stage)
+    return job

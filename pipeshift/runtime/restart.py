@@ -1,0 +1,119 @@
+"""How a job restarts: the exit code that asks for it, and the plan the restarted job runs.
+
+After a failure or a resize every rank ends; the elastic supervisor (``pipeshift launch --local N
+--elastic``) or torchrun starts the job again, possibly on another number of ranks, and
+:func:`resume_plan` picks the plan: the partition recorded in the checkpoint it resumes from,
+re-split for the new number of workers when that changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeshift.errors import PipeshiftError
+from pipeshift.plan import read_plan
+from pipeshift.runtime import checkpoint as ckpt
+
+
+EXIT_REGROUP = 75  # every rank exits with this after a resize: restart me with elastic.json's world size
+ELASTIC_FILE = "elastic.json"
+
+
+# -- plans after a restart ----------------------------------------------------------------------
+
+
+def plan_world_size(plan: Mapping[str, Any]) -> int:
+    from pipeshift.runtime.repartition import plan_stage_ranks
+
+    return sum(len(r) for r in plan_stage_ranks(plan))
+
+
+def find_graph(plan: Mapping[str, Any], package_dir: Path | None, explicit: str | None) -> Path | None:
+    """The profiled graph.txt behind ``plan``: ``--graph``, else the plan's ``graph`` where it resolves."""
+    if explicit:
+        p = Path(explicit)
+        if not p.is_file():
+            raise PipeshiftError(f"--graph {explicit}: no such file")
+        return p
+    named = plan.get("graph")
+    if not isinstance(named, str) or not named or "\x00" in named:
+        return None
+    g = Path(named)
+    candidates = [g]
+    if package_dir is not None and not g.is_absolute():  # plan.json's graph is relative to the plan's directory
+        candidates = [package_dir / g, g, package_dir.parent / g, package_dir / g.name, package_dir.parent / g.name]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def load_chain(plan: Mapping[str, Any], graph: Path | None, optimizer: str):
+    """The policy's view of the model (per-node times); ``None`` without a graph."""
+    if graph is None:
+        return None
+    from pipeshift.graph.graphtxt import read_graph_txt
+    from pipeshift.runtime.policy import chain_from_graph
+
+    return chain_from_graph(read_graph_txt(graph), optimizer=optimizer)
+
+
+def replan_for_workers(plan: Mapping[str, Any], workers: int, chain=None) -> dict[str, Any]:
+    """``plan`` re-split into ``workers`` single-rank stages (after a shrink or a grow).
+
+    With the profiled graph (``chain``) this is the policy's exact straight-pipeline DP on the
+    profiled times; without it, the nodes in plan order are split into equal counts.
+    """
+    from pipeshift.runtime.policy import ReplanRequest, builtin_replan, stages_of
+
+    order = [n for stage in stages_of(plan) for n in stage]
+    if chain is not None and sorted(chain.node_ids) == sorted(order):
+        cut = np.zeros(len(chain) + 1)
+        request = ReplanRequest(node_ids=list(chain.node_ids), node_times_s=np.tile(chain.node_times_s, (workers, 1)),
+                                speed_factors=np.ones(workers), cut_comm_s=cut, current_stages=stages_of(plan),
+                                glued=chain.glued)
+        stages = builtin_replan(request)
+        fqn_of = chain.node_fqns
+        how = "profiled times"
+    else:
+        # without times: equal node counts, inputs kept with the next node
+        bounds = np.linspace(0, len(order), workers + 1).round().astype(int)
+        stages = [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        fqn_of = {}
+        how = "equal node counts"
+    if len(stages) != workers or any(not s for s in stages):
+        raise PipeshiftError(f"cannot split {len(order)} nodes over {workers} workers")
+    out = {k: v for k, v in plan.items() if k not in ("stages", "predicted", "memory_per_worker_bytes")}
+    out["num_workers"] = workers
+    out["stages"] = [{"stage_id": k, "nodes": list(nodes), "fqns": list(dict.fromkeys(fqn_of[n] for n in nodes
+                                                                                     if n in fqn_of)),
+                      "replicas": 1, "ranks": [k]} for k, nodes in enumerate(stages)]
+    out["replanned"] = {"workers": workers, "from": how}
+    return out
+
+
+def resume_plan(checkpoint_dir: str | None, world_size: int, package_plan: dict[str, Any] | None,
+                chain=None) -> tuple[dict[str, Any] | None, str]:
+    """The plan a (re)started job runs: the checkpoint's, re-planned if the worker count changed.
+
+    ``None`` means "the stage package as it is". The checkpoint records the plan in force when it
+    was written (``plan.json`` in its step directory), so a restart after any number of switches
+    resumes on the same partition — every FQN loads onto any partition anyway.
+    """
+    if not checkpoint_dir:
+        return None, ""
+    root = Path(checkpoint_dir)
+    if not (root / ckpt.LATEST).exists() and not (root / "meta.json").exists():
+        return None, ""
+    where = ckpt.choose(root)[0]
+    saved = where / "plan.json"
+    plan = read_plan(saved).to_json() if saved.is_file() else None
+    base = plan or package_plan
+    if base is None:
+        return None, ""
+    if plan_world_size(base) == world_size:
+        return plan, (f"the partition of checkpoint {where.name}" if plan else "")
+    new = replan_for_workers(base, world_size, chain)
+    return new, (f"checkpoint {where.name} ran on {plan_world_size(base)} workers; re-planned for {world_size} "
+                 f"({new['replanned']['from']})")
