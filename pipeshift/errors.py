@@ -6,6 +6,8 @@ other exception is a bug in pipeshift and keeps its traceback.
 
 from __future__ import annotations
 
+import os
+
 
 class PipeshiftError(Exception):
     """A problem with the user's input, files, configuration or peers — never a pipeshift bug."""
@@ -14,7 +16,7 @@ class PipeshiftError(Exception):
 class InputFileError(PipeshiftError):
     """A malformed input file, reported as ``file:line: what is wrong``."""
 
-    def __init__(self, path: str, line: int | None, message: str):
+    def __init__(self, path: str | os.PathLike[str], line: int | None, message: str):
         self.path = str(path)
         self.line = line
         self.message = message

@@ -311,7 +311,7 @@ def parse_plan(data: Any, source: str = "<plan>", text: str | None = None) -> Pl
     batch_size = data.get("batch_size")
     if batch_size is not None and not (_is_int(batch_size, 1) and batch_size <= MAX_BATCH_SIZE):
         raise bad(("batch_size",), f"must be a positive integer up to {MAX_BATCH_SIZE}, got {_short(batch_size)}")
-    schedule = data.get("schedule") if isinstance(data.get("schedule"), Mapping) else {}
+    schedule: Mapping[str, Any] = data["schedule"] if isinstance(data.get("schedule"), Mapping) else {}
     kind = schedule.get("kind")
     if kind is not None and not isinstance(kind, str):
         raise bad(("schedule", "kind"), f"must be a schedule name, got {kind!r}")
@@ -319,7 +319,7 @@ def parse_plan(data: Any, source: str = "<plan>", text: str | None = None) -> Pl
     if microbatches is not None and not (_is_int(microbatches, 1) and microbatches <= MAX_MICROBATCHES):
         raise bad(("schedule", "microbatches"), f"must be a positive integer up to {MAX_MICROBATCHES}, got "
                                                 f"{_short(microbatches)}")
-    memory = data.get("memory") if isinstance(data.get("memory"), Mapping) else {}
+    memory: Mapping[str, Any] = data["memory"] if isinstance(data.get("memory"), Mapping) else {}
     opt_states = memory.get("optimizer_states", 2.0)
     if not _is_number(opt_states):
         raise bad(("memory", "optimizer_states"), f"must be a non-negative number, got {opt_states!r}")
@@ -338,7 +338,7 @@ def _costs(costs: Any, at: JsonPath, bad: Any) -> StageCosts | None:
         value = obj.get(key)
         if value is None and default is not None:
             return default
-        if not _is_number(value):
+        if value is None or not _is_number(value):
             raise bad((*path, key), f"must be a non-negative number, got {value!r}")
         return float(value)
 

@@ -46,6 +46,9 @@ from pipeshift.optimizer.dp import slot_pairs
 from pipeshift.schedule.registry import ScheduleKind, schedule_kind
 
 INF = np.inf
+# a number or an array of them: the formulas are vectorised over ranges and slots, and the same
+# formulas price one stage
+Num = np.ndarray | np.floating | float | int
 SERVE = "serve"  # the forward-only schedule of ``--objective serve``
 
 
@@ -60,14 +63,14 @@ class Schedule:
     def spec(self) -> ScheduleKind:
         return schedule_kind(self.kind)
 
-    def share(self, replicas: np.ndarray | int) -> np.ndarray:
+    def share(self, replicas: Num) -> np.ndarray:
         """Fraction of the stage's microbatches one replica runs (a flush waits for the busiest replica)."""
         r = np.asarray(replicas, dtype=np.float64)
         if self.spec.synchronous:
             return np.ceil(self.microbatches / r) / self.microbatches
         return 1.0 / r
 
-    def sync(self, replicas: np.ndarray | int) -> np.ndarray:
+    def sync(self, replicas: Num) -> np.ndarray:
         """Stage microbatches per gradient all-reduce."""
         r = np.asarray(replicas, dtype=np.float64)
         if not self.spec.backward:  # replicas never synchronise
@@ -79,7 +82,7 @@ class Schedule:
         """Messages per cut per microbatch: activations forward, gradients back (serving: forward only)."""
         return 2.0 if self.spec.backward else 1.0
 
-    def in_flight(self, downstream: np.ndarray | int, replicas: np.ndarray | int) -> np.ndarray:
+    def in_flight(self, downstream: Num, replicas: Num) -> np.ndarray:
         """Microbatches one replica holds at most (:func:`pipeshift.schedule.check.replay` checks the bound)."""
         r = np.asarray(replicas, dtype=np.float64)
         depth = np.ceil((np.asarray(downstream, dtype=np.float64) + r) / r)
@@ -90,13 +93,13 @@ class Schedule:
             return np.minimum(depth, per_replica)
         return depth
 
-    def weight_versions(self, in_flight: np.ndarray) -> np.ndarray:
+    def weight_versions(self, in_flight: Num) -> np.ndarray:
         """Stashed weight copies: one per microbatch in flight (stashing), two (2BW) or none beyond the live one."""
         if not self.spec.backward:
             return np.zeros_like(in_flight)  # the weights themselves: Memory.bytes counts them once
         weights = self.spec.weights
         if weights == "stashed":
-            return in_flight
+            return np.asarray(in_flight, dtype=np.float64)
         return np.full_like(in_flight, 2.0 if weights == "double" else 1.0)
 
 
@@ -112,11 +115,11 @@ class Memory:
         """Serving keeps no optimizer state (and no gradients: versions are 0, see weight_versions)."""
         return cls(limit, optimizer_states if schedule.spec.backward else 0.0)
 
-    def bytes(self, params, stash, in_flight, versions):
-        return params * (versions + 1.0 + self.optimizer_states) + in_flight * stash
+    def bytes(self, params: Num, stash: Num, in_flight: Num, versions: Num) -> np.ndarray:
+        return np.asarray(params * (versions + 1.0 + self.optimizer_states) + in_flight * stash)
 
 
-def ring_allreduce(params: np.ndarray, replicas: np.ndarray, bandwidth: float, latency: float) -> np.ndarray:
+def ring_allreduce(params: Num, replicas: Num, bandwidth: float, latency: float) -> np.ndarray:
     r = np.asarray(replicas, dtype=np.float64)
     return np.where(r > 1, 2.0 * (r - 1) / r * params / bandwidth + 2.0 * (r - 1) * latency, 0.0)
 
@@ -165,7 +168,7 @@ class PipeshiftLevel:
         self.by_mp = self.homogeneous and self.memory is None
 
     # -- pieces ---------------------------------------------------------------------------
-    def _stage_time(self, compute: np.ndarray, params: np.ndarray, replicas: np.ndarray) -> np.ndarray:
+    def _stage_time(self, compute: Num, params: Num, replicas: Num) -> np.ndarray:
         s = self.schedule
         ar = ring_allreduce(params, replicas, self.bandwidth, self.latency)
         return compute * s.share(replicas) + ar / s.sync(replicas)

@@ -130,11 +130,12 @@ def simulate(
     peak_live = [0] * len(ranks)
     fwd_arrival: list[dict[int, float]] = [dict() for _ in range(S)]  # activations at stage s
     bwd_arrival: list[dict[int, float]] = [dict() for _ in range(S)]  # gradients at stage s
-    link_free: dict[tuple, float] = {}
+    link_free: dict[tuple[int, int, int, str], float] = {}
     events: list[dict[str, Any]] = []
     b_done_first: list[float] = []
 
-    def send(src_rank: int, key: tuple, ready: float, dur: float, name: str, args: dict) -> float:
+    def send(src_rank: int, key: tuple[int, int, int, str], ready: float, dur: float, name: str,
+             args: dict[str, Any]) -> float:
         start = max(ready, link_free.get(key, 0.0))
         end = start + dur
         link_free[key] = end

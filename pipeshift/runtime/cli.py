@@ -221,7 +221,7 @@ def _train(args: argparse.Namespace, info, connect: Connect | None,
         bundle = pkg.bundle(weights=False)  # nothing allocated: this rank materialises only its stages
         microbatches = args.microbatches or 2 * pkg.num_stages
         batch_size = args.batch_size or pkg.batch_size or 32
-        job = prepare_job(args, pkg, bundle, info.rank, info.world_size, connect)
+        job = prepare_job(args, pkg, bundle, info.rank, info.world_size, connect, hooks)
         entries = job.entries
         torch.manual_seed(args.seed)  # dropout's stream, whichever way the stages were built
         config = {"package": pkg.digest(), "conf": {"module_to_stage_map": pkg.module_to_stage,

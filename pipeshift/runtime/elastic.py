@@ -275,8 +275,7 @@ class Controller:
             self._reject(trainer, source, error)
             return None
         if reserve:
-            rp.reserve(prepared, trainer.pipeline.optimizer, trainer.pipeline.device,
-                       ahead=trainer.pipeline.hooks.reserve_landing_buffers)
+            rp.reserve(prepared, trainer.pipeline.optimizer, trainer.pipeline.device)
         item = _Scheduled(at, plan, source, strict, prepared, forced_index, command_id)
         self.scheduled.append(item)
         return item

@@ -20,10 +20,10 @@ from typing import Any
 from pipeshift.errors import InputFileError, PipeshiftError
 from pipeshift.plan import read_plan
 from pipeshift.runtime.control import Connect, ControlPlane
+from pipeshift.runtime.elastic import ControlConfig, Controller, ForcedSwitch
+from pipeshift.runtime.hooks import Hooks
 from pipeshift.runtime.local import LocalBuild, local_entries
 from pipeshift.runtime.repartition import Repartitioner
-
-from pipeshift.runtime.elastic import ControlConfig, Controller, ForcedSwitch
 from pipeshift.runtime.restart import find_graph, load_chain, resume_plan
 
 
@@ -124,7 +124,8 @@ class Job:
                           master=self.master, policy=self.policy, chain=self.chain)
 
 
-def prepare_job(args, pkg, bundle, rank: int, world_size: int, connect: Connect | None = None) -> Job:
+def prepare_job(args, pkg, bundle, rank: int, world_size: int, connect: Connect | None = None,
+                hooks: Hooks | None = None) -> Job:
     """Everything this rank needs before the start-up agreement (errors then reach every rank).
 
     The plan in force is the package's, or after a restart the checkpoint's (re-planned when the
@@ -181,7 +182,7 @@ def prepare_job(args, pkg, bundle, rank: int, world_size: int, connect: Connect 
     job.stage_ranks = plan_stage_ranks(plan)
     job.module_to_stage = list(range(len(job.stage_ranks))) + [len(job.stage_ranks) - 1]
     partition = Partition.of(plan, job.stage_ranks, [m for m, _, _ in job.entries[:-1]])
-    job.repartitioner = Repartitioner(rank, full, job.entries[-1], partition, model_capture)
+    job.repartitioner = Repartitioner(rank, full, job.entries[-1], partition, model_capture, hooks=hooks)
     job.agreed["start_plan"] = hashlib.sha256(json.dumps(plan.get("stages"), sort_keys=True).encode()).hexdigest()
     if args.policy == "auto":
         if chain is None:

@@ -39,7 +39,7 @@ class Tracer:
             event["args"] = args
         self.events.append(event)
 
-    def write(self, path: str | os.PathLike, process_name: str) -> None:
+    def write(self, path: str | os.PathLike[str], process_name: str) -> None:
         meta = [{"name": "process_name", "ph": "M", "pid": self.rank, "tid": COMPUTE,
                  "args": {"name": process_name}},
                 {"name": "process_sort_index", "ph": "M", "pid": self.rank, "tid": COMPUTE,
@@ -52,7 +52,7 @@ class Tracer:
 class MetricsLog:
     """Appends rows to ``metrics.csv``, flushing each so a crashed run keeps what it measured."""
 
-    def __init__(self, path: str | os.PathLike, append: bool = False, upto_step: int | None = None):
+    def __init__(self, path: str | os.PathLike[str], append: bool = False, upto_step: int | None = None):
         """``append`` continues an earlier run's file; ``upto_step`` first drops its rows past that
         step (a run resumed from a checkpoint repeats the steps after it: one row per step stays)."""
         self.path = Path(path)

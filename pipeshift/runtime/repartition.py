@@ -384,8 +384,9 @@ class Repartitioner:
     """
 
     def __init__(self, rank: int, full_model: nn.Module, criterion: StageEntry, partition: Partition,
-                 model_capture: Any = None):
+                 model_capture: Any = None, hooks: Hooks | None = None):
         self.rank = rank
+        self.hooks = hooks or Hooks()
         self.full_model = full_model
         self.criterion = criterion
         self.partition = partition
@@ -423,8 +424,7 @@ class Repartitioner:
         new = Partition.of(plan, stage_ranks, [m for m, _, _ in entries[:-1]])
         return Prepared(entries, stage_ranks, new, time.perf_counter() - t0)
 
-    def reserve(self, prepared: Prepared, optimizer: torch.optim.Optimizer, device: torch.device,
-                ahead: bool = True) -> int:
+    def reserve(self, prepared: Prepared, optimizer: torch.optim.Optimizer, device: torch.device) -> int:
         """Allocate, in the background, the optimizer-state buffers this rank will receive; returns their bytes.
 
         Fresh memory costs a page fault per 4 KiB page the first time it is written — for a
@@ -435,7 +435,7 @@ class Repartitioner:
         """
         self.release()
         per_param = _state_tensors_per_param(optimizer)
-        if not per_param or not ahead:
+        if not per_param or not self.hooks.reserve_landing_buffers:
             return 0
         full = dict(self.full_model.named_parameters())
         gaining = [t.key for t in plan_transfers(self.partition, prepared.partition) if t.dst == self.rank]
@@ -486,7 +486,7 @@ class Repartitioner:
                 if key in full and full[key].data_ptr() != current[key].data_ptr():
                     full[key].copy_(current[key])
         stats, received = exchange(transfers, self.rank, current, saved["state"], full, pipeline.comm, where,
-                                   pool=self._pool, hooks=pipeline.hooks)
+                                   pool=self._pool, hooks=self.hooks)
         self.release()
         t_move = time.perf_counter()
         faults = _page_faults() - faults

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,6 +18,8 @@ from pipeshift.errors import PipeshiftError
 from pipeshift.plan import read_plan
 from pipeshift.runtime import checkpoint as ckpt
 
+if TYPE_CHECKING:  # the policy (numpy, the graph) is imported only when a restart re-plans
+    from pipeshift.runtime.policy import Chain
 
 EXIT_REGROUP = 75  # every rank exits with this after a resize: restart me with elastic.json's world size
 ELASTIC_FILE = "elastic.json"
@@ -49,7 +51,7 @@ def find_graph(plan: Mapping[str, Any], package_dir: Path | None, explicit: str 
     return next((c for c in candidates if c.is_file()), None)
 
 
-def load_chain(plan: Mapping[str, Any], graph: Path | None, optimizer: str):
+def load_chain(plan: Mapping[str, Any], graph: Path | None, optimizer: str) -> Chain | None:
     """The policy's view of the model (per-node times); ``None`` without a graph."""
     if graph is None:
         return None
@@ -59,7 +61,7 @@ def load_chain(plan: Mapping[str, Any], graph: Path | None, optimizer: str):
     return chain_from_graph(read_graph_txt(graph), optimizer=optimizer)
 
 
-def replan_for_workers(plan: Mapping[str, Any], workers: int, chain=None) -> dict[str, Any]:
+def replan_for_workers(plan: Mapping[str, Any], workers: int, chain: Chain | None = None) -> dict[str, Any]:
     """``plan`` re-split into ``workers`` single-rank stages (after a shrink or a grow).
 
     With the profiled graph (``chain``) this is the policy's exact straight-pipeline DP on the
@@ -94,7 +96,7 @@ def replan_for_workers(plan: Mapping[str, Any], workers: int, chain=None) -> dic
 
 
 def resume_plan(checkpoint_dir: str | None, world_size: int, package_plan: dict[str, Any] | None,
-                chain=None) -> tuple[dict[str, Any] | None, str]:
+                chain: Chain | None = None) -> tuple[dict[str, Any] | None, str]:
     """The plan a (re)started job runs: the checkpoint's, re-planned if the worker count changed.
 
     ``None`` means "the stage package as it is". The checkpoint records the plan in force when it

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from pipeshift.errors import PipeshiftError
 
@@ -98,7 +98,7 @@ def build_topology(io: Sequence[tuple[Sequence[str], Sequence[str]]], module_to_
     def bad(msg: str) -> PipeshiftError:
         return PipeshiftError(f"{source}: {msg}")
 
-    io = [(tuple(i), tuple(o)) for i, o in io]
+    pairs = [(tuple(i), tuple(o)) for i, o in io]
     m2s = [int(s) for s in module_to_stage]
     if len(m2s) != len(io):
         raise bad(f"module_to_stage_map has {len(m2s)} entries but the package has {len(io)} modules")
@@ -110,13 +110,13 @@ def build_topology(io: Sequence[tuple[Sequence[str], Sequence[str]]], module_to_
     if sorted(set(m2s)) != list(range(num_stages)):
         raise bad(f"module_to_stage_map {m2s} skips a stage")
     ranks = _stage_ranks(stage_ranks, num_stages, bad)
-    if io[-1][1] != (LOSS,):
-        raise bad(f"the last module (the criterion) must output ['loss'], not {list(io[-1][1])}")
+    if pairs[-1][1] != (LOSS,):
+        raise bad(f"the last module (the criterion) must output ['loss'], not {list(pairs[-1][1])}")
 
     producer: dict[str, int] = {}
     raw: set[str] = set()
     edges: dict[tuple[str, int], Edge] = {}
-    for k, ((ins, outs), stage) in enumerate(zip(io, m2s)):
+    for k, ((ins, outs), stage) in enumerate(zip(pairs, m2s)):
         for name in ins:
             if name in producer:
                 src = producer[name]
@@ -135,12 +135,13 @@ def build_topology(io: Sequence[tuple[Sequence[str], Sequence[str]]], module_to_
         raise bad("no module reads 'target': the criterion must take [last_output, 'target']")
     raw_inputs = tuple(sorted((n for n in raw if n != TARGET), key=lambda n: int(n[5:])))
     names = sorted({e.name for e in edges.values()})
-    return Topology(io=tuple(io), module_to_stage=tuple(m2s), stage_ranks=ranks,
+    return Topology(io=tuple(pairs), module_to_stage=tuple(m2s), stage_ranks=ranks,
                     edges=tuple(sorted(edges.values(), key=lambda e: (e.src, e.dst, e.name))),
                     raw_inputs=raw_inputs, tags={n: i for i, n in enumerate(names)})
 
 
-def _stage_ranks(stage_ranks, num_stages: int, bad) -> tuple[tuple[int, ...], ...]:
+def _stage_ranks(stage_ranks: Mapping[int, Sequence[int]] | Sequence[Sequence[int]], num_stages: int,
+                 bad: Callable[[str], PipeshiftError]) -> tuple[tuple[int, ...], ...]:
     if isinstance(stage_ranks, Mapping):
         try:
             table = {int(k): v for k, v in stage_ranks.items()}

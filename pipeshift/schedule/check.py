@@ -41,7 +41,7 @@ def cost_model_bounds(kind: str, microbatches: int, minibatches: int, downstream
     model = Schedule(kind, microbatches)
     held = float(model.in_flight(downstream, replicas))
     steps = microbatches * minibatches / float(model.sync(replicas))
-    return int(held), float(model.weight_versions(np.float64(held))), int(round(steps))
+    return int(held), float(model.weight_versions(np.array(held))), int(round(steps))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from pipeshift.errors import PipeshiftError
 from pipeshift.runtime.hooks import Hooks
@@ -22,6 +22,16 @@ ATTEMPT_ENV = "PIPESHIFT_ATTEMPT"
 
 def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _die_after(step: int | None) -> Callable[[int], None]:
+    """A sync-point hook that kills the rank after ``step`` (any step if ``None``)."""
+
+    def hook(now: int) -> None:
+        if step is None or now == step:
+            _die()
+
+    return hook
 
 
 def install_faults(hooks: Hooks, rank: int, environ: Mapping[str, str]) -> None:
@@ -41,4 +51,4 @@ def install_faults(hooks: Hooks, rank: int, environ: Mapping[str, str]) -> None:
         elif name == "migrate":
             hooks.mid_migration.append(_die)
         else:
-            hooks.at_sync_point.append(lambda step, at=at: _die() if not at or step == int(at) else None)
+            hooks.at_sync_point.append(_die_after(int(at) if at else None))
