@@ -70,7 +70,7 @@ class _Connection:
             protocol.send_message(self.sock, {**hello, "type": "hello", "nonce": mine,
                                               "auth": protocol.sign(token, challenge["nonce"], mine, role)})
             session = protocol.Session(token, challenge["nonce"], mine, is_master=False)
-            payload = protocol.recv_frame(self.sock, max_message_bytes)
+            payload = protocol.recv_frame(self.sock, protocol.PRE_AUTH_MAX_BYTES)  # nobody is proven yet
             try:
                 welcome = session.open(payload)
             except AuthError:
