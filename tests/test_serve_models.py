@@ -134,6 +134,17 @@ def test_interleaved_requests_across_swaps_equal_each_model_alone(one):
     swapped = {s.labels["model"]: s.value for s in families["pipeshift_serve_swaps"].samples
                if s.name.endswith("_total") and s.labels["kind"] == "in"}
     assert sum(swapped.values()) == listing["swaps"]
+    # completions name their model in the body (OpenAI-style), greedy decoding through swaps
+    prompt = [3, 14, 15]
+    r = one.client.post("/v1/completions", json={"model": "b", "prompt": prompt, "max_tokens": 3})
+    assert r.status_code == 200, r.text
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(3):
+            ids.append(int(refs["b"](torch.tensor([ids]))[0, -1].argmax()))
+    assert r.json()["choices"][0]["token_ids"] == ids[len(prompt):]
+    r = one.client.post("/v1/completions", json={"model": "c", "prompt": prompt})
+    assert r.status_code == 400 and "not a causal language model" in r.json()["error"]
     # requests that name no model or an unknown one get one-line reasons
     r = one.client.post("/v1/predict", json={"inputs": [[[1, 2]]]})
     assert r.status_code == 400 and "name the model" in r.json()["error"]
