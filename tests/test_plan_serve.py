@@ -83,3 +83,26 @@ def test_latency_objective() -> None:
         make_plan(g, topo, PlanOptions(**{**base.__dict__, "latency_slo_s": forward * 0.5}))
     loose = PlanOptions(**{**base.__dict__, "latency_slo_s": lat * 2})
     assert make_plan(g, topo, loose).optimum == free.optimum
+
+
+def test_latency_objective_forbids_a_heavy_cut() -> None:
+    from pipeshift.graph import Graph, Node
+
+    g = Graph()
+    g.add_node(Node("node1", "Input0", activation_size=1e3))
+    # forward ms and output bytes per layer; each layer 100 MB of weights, three fit a worker, four do not
+    for i, (ms, out) in enumerate([(30, 1e3), (10, 3e7), (10, 1e3), (30, 1e3)], start=2):
+        g.add_node(Node(f"node{i}", "Linear(4, 4)", forward_ms=ms, backward_ms=ms, activation_size=out,
+                        parameter_size=1e8))
+        g.add_edge(f"node{i - 1}", f"node{i}")
+    topo = Topology((Level(2, 1e9),))
+    base = PlanOptions(schedule=Schedule(SERVE, 1), memory_limit=4e8, search="exact")
+    free = make_plan(g, topo, base)
+    # the throughput optimum cuts after node3 (40 ms | 40 ms) and its 30 MB cut adds 30 ms of latency
+    assert free.stages[0].nodes[-1] == "node3" and math.isclose(free.optimum, 0.040)
+    assert math.isclose(predicted_latency_s(g, free.stages, free.states, free.arrays, topo, base), 0.110)
+    bounded_opt = PlanOptions(**{**base.__dict__, "latency_slo_s": 0.090})
+    bounded = make_plan(g, topo, bounded_opt)
+    latency = predicted_latency_s(g, bounded.stages, bounded.states, bounded.arrays, topo, bounded_opt)
+    assert latency <= 0.090 and math.isclose(bounded.optimum, 0.050)
+    assert bounded.stages[0].nodes[-1] in ("node2", "node4")

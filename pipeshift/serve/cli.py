@@ -110,6 +110,11 @@ def run(args: argparse.Namespace) -> int:
     from pipeshift.serve import multi
 
     _check(args)
+    _slowdowns(args.slowdown)  # their syntax, before any process starts
+    for text in args.repartition_at:
+        at, sep, path = text.partition(":")
+        if not sep or not at.isdigit() or not path:
+            raise PipeshiftError(f"--repartition-at {text!r}: expected BATCHES:PLAN, e.g. 100:plan2/plan.json")
     multi.check(args)
     if args.local is not None:
         return _launch_local(args)
@@ -146,8 +151,9 @@ def _launch_local(args: argparse.Namespace) -> int:
 
     if args.rank is not None or args.world_size is not None or args.dist_addr is not None:
         raise PipeshiftError("--local starts every rank itself: drop --rank/--world-size/--dist-addr")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.local),
-           "-m", "pipeshift", "serve", *rank_argv(args)]
+    # pipeshift's torchrun wrapper: one summary line instead of torchrun's traceback when a rank fails
+    cmd = [sys.executable, "-m", "pipeshift.launch.torchrun", "--standalone", "--nproc-per-node", str(args.local),
+           "-m", "pipeshift", "--", "serve", *rank_argv(args)]
     if args.dry_run:
         print(shlex.join(cmd))
         return 0
@@ -187,6 +193,10 @@ def _serve_rank(args: argparse.Namespace) -> int:
             expected = sum(len(r) for r in parse_conf(read_json_object(conf, "conf.json of the stage package"), conf)[1].values())
     except PipeshiftError:
         pass  # reported by the start-up agreement, on every rank
+    launched = args.rank is not None or "RANK" in os.environ
+    if expected not in (None, 1) and not launched:
+        raise PipeshiftError(f"this package needs {expected} ranks: run it with `pipeshift serve {args.package} "
+                             f"--local {expected}`, under torchrun, or with --rank/--world-size/--dist-addr on each rank")
     info = init_distributed(rank=args.rank, world_size=args.world_size, dist_addr=args.dist_addr,
                             backend="gloo", device=args.device, timeout_s=args.timeout, expected_world=expected)
     try:
@@ -217,6 +227,9 @@ def _serve(args: argparse.Namespace, info) -> int:
     error, pkg, built, config, policy = None, None, None, {}, None
     try:
         pkg = load_stage_package(args.package)
+        if pkg.world_size != info.world_size:
+            raise PipeshiftError(f"{pkg.path / 'conf.json'}: the stages use {pkg.world_size} ranks but "
+                                 f"{info.world_size} were started (pipeshift serve --local {pkg.world_size})")
         if not 0 <= args.frontend_rank < info.world_size:
             raise PipeshiftError(f"--frontend-rank {args.frontend_rank}: the job has ranks 0..{info.world_size - 1}")
         built = _build(pkg, info.rank, args.init_from,
