@@ -103,7 +103,8 @@ class Server:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text()
 
     def predict(self, *inputs: torch.Tensor) -> httpx.Response:

@@ -199,6 +199,8 @@ def _serve_rank(args: argparse.Namespace) -> int:
                              f"--local {expected}`, under torchrun, or with --rank/--world-size/--dist-addr on each rank")
     info = init_distributed(rank=args.rank, world_size=args.world_size, dist_addr=args.dist_addr,
                             backend="gloo", device=args.device, timeout_s=args.timeout, expected_world=expected)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        _exit_with_launcher(info.rank)
     try:
         if args.package is None:
             from pipeshift.serve import multi
@@ -257,6 +259,19 @@ def _serve(args: argparse.Namespace, info) -> int:
         worker.run()
         return 0
     return _frontend(args, info, pkg, bundle, worker, mailbox, who, policy)
+
+
+def _exit_with_launcher(rank: int) -> None:
+    """Leave when torchrun goes: it starts every rank in a session of its own, so a torchrun killed
+    outright (SIGKILL, a lost terminal) would leave the ranks serving — and pinging each other — forever."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        _exit(f"pipeshift serve: rank {rank}: the launcher (pid {parent}) exited; stopping", 1)
+
+    threading.Thread(target=watch, name="pipeshift-serve-launcher-watch", daemon=True).start()
 
 
 def _build(pkg, rank: int, init_from: str | None, repartitionable: bool):
