@@ -48,7 +48,7 @@ def worst_rank(docs: Sequence[dict[str, Any]], max_loaded: int | None) -> tuple[
     for i, doc in enumerate(docs):
         for r, n in shard_bytes(doc).items():
             per_rank.setdefault(r, []).append((n, i))
-    best = (-1, -1.0, [])
+    best: tuple[int, float, list[int]] = (-1, -1.0, [])
     for r, items in sorted(per_rank.items()):
         top = heapq.nlargest(max_loaded or len(items), items)
         total = sum(n for n, _ in top)

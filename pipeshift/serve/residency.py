@@ -178,7 +178,7 @@ class Shard:
         finally:
             self.ready.set()
         return SwapRecord(self.model, self.rank, self.bytes, time.perf_counter() - t0,
-                          self.weights if self.swap_from == "file" else "host", read, files, self.error)
+                          str(self.weights) if self.swap_from == "file" else "host", read, files, self.error)
 
     def _copy_in(self) -> tuple[list[str], list[str]]:
         compute = torch.cuda.current_stream(self.device) if self._stream is not None else None
