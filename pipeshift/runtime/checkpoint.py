@@ -157,6 +157,7 @@ def choose(root: str | os.PathLike) -> tuple[Path, dict[str, Any], str]:
 
     ``root`` naming one ``step-N`` directory means exactly that one (no fallback).
     """
+    problem: str | None
     try:
         first = resolve(root)
     except InputFileError as e:  # 'latest' names no complete checkpoint: any older intact one will do

@@ -384,7 +384,7 @@ class RepartitionPolicy:
     def num_stages(self) -> int:
         return len(self.stages)
 
-    def adopt(self, stages: Any, speed_factors: Sequence[float] | None = None) -> None:
+    def adopt(self, stages: Any, speed_factors: Sequence[float] | np.ndarray | None = None) -> None:
         """Make ``stages`` the current split (after our own decision or an operator's).
 
         Without ``speed_factors`` each worker keeps the speed expected of it (worker k runs stage k
@@ -414,7 +414,8 @@ class RepartitionPolicy:
         profiled = stage_compute_s(self.chain, self.assignment, self.num_stages)
         return np.where(profiled > 0, measured_s / np.where(profiled > 0, profiled, 1.0), self.expected_speed)
 
-    def observe(self, measured_s: Sequence[float], step: int | None = None, remaining_steps: int | None = None) -> Decision:
+    def observe(self, measured_s: Sequence[float] | np.ndarray, step: int | None = None,
+                remaining_steps: int | None = None) -> Decision:
         """Judge one window of measured per-stage compute seconds per minibatch."""
         cfg = self.config
         measured = np.asarray(measured_s, dtype=float)
