@@ -234,3 +234,34 @@ def build_deferred(fn: Callable[..., Any], kwargs: dict[str, Any], seed: int) ->
 
 def is_materialized(model: nn.Module) -> bool:
     return all(t.device.type != "meta" for t in [*model.parameters(), *model.buffers()])
+
+
+def install(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Make ``model`` hold ``tensors`` (FQN -> tensor) under those names and every name tied to them.
+
+    How a rank takes in layers it receives while repartitioning: the model's meta placeholders
+    are replaced, a parameter stays a parameter.
+    """
+    if not tensors:
+        return
+    by_name = {f: s for s in slots(model).values() for f in s.fqns}
+    for fqn, t in tensors.items():
+        slot = by_name.get(fqn)
+        if slot is None:
+            raise PipeshiftError(f"the model has no parameter or buffer {fqn!r}")
+        if tuple(slot.tensor.shape) != tuple(t.shape):
+            raise PipeshiftError(f"{fqn!r} arrived as {list(t.shape)}, the model has {list(slot.tensor.shape)}")
+        slot.install(nn.Parameter(t, requires_grad=slot.tensor.requires_grad) if slot.is_param else t)
+
+
+def release(model: nn.Module, fqns: Collection[str]) -> int:
+    """Put the tensors named ``fqns`` back on the meta device (their memory is freed once nothing else holds it).
+
+    Returns the bytes released. A tensor also known by a name not in ``fqns`` is kept.
+    """
+    freed = 0
+    for slot in slots(model).values():
+        if slot.tensor.device.type != "meta" and all(f in fqns for f in slot.fqns):
+            freed += slot.tensor.numel() * slot.tensor.element_size()
+            slot.install(_to_meta(slot.tensor))
+    return freed

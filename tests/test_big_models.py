@@ -217,3 +217,29 @@ def test_export_picks_the_format_from_the_output_and_round_trips(loaded_run, tmp
     h.assert_same_weights(final, fresh, rtol=0)
     assert cli.main(["export", str(workdir / "ck"), "-o", str(tmp_path / "m.onnx")]) == 1
     assert "unknown format '.onnx'" in capsys.readouterr().err
+
+
+def test_a_repartition_moves_layers_to_a_rank_that_never_had_them(tmp_path):
+    """Rank 1 starts with layers 6.. only, receives 3..5 at the switch, and rank 0 frees them."""
+    h.package(tmp_path, [6], [[0], [1]])
+    later = h.plan(tmp_path, "later", [3], [[0], [1]])
+    code, out = h.launch(tmp_path, 2, ["--steps", "3", "--microbatches", "2", "--optimizer", "adam",
+                                       "--repartition-at", f"1:{later}"])
+    assert code == 0, out
+    start = _records(tmp_path, 2)
+    moved = [r for r in h.jsonl(tmp_path / "out" / "repartitions.jsonl") if r["event"] == "repartition"]
+    assert len(moved) == 1
+    assert any(k.startswith("layers.4.") for k in start[0]["held"])
+    assert not any(k.startswith("layers.4.") for k in start[1]["held"])
+    giver, taker = moved[0]["per_rank"]
+    assert giver["bytes_released"] > 0 and taker["bytes_released"] == 0 and taker["keys_received"] > 0
+    h.assert_same_weights(h.final_weights(tmp_path / "ck"), _reference_from(None, 3, 2))
+
+
+def test_a_stage_over_the_memory_size_is_refused_before_anything_is_allocated(tmp_path):
+    h.package(tmp_path, [6], [[0], [1]])
+    code, out = h.launch(tmp_path, 2, ["--steps", "1", "--microbatches", "2", "--optimizer", "adam",
+                                       "--memory-size", "1000"], elastic=["--max-restarts", "0"])
+    assert code != 0
+    assert "needs an estimated" in out and "--memory-size is 1 kB: refused before allocating" in out, out
+    assert not (tmp_path / "out" / "rank0" / "weights.json").exists()

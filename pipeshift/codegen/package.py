@@ -90,10 +90,23 @@ def _capture_key(plan: Plan) -> str:
                       default=str)
 
 
-def capture_model(plan: Plan | dict[str, Any] | str | os.PathLike[str]) -> ModelCapture:
-    """Build the plan's model from its spec and capture it (what every rendering of it shares)."""
+def capture_model(plan: Plan | dict[str, Any] | str | os.PathLike[str], *, weights: bool = True) -> ModelCapture:
+    """Build the plan's model from its spec and capture it (what every rendering of it shares).
+
+    ``weights=False`` (a rank that must not hold the whole model): the model is built with its
+    parameters on the meta device and the graph is run on meta tensors to learn its structure;
+    a model whose graph cannot run on meta is built with its weights after all.
+    """
     plan = as_plan(plan)
     with torch.random.fork_rng(devices=[]):  # building the model seeds torch; the caller's RNG is left alone
+        if not weights:
+            bundle = model_spec(plan).build(weights=False)
+            inputs = tuple(bundle.example_inputs(batch_size(plan)))
+            try:
+                captured, structures = capture_on_meta(bundle.model, inputs, leaf_policy(plan))
+                return ModelCapture(_capture_key(plan), bundle.model, captured, structures)
+            except Exception:  # noqa: BLE001 - data-dependent code, tensors it cannot see: build for real
+                pass
         bundle = model_spec(plan).build()
         model = bundle.model
         try:
@@ -104,6 +117,32 @@ def capture_model(plan: Plan | dict[str, Any] | str | os.PathLike[str]) -> Model
         captured = capture(model, inputs, leaf_policy(plan))
         structures = record_structures(captured, inputs)
     return ModelCapture(_capture_key(plan), model, captured, structures)
+
+
+class _OnMeta(nn.Module):
+    """Calls ``fn(model, *inputs)`` inside :func:`torch.func.functional_call`, so the model's tensors can be swapped."""
+
+    def __init__(self, model: nn.Module, fn: Any):
+        super().__init__()
+        self.model = model
+        self._fn = fn
+
+    def forward(self, *inputs: Any) -> Any:
+        return self._fn(self.model, *inputs)
+
+
+def capture_on_meta(model: nn.Module, inputs: tuple[Any, ...], policy: Any) -> tuple[CapturedGraph, dict[str, Any]]:
+    """Capture ``model`` and record its structures with every parameter, buffer and input on meta (nothing computed)."""
+
+    def run(m: nn.Module, *meta_inputs: Any) -> tuple[CapturedGraph, dict[str, Any]]:
+        captured = capture(m, meta_inputs, policy)
+        return captured, record_structures(captured, meta_inputs)
+
+    runner = _OnMeta(model, run)
+    state = {n: torch.empty_like(t, device="meta")
+             for n, t in [*runner.named_parameters(remove_duplicate=False), *runner.named_buffers(remove_duplicate=False)]}
+    meta_inputs = tuple(torch.empty_like(x, device="meta") if torch.is_tensor(x) else x for x in inputs)
+    return torch.func.functional_call(runner, state, meta_inputs, tie_weights=False)
 
 
 def render_package(

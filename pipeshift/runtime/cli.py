@@ -96,6 +96,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="network interface for gloo/NCCL (default: the one that routes to --dist-addr or "
                         "MASTER_ADDR, unless GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME are set)")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--memory-size", type=float, default=None, metavar="BYTES",
+                   help="memory per worker: a plan with a stage predicted above it is refused before any rank "
+                        "allocates (default: the limit the plan was made with, if any)")
     g.add_argument("--timeout", type=float, default=60.0,
                    help="seconds to wait for a peer before giving up (default 60)")
     g.add_argument("--threads", type=int, default=None, help="torch intra-op threads per rank")
@@ -212,6 +215,9 @@ def _train(args: argparse.Namespace, info, connect: Connect | None,
     from pipeshift.runtime.job import prepare_job
     from pipeshift.runtime.restart import EXIT_REGROUP
 
+    from pipeshift.runtime.allocator import resident_bytes
+
+    baseline = resident_bytes()  # torch imported, nothing built: what the runtime costs before the model
     # Load everything, but report a local failure through the agreement so every rank says it.
     error, pkg, bundle, entries, config, job = None, None, None, None, {}, None
     try:
@@ -221,7 +227,8 @@ def _train(args: argparse.Namespace, info, connect: Connect | None,
         bundle = pkg.bundle(weights=False)  # nothing allocated: this rank materialises only its stages
         microbatches = args.microbatches or 2 * pkg.num_stages
         batch_size = args.batch_size or pkg.batch_size or 32
-        job = prepare_job(args, pkg, bundle, info.rank, info.world_size, connect, hooks)
+        job = prepare_job(args, pkg, bundle, info.rank, info.world_size, connect, hooks,
+                          memory=_memory_check(args, pkg, microbatches, batch_size))
         entries = job.entries
         torch.manual_seed(args.seed)  # dropout's stream, whichever way the stages were built
         config = {"package": pkg.digest(), "conf": {"module_to_stage_map": pkg.module_to_stage,
@@ -257,27 +264,60 @@ def _train(args: argparse.Namespace, info, connect: Connect | None,
                         source=job.source or str(pkg.path / "conf.json"), hooks=hooks)
     del entries  # other stages' modules are not needed on this rank (a repartitioner keeps the full model)
     job.entries = None
+    if job.local is not None:
+        job.local.entries = []  # the pipeline holds its stage; a layer given away later must be freeable
     controller = job.controller(pipeline, cfg)
     data = bundle.data or (lambda b, split, seed: bundle.synthetic_data(b, seed + (split != "train")))
     trainer = Trainer(pipeline, cfg, data=data, controller=controller, meta={
         "package": str(pkg.path), "model": pkg.spec.to_json() if pkg.spec else None,
         "world_size": info.world_size,
     })
+    trainer.model_keys = model_keys
     if job.local is not None:
         _record_weights(trainer.out_dir / "weights.json", job.local, args.init_from, pkg)
-    trainer.model_keys = model_keys
+        trainer.predicted_memory = {m.stage: m.predicted_bytes for m in job.local.memory or []}
     try:
         trainer.fit()
     finally:
         if controller is not None:
             controller.close()
     pipeline.comm.barrier("finishing")
+    if job.local is not None and job.local.memory:
+        _record_memory(trainer.out_dir / "memory.json", job.local.memory, pipeline, baseline)
     if trainer.reporter and not trainer.regroup:
         print(f"rank {info.rank}: {trainer.summary()}", flush=True)
     sys.stdout.flush()
     sys.stderr.flush()
     _destroy()
     return EXIT_REGROUP if trainer.regroup else 0
+
+
+def _memory_check(args: argparse.Namespace, pkg, microbatches: int, batch_size: int):
+    """What every rank needs to price every stage before allocating; the limit from --memory-size or the plan."""
+    from pipeshift.runtime.job import _optimizer_kind
+    from pipeshift.runtime.local import MemoryCheck
+    from pipeshift.runtime.memory import OPTIMIZER_STATES
+
+    limit, source = args.memory_size, "--memory-size"
+    planned = pkg.plan.get("memory") if isinstance(pkg.plan.get("memory"), dict) else {}
+    if limit is None and isinstance(planned.get("limit_bytes"), (int, float)) and planned["limit_bytes"] > 0:
+        limit, source = float(planned["limit_bytes"]), f"the plan's memory limit ({pkg.path / 'plan.json'})"
+    return MemoryCheck(schedule=args.schedule, microbatches=microbatches,
+                       optimizer_states=OPTIMIZER_STATES.get(_optimizer_kind(args), 2.0),
+                       batch_scale=batch_size / (pkg.batch_size or batch_size), limit=limit, limit_source=source)
+
+
+def _record_memory(path: Path, priced, pipeline, baseline: int) -> None:
+    """``rankR/memory.json``: this rank's predicted memory against its measured peak."""
+    import json
+
+    from pipeshift.runtime.memory import peak_bytes
+
+    mine = next((m for m in priced if m.stage == pipeline.stage_id), None)
+    record = {"stage": pipeline.stage_id, "peak_bytes": peak_bytes(pipeline.device), "baseline_rss_bytes": baseline,
+              "predicted": mine.to_json() if mine else None, "stages": [m.to_json() for m in priced]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
 
 
 def _record_weights(path: Path, local, init_from: str | None, pkg) -> None:

@@ -22,7 +22,7 @@ from pipeshift.plan import read_plan
 from pipeshift.runtime.control import Connect, ControlPlane
 from pipeshift.runtime.elastic import ControlConfig, Controller, ForcedSwitch
 from pipeshift.runtime.hooks import Hooks
-from pipeshift.runtime.local import LocalBuild, local_entries
+from pipeshift.runtime.local import LocalBuild, MemoryCheck, local_entries
 from pipeshift.runtime.repartition import Repartitioner
 from pipeshift.runtime.restart import find_graph, load_chain, resume_plan
 
@@ -125,7 +125,7 @@ class Job:
 
 
 def prepare_job(args, pkg, bundle, rank: int, world_size: int, connect: Connect | None = None,
-                hooks: Hooks | None = None) -> Job:
+                hooks: Hooks | None = None, memory: MemoryCheck | None = None) -> Job:
     """Everything this rank needs before the start-up agreement (errors then reach every rank).
 
     The plan in force is the package's, or after a restart the checkpoint's (re-planned when the
@@ -148,7 +148,10 @@ def prepare_job(args, pkg, bundle, rank: int, world_size: int, connect: Connect 
         _same_model(plan, pkg, "the checkpoint's plan.json")
     criterion = bundle.criterion()
     if plan is None and not wants:
-        job.local = package_entries(pkg, bundle.model, criterion, rank, args.init_from)
+        if memory is not None:
+            memory = dataclasses.replace(memory, stage_ranks=[pkg.stage_to_rank[k] for k in sorted(pkg.stage_to_rank)],
+                                         plan_stages=_plan_stages(pkg.plan))
+        job.local = package_entries(pkg, bundle.model, criterion, rank, args.init_from, memory)
         job.entries = job.local.entries
         return _connect(job, None)
     if base is None:
@@ -157,9 +160,9 @@ def prepare_job(args, pkg, bundle, rank: int, world_size: int, connect: Connect 
     from pipeshift.codegen import build_stages, capture_model, render_package
 
     full = bundle.model
-    # Capture the model's graph now rather than at the first switch: it builds and runs a fresh
-    # copy of the model, seconds for a large one, which would otherwise lengthen the first pause.
-    model_capture = capture_model(plan or base)
+    # Capture the model's graph now rather than at the first switch: it builds a fresh copy of
+    # the model (on meta) and traces it, which would otherwise lengthen the first pause.
+    model_capture = capture_model(plan or base, weights=False)
     if plan is None:
         plan = base
         original = _accepts_original(pkg.module.model)
@@ -174,10 +177,13 @@ def prepare_job(args, pkg, bundle, rank: int, world_size: int, connect: Connect 
             return [*build_stages(plan, model, model_capture=model_capture), (criterion, inputs, ["loss"])]
         job.source = "the checkpoint's plan.json"
     stage_ranks = plan_stage_ranks(plan)
-    # A job that may repartition keeps every layer on every rank, so a switch has them at hand.
-    job.local = local_entries(make, full, list(range(len(stage_ranks))) + [len(stage_ranks) - 1],
-                              range(len(stage_ranks)), seed=pkg.spec.seed if pkg.spec else 0,
-                              init_from=args.init_from, who=f"rank {rank}")
+    # Only this rank's stages are real; a switch installs the layers it receives and frees those it gives.
+    mine = [k for k, ranks in enumerate(stage_ranks) if rank in ranks]
+    if memory is not None:
+        memory = dataclasses.replace(memory, stage_ranks=stage_ranks, plan_stages=_plan_stages(plan))
+    job.local = local_entries(make, full, list(range(len(stage_ranks))) + [len(stage_ranks) - 1], mine,
+                              seed=pkg.spec.seed if pkg.spec else 0, init_from=args.init_from,
+                              who=f"rank {rank} (stage {', '.join(map(str, mine))})", memory=memory)
     job.entries = job.local.entries
     job.stage_ranks = plan_stage_ranks(plan)
     job.module_to_stage = list(range(len(job.stage_ranks))) + [len(job.stage_ranks) - 1]
@@ -224,13 +230,19 @@ class _WithOriginal:
         return self._fn(criterion, self._original)
 
 
-def package_entries(pkg, model, criterion, rank: int, init_from: str | None) -> LocalBuild:
+def _plan_stages(plan: Mapping[str, Any] | None) -> list[Mapping[str, Any]] | None:
+    stages = plan.get("stages") if isinstance(plan, Mapping) else None
+    return [st for st in stages if isinstance(st, Mapping)] if isinstance(stages, list) else None
+
+
+def package_entries(pkg, model, criterion, rank: int, init_from: str | None,
+                    memory: MemoryCheck | None = None) -> LocalBuild:
     """The package's entries with only this rank's stages' tensors real (see :mod:`pipeshift.runtime.local`).
 
     A hand-written package whose ``model(criterion)`` cannot adopt from a given model builds its
     own whole model; weights from ``init_from`` are then loaded into this rank's stages only.
     """
-    from pipeshift.runtime.local import stage_tensor_names
+    from pipeshift.runtime.local import price_stages, stage_tensor_names
 
     stages = [s for s, ranks in pkg.stage_to_rank.items() if rank in ranks]
     who = f"rank {rank} (stage {', '.join(map(str, stages))})"
@@ -239,7 +251,7 @@ def package_entries(pkg, model, criterion, rank: int, init_from: str | None) -> 
             return dataclasses.replace(pkg, module=_WithOriginal(pkg.module.model, m)).entries(criterion)
 
         return local_entries(make, model, pkg.module_to_stage, stages, seed=pkg.spec.seed if pkg.spec else 0,
-                             init_from=init_from, who=who)
+                             init_from=init_from, who=who, memory=memory)
     entries = pkg.entries(criterion)
     held: list[str] = []
     loaded: list[str] = []
@@ -252,7 +264,8 @@ def package_entries(pkg, model, criterion, rank: int, init_from: str | None) -> 
                 from pipeshift.weights import load_into, open_weights
 
                 loaded += load_into(state, open_weights(init_from), mine, who=who)
-    return LocalBuild(entries, held, loaded)
+    priced = price_stages(entries, pkg.module_to_stage, memory) if memory is not None else None
+    return LocalBuild(entries, held, loaded, priced)
 
 
 def _accepts_original(fn) -> bool:

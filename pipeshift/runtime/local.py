@@ -12,11 +12,13 @@ over the partly real model. The other stages' modules stay on meta and are dropp
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from torch import nn
 
 from pipeshift.materialize import materialize
+from pipeshift.runtime.memory import StageMemory, check_limit, predict
 from pipeshift.runtime.stage import StageEntry
 
 
@@ -27,6 +29,21 @@ class LocalBuild:
     entries: list[StageEntry]
     held: list[str]  # state_dict keys of the model this rank materialised
     loaded: list[str]  # the keys read from --init-from (empty without it)
+    memory: list[StageMemory] | None = None  # every stage's predicted bytes per worker
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryCheck:
+    """The run's schedule and optimizer, to price every stage before allocating (:mod:`pipeshift.runtime.memory`)."""
+
+    schedule: str
+    microbatches: int
+    optimizer_states: float
+    batch_scale: float = 1.0
+    limit: float | None = None  # bytes per worker; a stage over it is refused
+    limit_source: str = "--memory-size"
+    plan_stages: Sequence[Mapping[str, Any]] | None = None
+    stage_ranks: Sequence[Sequence[int]] | None = None
 
 
 def stage_tensor_names(module: nn.Module) -> set[str]:
@@ -36,14 +53,17 @@ def stage_tensor_names(module: nn.Module) -> set[str]:
 
 
 def local_entries(make: Callable[[nn.Module], list[StageEntry]], model: nn.Module, module_to_stage: Sequence[int],
-                  stages: Sequence[int], *, seed: int, init_from: str | None = None, who: str = "") -> LocalBuild:
+                  stages: Sequence[int], *, seed: int, init_from: str | None = None, who: str = "",
+                  memory: MemoryCheck | None = None) -> LocalBuild:
     """``make(model)`` (stages over ``model`` plus the criterion) with only ``stages``' tensors real.
 
     ``model`` comes from ``build(weights=False)``; afterwards it holds real tensors for exactly
     the FQNs of ``stages`` (and is otherwise on meta), so a caller may keep it as the rank's
-    landing place for repartitioning.
+    landing place for repartitioning. With ``memory``, every stage is priced first and a stage
+    over the limit raises before anything is allocated (every rank prices every stage alike).
     """
     entries = make(model)
+    priced = price_stages(entries, module_to_stage, memory) if memory is not None else None
     names: set[str] = set()
     for i, (module, _, _) in enumerate(entries[:-1]):
         if module_to_stage[i] in stages:
@@ -59,7 +79,20 @@ def local_entries(make: Callable[[nn.Module], list[StageEntry]], model: nn.Modul
         state = model.state_dict(keep_vars=True)
         loaded = load_into(state, source, held, who=who, aliases=_aliases(model))
         source.close()
-    return LocalBuild(make(model), held, loaded)
+    return LocalBuild(make(model), held, loaded, priced)
+
+
+def price_stages(entries: Sequence[StageEntry], module_to_stage: Sequence[int], check: MemoryCheck) -> list[StageMemory]:
+    """Every stage's predicted memory from ``entries`` (on meta, so nothing is read); refuses one over the limit."""
+    count = max(module_to_stage) + 1
+    modules = [nn.ModuleList([m for i, (m, _, _) in enumerate(entries[:-1]) if module_to_stage[i] == s])
+               for s in range(count)]
+    ranks = list(check.stage_ranks) if check.stage_ranks is not None and len(check.stage_ranks) == count \
+        else [[0]] * count
+    priced = predict(modules, ranks, check.plan_stages, schedule=check.schedule, microbatches=check.microbatches,
+                     optimizer_states=check.optimizer_states, batch_scale=check.batch_scale)
+    check_limit(priced, check.limit, check.limit_source)
+    return priced
 
 
 def _aliases(model: nn.Module) -> dict[str, list[str]]:

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 COMPUTE, COMM = 0, 1  # trace thread ids, as the simulator's
-COLUMNS = ["step", "split", "stage", "rank", "loss", "samples_per_s", "compute_s", "wait_s", "comm_s", "lr", "time_s"]
+COLUMNS = ["step", "split", "stage", "rank", "loss", "samples_per_s", "compute_s", "wait_s", "comm_s", "lr", "time_s",
+           "peak_memory_bytes", "predicted_memory_bytes"]
 
 
 class Tracer:

@@ -35,7 +35,9 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeshift.errors import PipeshiftError
+from pipeshift.materialize import install, release
 from pipeshift.plan import Plan, as_plan, parse_plan
+from pipeshift.runtime.allocator import resident_bytes, return_freed_memory
 from pipeshift.runtime.hooks import Hooks
 from pipeshift.runtime.pipeline import Pipeline, optimizer_state_by_fqn
 from pipeshift.runtime.stage import StageEntry
@@ -182,6 +184,7 @@ def exchange(transfers: Sequence[Transfer], rank: int, values: Mapping[str, torc
              optimizer_state: Mapping[str, Mapping[str, Any]], destination: Mapping[str, torch.Tensor],
              comm, where: str = "repartition",
              pool: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] | None = None,
+             arrived: dict[str, torch.Tensor] | None = None,
              hooks: Hooks | None = None) -> tuple[ExchangeStats, dict[str, dict[str, Any]]]:
     """Run this rank's part of ``transfers``; returns its statistics and the optimizer state it received.
 
@@ -192,6 +195,8 @@ def exchange(transfers: Sequence[Transfer], rank: int, values: Mapping[str, torc
     JSON descriptions, then the payloads. ``comm`` (a Communicator) supplies the deadline and
     the one-line error naming the peer; ``pool``, buffers reserved for large optimizer tensors;
     ``hooks``, the rank's hook points (``mid_migration`` runs once the sends are posted).
+    A model key whose destination is a meta placeholder (a layer this rank never held) is put in
+    ``arrived`` instead, in the storage it was received into, for the caller to install.
     """
     stats = ExchangeStats()
     device = comm.device
@@ -269,7 +274,9 @@ def exchange(transfers: Sequence[Transfer], rank: int, values: Mapping[str, torc
                 dest = destination.get(item.key)
                 if dest is None:
                     raise PipeshiftError(f"{where}: received {item.key!r}, which this model does not have")
-                if buf is not dest:
+                if dest.device.type == "meta" and arrived is not None:
+                    arrived[item.key] = buf if item.solo else buf.clone()
+                elif buf is not dest:
                     if tuple(dest.shape) != item.shape:
                         raise PipeshiftError(f"{where}: {item.key!r} arrived as {list(item.shape)}, "
                                              f"the model has {list(dest.shape)}")
@@ -403,7 +410,7 @@ class Repartitioner:
         if self._capture is None:
             from pipeshift.codegen import capture_model
 
-            self._capture = capture_model(self.plan)
+            self._capture = capture_model(self.plan, weights=False)
         return self._capture
 
     def entries(self, plan: Mapping[str, Any]) -> tuple[list[StageEntry], list[list[int]]]:
@@ -481,13 +488,24 @@ class Repartitioner:
         saved = optimizer_state_by_fqn(pipeline.optimizer, pipeline.stage.params)
         full = self.full_model.state_dict()
         mine = new.keys_of(self.rank)
+        arrived: dict[str, torch.Tensor] = {}
         with torch.no_grad():  # keys this rank keeps: make sure the full model has their values
             for key in mine & current.keys():
-                if key in full and full[key].data_ptr() != current[key].data_ptr():
+                if key in full and full[key].device.type == "meta":
+                    arrived[key] = current[key]
+                elif key in full and full[key].data_ptr() != current[key].data_ptr():
                     full[key].copy_(current[key])
         stats, received = exchange(transfers, self.rank, current, saved["state"], full, pipeline.comm, where,
-                                   pool=self._pool, hooks=self.hooks)
+                                   pool=self._pool, hooks=self.hooks, arrived=arrived)
         self.release()
+        rss_before = resident_bytes()
+        # Layers this rank never held arrive into fresh storage and take their meta placeholders'
+        # place; layers it gives away go back to meta, so the model holds only the new stages.
+        install(self.full_model, arrived)
+        given = self.partition.keys_of(self.rank) - mine
+        released = release(self.full_model, given)
+        entries = prepared.entries if not (arrived or released) else self.entries(prepared.partition.plan)[0]
+        del current, full
         t_move = time.perf_counter()
         faults = _page_faults() - faults
 
@@ -495,10 +513,14 @@ class Repartitioner:
         state.update(received)
         hyper = {k: v for k, v in (saved["param_groups"] or [{}])[0].items() if k != "params"}
         module_to_stage = list(range(new.num_stages)) + [new.num_stages - 1]
-        pipeline.rebuild(prepared.entries, module_to_stage, prepared.stage_ranks,
+        pipeline.rebuild(entries, module_to_stage, prepared.stage_ranks,
                          optimizer_state={"state": state, "param_groups": [{**hyper, "params": sorted(mine)}]},
                          source=where)
         self.partition = new
+        del saved, state, received, entries
+        prepared.entries = []  # the stages over the old model state are not needed any more
+        if released:
+            return_freed_memory()
         t_end = time.perf_counter()
         return {
             "rank": self.rank, "stage": pipeline.stage_id,
@@ -508,6 +530,7 @@ class Repartitioner:
             "render_s": render_s if render_s else prepared.render_s, "rendered_before": render_s == 0.0,
             "sync_wait_s": t_start - t_sync, "reserve_wait_s": t_reserved - t_start,
             "transfer_s": t_move - t_reserved, "rebuild_s": t_end - t_move, "page_faults": faults,
+            "bytes_released": released, "rss_before_bytes": rss_before, "rss_after_bytes": resident_bytes(),
             "pause_s": render_s + (t_end - t_start),
         }
 

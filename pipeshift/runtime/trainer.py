@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from pipeshift.errors import PipeshiftError
 from pipeshift.runtime import checkpoint as ckpt
+from pipeshift.runtime.memory import peak_bytes, size
 from pipeshift.runtime.metrics import MetricsLog
 from pipeshift.runtime.pipeline import Batch, Pipeline, load_optimizer_state_by_fqn, optimizer_state_by_fqn
 from pipeshift.schedule.registry import ASYNCHRONOUS
@@ -159,6 +160,7 @@ class Trainer:
         self.rates: list[float] = []
         self.last_loss: float | None = None
         self.eval_loss: float | None = None
+        self.predicted_memory: dict[int, float] = {}  # stage -> predicted bytes per worker (runtime.memory)
 
     @property
     def reporter(self) -> bool:
@@ -245,7 +247,8 @@ class Trainer:
         self.log.row(step=self.step, split="train", stage=self.pipeline.stage_id, rank=self.rank, loss=loss,
                      samples_per_s=rate, compute_s=counters.compute_s, wait_s=counters.wait_s,
                      comm_s=counters.comm_s, lr=self.pipeline.optimizer.param_groups[0]["lr"],
-                     time_s=now - self._start_time)
+                     time_s=now - self._start_time, peak_memory_bytes=peak_bytes(self.pipeline.device),
+                     predicted_memory_bytes=self.predicted_memory.get(self.pipeline.stage_id))
         self.tracer.enabled = self.step < cfg.trace_steps
         if self._bar is not None and not self._bar.disable:
             self._bar.set_postfix(loss=f"{loss:.4g}" if loss is not None else "-", samples_s=f"{rate:.0f}")
@@ -279,6 +282,7 @@ class Trainer:
     def after_switch(self) -> None:
         """The pipeline now runs another partition (called by the controller after a switch)."""
         check_partition(self.pipeline.topology.stage_ranks, self.config)
+        self.predicted_memory = {}  # priced for the partition it started with
         self.pipeline.where_prefix = f"step {self.step + 1}, "
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -378,4 +382,7 @@ class Trainer:
         text = f"trained {self.step} steps ({self.config.schedule}): last loss {loss}, median {rate:.1f} samples/s"
         if self.eval_loss is not None:
             text += f", eval loss {self.eval_loss:.4f}"
+        predicted = self.predicted_memory.get(self.pipeline.stage_id)
+        if predicted:
+            text += f"; peak memory {size(peak_bytes(self.pipeline.device))} on this rank, predicted {size(predicted)}"
         return text + f"; metrics in {self.out_dir.parent}/rank*/"
