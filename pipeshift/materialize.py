@@ -151,25 +151,28 @@ def owned(fqns: Collection[str] | None, names: list[str]) -> bool:
 
 
 def materialize(model: nn.Module, fqns: Collection[str] | None = None, *, seed: int = 0,
-                device: torch.device | str = "cpu", initialize: bool = True) -> list[str]:
+                device: torch.device | str = "cpu", initialize: bool = True, keep_others: bool = False) -> list[str]:
     """Give real storage on ``device`` to the tensors named by ``fqns`` (all when ``None``).
 
     ``fqns`` may name modules (everything below them), parameters or buffers. With
     ``initialize`` the deferred tensors are initialised per module as the module docstring says;
     without it they are left uninitialised, for a caller that loads every one of them. Tensors
     outside ``fqns`` that are real (kept from construction) are moved to meta, so the model holds
-    only what the rank needs. Returns the state_dict keys now held (sorted).
+    only what the rank needs — unless ``keep_others`` (a caller materialising piece by piece).
+    Returns the state_dict keys now held (sorted).
     """
     device = torch.device(device)
     table = slots(model)
     wanted = {k for k, s in table.items() if owned(fqns, s.fqns)}
     fresh: set[int] = set()  # new storage held by modules of unknown code: the initialisation must write it
+    made: set[int] = set()  # every slot given new storage here
 
     def make_real(key: int) -> None:
         slot = table[key]
         if slot.tensor.device.type == "meta":
             checked = initialize and not all(_builtin(m) for m, _, _ in slot.holders)
             slot.install(_real(slot.tensor, device, checked))
+            made.add(key)
             if checked:
                 fresh.add(key)
         elif slot.tensor.device != device:
@@ -180,6 +183,8 @@ def materialize(model: nn.Module, fqns: Collection[str] | None = None, *, seed: 
     if initialize:
         _initialize(model, table, wanted, fresh, seed, make_real)
     for key, slot in table.items():
+        if keep_others and key not in made:
+            continue
         if key not in wanted and slot.tensor.device.type != "meta" and slot.persistent:
             slot.install(_to_meta(slot.tensor))
     return sorted(f for k in wanted for f in table[k].fqns if table[k].persistent)

@@ -243,3 +243,31 @@ def test_a_stage_over_the_memory_size_is_refused_before_anything_is_allocated(tm
     assert code != 0
     assert "needs an estimated" in out and "--memory-size is 1 kB: refused before allocating" in out, out
     assert not (tmp_path / "out" / "rank0" / "weights.json").exists()
+
+
+def _graph_lines(path: Path) -> list[str]:
+    """graph.txt without the times: node ids, descriptions, activation and parameter sizes, edges."""
+    import re
+
+    return [re.sub(r"(forward|backward)_compute_time=[0-9.]+, ", "", line) for line in path.read_text().splitlines()]
+
+
+def test_profile_per_node_gives_the_whole_profile_structure_and_auto_says_when_it_picks_it(tmp_path, monkeypatch,
+                                                                                            capsys):
+    from pipeshift import cli
+    from pipeshift.profiler import per_node
+
+    spec = ["pipeshift.models:gpt", "--model-arg", "width=16", "--model-arg", "depth=2", "--model-arg", "heads=2",
+            "--model-arg", "block_size=8", "--model-arg", "vocab_size=31", "-b", "2", "--iterations", "2",
+            "--warmup", "1", "--quiet", "--threads", "1"]
+    assert cli.main(["profile", *spec, "-o", str(tmp_path / "whole"), "--materialize", "whole"]) == 0
+    monkeypatch.setattr(per_node, "available_bytes", lambda: 1000)
+    assert cli.main(["profile", *spec, "-o", str(tmp_path / "auto")]) == 0
+    assert "profiled one node at a time" in capsys.readouterr().err
+    assert _graph_lines(tmp_path / "auto" / "graph.txt") == _graph_lines(tmp_path / "whole" / "graph.txt")
+    doc = json.loads((tmp_path / "auto" / "profile.json").read_text())
+    assert doc["materialize"] == "per-node"
+    whole = json.loads((tmp_path / "whole" / "profile.json").read_text())
+    heavy = max(whole["nodes"], key=lambda n: whole["nodes"][n]["parameter_bytes"])
+    assert doc["nodes"][heavy]["backward_ms"]["median"] > 0
+    assert doc["nodes"][heavy]["saved_bytes"] > 0

@@ -155,7 +155,7 @@ def render_package(
     """
     plan = as_plan(plan)
     if model_capture is None or model_capture.key != _capture_key(plan):
-        model_capture = capture_model(plan)
+        model_capture = capture_model(plan, weights=False)  # a big model is not built for rendering
     model, captured, structures = model_capture.model, model_capture.captured, model_capture.structures
     check_profile(plan, captured)
     lay = layout(plan, captured, structures, model)

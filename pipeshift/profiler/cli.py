@@ -43,6 +43,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     timing.add_argument("--remeasure", type=int, default=1, metavar="N",
                         help="measure again up to N times when the noise checks find the steps disturbed "
                              "(default %(default)s; profile.json's 'noise' says what was found)")
+    timing.add_argument("--materialize", choices=["auto", "whole", "per-node"], default="auto",
+                        help="whole: build the model and time real steps; per-node: build it on the meta device "
+                             "and materialise, time and free one graph node at a time (peak memory: the largest "
+                             "node, not the model); auto (default): per-node when the model's training state "
+                             "would not fit in the memory available")
     timing.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
     timing.add_argument("--no-malloc-tuning", action="store_true",
                         help="leave glibc malloc as it is (default: tuned as `pipeshift train` tunes it, so the "
@@ -83,9 +88,14 @@ def _batch_sizes(values: list[int]) -> list[int]:
 
 def profile_to_directory(spec: ModelSpec, args: argparse.Namespace, batch_size: int, directory: Path,
                          policy: LeafPolicy) -> tuple[list[Path], str | None]:
-    bundle = spec.build()  # fresh weights and statistics for every batch size
+    mode = materialize_mode(spec, args)
+    bundle = spec.build(weights=mode == "whole")  # fresh weights and statistics for every batch size
     check_policy(policy, bundle.model)
-    profile = profile_model(
+    profile_fn = profile_model
+    if mode == "per-node":
+        from pipeshift.profiler.per_node import profile_model_per_node as profile_fn
+    extra = {} if mode == "per-node" else {"remeasure": args.remeasure}
+    profile = profile_fn(
         bundle.model,
         bundle.example_inputs(batch_size),
         batch_size=batch_size,
@@ -96,7 +106,7 @@ def profile_to_directory(spec: ModelSpec, args: argparse.Namespace, batch_size: 
         device=args.device,
         spec=spec,
         progress=not args.quiet,
-        remeasure=args.remeasure,
+        **extra,
     )
     for finding in profile.noise_findings:
         attempts = (profile.noise or {}).get("attempts", 1)
@@ -107,6 +117,22 @@ def profile_to_directory(spec: ModelSpec, args: argparse.Namespace, batch_size: 
     if not args.quiet and args.top > 0:
         print(format_table(profile, args.top))
     return [*written, *([picture] if picture is not None else [])], warning
+
+
+def materialize_mode(spec: ModelSpec, args: argparse.Namespace) -> str:
+    """``--materialize``, with ``auto`` resolved (and said plainly when it picks per-node)."""
+    if args.materialize != "auto":
+        return args.materialize
+    from pipeshift.profiler.per_node import available_bytes, training_state_bytes
+
+    need = training_state_bytes(spec.build(weights=False).model)
+    have = available_bytes()
+    if have is None or need <= 0.8 * have:
+        return "whole"
+    print(f"pipeshift profile: the model's training state (~{need / 1e9:.3g} GB: weights, gradients and Adam's two "
+          f"moments) exceeds the {have / 1e9:.3g} GB of memory available, so it is profiled one node at a time "
+          "(--materialize per-node: in-isolation times; --materialize whole to insist)", file=sys.stderr)
+    return "per-node"
 
 
 def run(args: argparse.Namespace) -> int:

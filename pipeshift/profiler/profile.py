@@ -54,6 +54,7 @@ class ModelProfile:
     unattributed_backward: Stats
     spec: ModelSpec | None = None
     noise: dict[str, Any] | None = None  # the noise checks of the kept measurement (noise.Attempt.to_json)
+    materialized: str = "whole"  # "per-node": timed one node at a time, in isolation (profiler/per_node.py)
 
     @property
     def noise_findings(self) -> list[str]:
@@ -122,6 +123,7 @@ class ModelProfile:
             },
             "totals": self.totals(),
             "noise": self.noise,
+            "materialize": self.materialized,
             "inputs": [g.node_id for g in self.captured.groups if g.input_index is not None],
             "outputs": list(self.captured.output_ids),
             "nodes": self.node_meta(),
