@@ -111,13 +111,15 @@ def rank_rows(run: Path, world: int) -> list[dict]:
 
 def report_train(title: str, rows: list[dict], state: float, extra: dict[int, str] | None = None) -> list[str]:
     lines = [f"### {title}", "",
-             "| rank | stage weights GB | predicted GB | peak RSS GB | peak − baseline GB | peak / (1.25 × pred + 0.3 GB) "
-             "| peak / whole training state |" + (" move |" if extra else ""),
+             "| rank | stage weights GB | predicted GB (runtime / plan.json) | peak RSS GB | peak − baseline GB "
+             "| peak / (1.25 × predicted + 0.3 GB) | peak / whole training state |" + (" move |" if extra else ""),
              "|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if extra else "")]
     for r, row in enumerate(rows):
         pred = row["predicted"]["predicted_bytes"]
         peak, base = row["peak_bytes"], row["baseline_rss_bytes"]
-        line = (f"| {r} | {gb(row['predicted']['parameter_bytes'])} | {gb(pred)} | {gb(peak)} | {gb(peak - base)} | "
+        planned = row["predicted"].get("plan_bytes")
+        line = (f"| {r} | {gb(row['predicted']['parameter_bytes'])} | {gb(pred)} / {gb(planned) if planned else '–'} | "
+                f"{gb(peak)} | {gb(peak - base)} | "
                 f"{peak / (1.25 * pred + OVERHEAD):.2f} | {100 * peak / state:.0f} % |")
         lines.append(line + (f" {extra.get(r, '')} |" if extra else ""))
     return lines + [""]

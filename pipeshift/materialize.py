@@ -97,7 +97,11 @@ class _Slot:
 
     def install(self, new: torch.Tensor) -> None:
         for module, name, _ in self.holders:
-            (module._parameters if self.is_param else module._buffers)[name] = new
+            # setattr, not the table itself: some modules mirror their tensors (nn.LSTM's _flat_weights)
+            if self.is_param:
+                setattr(module, name, new)
+            else:
+                module._buffers[name] = new
         self.tensor = new
 
 

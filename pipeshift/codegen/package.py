@@ -104,7 +104,8 @@ def capture_model(plan: Plan | dict[str, Any] | str | os.PathLike[str], *, weigh
             inputs = tuple(bundle.example_inputs(batch_size(plan)))
             try:
                 captured, structures = capture_on_meta(bundle.model, inputs, leaf_policy(plan))
-                return ModelCapture(_capture_key(plan), bundle.model, captured, structures)
+                if not _meta_constants(captured, bundle.model):
+                    return ModelCapture(_capture_key(plan), bundle.model, captured, structures)
             except Exception:  # noqa: BLE001 - data-dependent code, tensors it cannot see: build for real
                 pass
         bundle = model_spec(plan).build()
@@ -129,6 +130,25 @@ class _OnMeta(nn.Module):
 
     def forward(self, *inputs: Any) -> Any:
         return self._fn(self.model, *inputs)
+
+
+def _meta_constants(captured: CapturedGraph, model: nn.Module) -> list[str]:
+    """Tensors the graph reads that are neither the model's parameters nor buffers and were traced on meta.
+
+    Such a constant is written into the stage file by value, which a meta tensor does not have.
+    """
+    adopted = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {
+        n for n, _ in model.named_buffers(remove_duplicate=False)}
+    out = []
+    for node in captured.gm.graph.nodes:
+        if node.op != "get_attr" or str(node.target) in adopted:
+            continue
+        value: Any = captured.gm
+        for part in str(node.target).split("."):
+            value = getattr(value, part, None)
+        if torch.is_tensor(value) and value.device.type == "meta":
+            out.append(str(node.target))
+    return out
 
 
 def capture_on_meta(model: nn.Module, inputs: tuple[Any, ...], policy: Any) -> tuple[CapturedGraph, dict[str, Any]]:

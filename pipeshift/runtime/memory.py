@@ -75,7 +75,7 @@ def predict(stage_modules: Sequence[torch.nn.Module], stage_ranks: Sequence[Sequ
         stash = _number(costs.get("stash_bytes_per_microbatch")) * batch_scale
         downstream = sum(len(r) for r in stage_ranks[s + 1:])
         in_flight = float(sched.in_flight(downstream, len(stage_ranks[s])))
-        versions = float(sched.weight_versions(in_flight)) - 1.0  # the live weights are counted once already
+        versions = float(sched.weight_versions(in_flight))  # the live weights, and for 1f1b/2bw their stashes
         total = float(memory.bytes(params, stash, in_flight, versions)) + buffers
         predicted = raw.get("predicted") if isinstance(raw.get("predicted"), Mapping) else {}
         plan_bytes = _number(predicted.get("memory_bytes")) or None
