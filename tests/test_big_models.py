@@ -271,3 +271,24 @@ def test_profile_per_node_gives_the_whole_profile_structure_and_auto_says_when_i
     heavy = max(whole["nodes"], key=lambda n: whole["nodes"][n]["parameter_bytes"])
     assert doc["nodes"][heavy]["backward_ms"]["median"] > 0
     assert doc["nodes"][heavy]["saved_bytes"] > 0
+
+
+def test_a_directory_export_of_a_tied_hugging_face_model_loads_with_from_pretrained(tmp_path):
+    """The export's directory writer on a tiny Llama with a tied head: shards, index, config, one tensor per tie."""
+    transformers = pytest.importorskip("transformers")
+    from pipeshift.runtime.export_cli import _save_config, once_per_tensor
+    from pipeshift.weights import tensor_bytes, write_sharded
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    model = build_deferred(lambda: transformers.LlamaForCausalLM(config), {}, seed=4)
+    materialize(model, seed=4)
+    state = model.state_dict()
+    names = once_per_tensor(state, model)
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
+    files = write_sharded(tmp_path, {k: tensor_bytes(state[k]) for k in names}, state.__getitem__, max_bytes=4000)
+    assert len(files) > 2 and (tmp_path / INDEX).is_file() and _save_config(model, tmp_path)
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path)
+    got = loaded.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in state.items() if k in got)
+    assert torch.equal(loaded.lm_head.weight, state["model.embed_tokens.weight"])
