@@ -39,7 +39,8 @@ def _read(store: Any, rank: int, wait_s: float) -> dict[str, Any] | None:
     while True:
         try:
             if store.check([f"{PREFIX}{rank}"]):
-                return json.loads(store.get(f"{PREFIX}{rank}").decode())
+                record = json.loads(store.get(f"{PREFIX}{rank}").decode())
+                return record if isinstance(record, dict) else None
         except Exception:  # the store went away with its host: nothing more to learn
             return None
         if time.monotonic() >= deadline:

@@ -20,6 +20,7 @@ import ipaddress
 import os
 import socket
 import struct
+from collections.abc import Mapping, MutableMapping
 
 from pipeshift.errors import PipeshiftError
 
@@ -60,33 +61,33 @@ def local_address_towards(ip: str) -> str | None:
             s.connect((ip, 9))
         except OSError:
             return None
-        return s.getsockname()[0]
+        return str(s.getsockname()[0])
 
 
 def resolve_ipv4(host: str) -> str | None:
     try:
-        return socket.getaddrinfo(host, None, socket.AF_INET)[0][4][0]
+        return str(socket.getaddrinfo(host, None, socket.AF_INET)[0][4][0])
     except (socket.gaierror, IndexError, UnicodeError):
         return None
 
 
-def choose(host: str, override: str | None = None, env: dict[str, str] | None = None,
+def choose(host: str, override: str | None = None, env: Mapping[str, str] | None = None,
            one_machine: bool = False) -> Choice:
     """The interface for reaching ``host``, the rendezvous host (see the module docstring).
 
     ``one_machine``: every rank runs here (torchrun's LOCAL_WORLD_SIZE == WORLD_SIZE), so a name
     that resolves to loopback may stay on loopback.
     """
-    env = os.environ if env is None else env
+    values: Mapping[str, str] = os.environ if env is None else env
     addresses = interface_addresses()
     if override:
         if addresses and override not in addresses:
             known = ", ".join(sorted(addresses)) or "none"
             raise PipeshiftError(f"--iface {override}: no such interface with an IPv4 address (this machine has: {known})")
         return Choice(override, addresses.get(override), "--iface")
-    given = [v for v in IFNAME_VARS if env.get(v)]
+    given = [v for v in IFNAME_VARS if values.get(v)]
     if given:
-        return Choice(None, None, f"{given[0]}={env[given[0]]} set by the user")
+        return Choice(None, None, f"{given[0]}={values[given[0]]} set by the user")
     ip = resolve_ipv4(host)
     if ip is None:
         return Choice(None, None, f"{host!r} does not resolve to an IPv4 address")
@@ -117,10 +118,10 @@ def _is_literal(host: str) -> bool:
         return False
 
 
-def apply(choice: Choice, env: dict[str, str] | None = None) -> None:
+def apply(choice: Choice, env: MutableMapping[str, str] | None = None) -> None:
     """Set the backends' interface variables for this process (and the processes it starts)."""
-    env = os.environ if env is None else env
+    target: MutableMapping[str, str] = os.environ if env is None else env
     if choice.iface is None:
         return
     for var in IFNAME_VARS:
-        env[var] = choice.iface
+        target[var] = choice.iface

@@ -89,7 +89,7 @@ class PolicyDriver:
         else:
             decision = policy.observe(values, step=step, remaining_steps=remaining_steps)
         self.last_decision = decision
-        if not decision.repartition:
+        if not decision.repartition or decision.new_stages is None:
             return decision, None
         self.plan = replace_stages(self.plan, decision.new_stages, decision.new_predicted_s, self.chain.node_fqns)
         return decision, self.plan
