@@ -54,6 +54,21 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
+class RankLayout:
+    """What follows from each stage's ranks, for the runtime's views of a partition (its routing
+    and its migration view), which hold ``stage_ranks``; a :class:`Plan` answers from its stages."""
+
+    stage_ranks: Sequence[Sequence[int]]
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stage_ranks)
+
+    @property
+    def world_size(self) -> int:
+        return sum(len(r) for r in self.stage_ranks)
+
+
 @dataclasses.dataclass(frozen=True)
 class StageCosts:
     """The planner's cost-model terms for one stage (what the simulator replays), seconds and bytes."""
@@ -109,16 +124,16 @@ class Plan:
 
     # -- shape ------------------------------------------------------------------------------
     @property
+    def node_lists(self) -> list[list[str]]:
+        return [list(st.nodes) for st in self.stages]
+
+    @property
     def num_stages(self) -> int:
         return len(self.stages)
 
     @property
     def world_size(self) -> int:
         return sum(len(st.ranks) for st in self.stages)
-
-    @property
-    def node_lists(self) -> list[list[str]]:
-        return [list(st.nodes) for st in self.stages]
 
     @property
     def stage_ranks(self) -> list[list[int]]:

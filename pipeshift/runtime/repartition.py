@@ -36,7 +36,7 @@ from torch import nn
 
 from pipeshift.errors import PipeshiftError
 from pipeshift.materialize import install, release
-from pipeshift.plan import Plan, as_plan, parse_plan
+from pipeshift.plan import Plan, RankLayout, as_plan, parse_plan
 from pipeshift.runtime.allocator import resident_bytes, return_freed_memory
 from pipeshift.runtime.hooks import Hooks
 from pipeshift.runtime.pipeline import Pipeline, optimizer_state_by_fqn
@@ -54,7 +54,7 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (
 
 
 @dataclasses.dataclass(frozen=True)
-class Partition:
+class Partition(RankLayout):
     """A plan as the runtime sees it: each stage's ranks and the state_dict keys it holds."""
 
     plan: dict[str, Any]
@@ -68,14 +68,6 @@ class Partition:
             raise PipeshiftError(f"{len(stage_modules)} stage modules for {len(stage_ranks)} stages")
         keys = tuple(frozenset(m.state_dict().keys()) for m in stage_modules)
         return cls(dict(plan), tuple(tuple(r) for r in stage_ranks), keys)
-
-    @property
-    def num_stages(self) -> int:
-        return len(self.stage_ranks)
-
-    @property
-    def world_size(self) -> int:
-        return sum(len(r) for r in self.stage_ranks)
 
     def holders(self) -> dict[str, tuple[int, ...]]:
         """key -> the ranks holding it (every replica of every stage that has it), sorted."""

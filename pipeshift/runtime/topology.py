@@ -20,6 +20,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 
 from pipeshift.errors import PipeshiftError
+from pipeshift.plan import RankLayout
 
 RAW_NAME_RE = re.compile(r"^input[0-9]+$")
 TARGET = "target"
@@ -37,7 +38,7 @@ class Edge:
 
 
 @dataclasses.dataclass(frozen=True)
-class Topology:
+class Topology(RankLayout):
     """The routing of one partition; build it with :func:`build_topology`."""
 
     io: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...]  # per module: (inputs, outputs)
@@ -46,14 +47,6 @@ class Topology:
     edges: tuple[Edge, ...]
     raw_inputs: tuple[str, ...]  # the input0, input1, … some module reads, in order
     tags: Mapping[str, int]  # every exchanged name -> a small integer, identical on all ranks
-
-    @property
-    def num_stages(self) -> int:
-        return len(self.stage_ranks)
-
-    @property
-    def world_size(self) -> int:
-        return sum(len(r) for r in self.stage_ranks)
 
     def stage_of(self, rank: int) -> int:
         for s, ranks in enumerate(self.stage_ranks):
