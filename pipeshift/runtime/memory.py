@@ -71,13 +71,13 @@ def predict(stage_modules: Sequence[torch.nn.Module], stage_ranks: Sequence[Sequ
         params = tensor_bytes({id(p): p for p in module.parameters()})
         buffers = tensor_bytes({id(b): b for b in module.buffers()})
         raw = plan_stages[s] if plan_stages is not None and s < len(plan_stages) else {}
-        costs = raw.get("costs") if isinstance(raw.get("costs"), Mapping) else {}
+        costs: Mapping[str, Any] = raw["costs"] if isinstance(raw.get("costs"), Mapping) else {}
         stash = _number(costs.get("stash_bytes_per_microbatch")) * batch_scale
         downstream = sum(len(r) for r in stage_ranks[s + 1:])
         in_flight = float(sched.in_flight(downstream, len(stage_ranks[s])))
         versions = float(sched.weight_versions(in_flight))  # the live weights, and for 1f1b/2bw their stashes
         total = float(memory.bytes(params, stash, in_flight, versions)) + buffers
-        predicted = raw.get("predicted") if isinstance(raw.get("predicted"), Mapping) else {}
+        predicted: Mapping[str, Any] = raw["predicted"] if isinstance(raw.get("predicted"), Mapping) else {}
         plan_bytes = _number(predicted.get("memory_bytes")) or None
         out.append(StageMemory(s, params, buffers, in_flight * stash, versions, optimizer_states, total, plan_bytes))
     return out
