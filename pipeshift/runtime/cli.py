@@ -210,6 +210,7 @@ def _train(args: argparse.Namespace, info, connect: Connect | None,
     from pipeshift.runtime.metrics import Tracer
     from pipeshift.runtime.package import load_stage_package
     from pipeshift.runtime.pipeline import Pipeline
+    from pipeshift.runtime.tp import describe_sharding
     from pipeshift.runtime.trainer import TrainConfig, Trainer, agree, check_partition
 
     from pipeshift.runtime.job import prepare_job
@@ -255,13 +256,18 @@ def _train(args: argparse.Namespace, info, connect: Connect | None,
     tracer = Tracer(info.rank, enabled=cfg.trace_steps > 0)
     if job.note and info.rank == 0:
         print(f"pipeshift train: {job.note}", file=sys.stderr, flush=True)
-    check_partition(job.stage_ranks or pkg.stage_to_rank, cfg)
+    # the package's TP layout holds for the package's own partition (a re-plan has none)
+    tp_degrees = pkg.tp_degrees if job.stage_ranks is None else {}
+    check_partition(job.stage_ranks or pkg.stage_to_rank, cfg, tp_degrees)
     model_keys = {k for module, _, _ in entries[:-1] for k in module.state_dict()}
     pipeline = Pipeline(info.rank, entries, job.module_to_stage or pkg.module_to_stage,
                         job.stage_ranks or pkg.stage_to_rank, schedule=cfg.schedule,
                         microbatches=cfg.microbatches, optimizer=optimizer, lr_scheduler=scheduler,
                         device=info.device, timeout_s=args.timeout, tracer=tracer,
-                        source=job.source or str(pkg.path / "conf.json"), hooks=hooks)
+                        source=job.source or str(pkg.path / "conf.json"), hooks=hooks, tp_degrees=tp_degrees,
+                        tp_plan=pkg.tp_plan)
+    if pipeline.tp is not None and pipeline.tp.is_leader and pipeline.replica == 0:
+        print(f"pipeshift train: {describe_sharding(pipeline)}", file=sys.stderr, flush=True)
     del entries  # other stages' modules are not needed on this rank (a repartitioner keeps the full model)
     job.entries = None
     if job.local is not None:

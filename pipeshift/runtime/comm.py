@@ -319,6 +319,10 @@ class Communicator:
         self._collective(lambda: dist.broadcast(buf, src, async_op=True), doing)
         return bytes(buf.cpu().numpy().tobytes())
 
+    def broadcast(self, tensor: torch.Tensor, src: int, group, doing: str) -> None:
+        """``src``'s ``tensor`` into every rank's ``tensor`` of ``group`` (in place)."""
+        self._collective(lambda: dist.broadcast(tensor, src, group=group, async_op=True), doing)
+
     def barrier(self, doing: str, group=None) -> None:
         self._collective(lambda: dist.barrier(group=group, async_op=True), doing)
 

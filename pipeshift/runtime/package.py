@@ -33,6 +33,8 @@ class StagePackage:
     stage_to_rank: dict[int, list[int]]
     plan: dict[str, Any]
     spec: ModelSpec | None
+    tp_degrees: dict[int, int] = dataclasses.field(default_factory=dict)  # stage -> TP degree (absent: 1)
+    tp_plan: dict[str, str] = dataclasses.field(default_factory=dict)  # module FQN -> TP style
 
     @property
     def num_stages(self) -> int:
@@ -116,6 +118,41 @@ def parse_conf(data: Any, path: Path) -> tuple[list[int], dict[int, list[int]]]:
     return m2s, table
 
 
+def parse_tensor_parallel(data: dict[str, Any], path: Path,
+                          stage_to_rank: dict[int, list[int]]) -> tuple[dict[int, int], dict[str, str]]:
+    """conf.json's ``stage_to_tp_degree`` ({"0": 2, …}) and ``tp_plan`` ({module FQN: style}).
+
+    Both are data: styles come from a fixed list, FQNs are only looked up in the model.
+    """
+    from pipeshift.tp_plan import STYLE_NAMES
+
+    def bad(msg: str) -> InputFileError:
+        return InputFileError(path, None, msg)
+
+    degrees: dict[int, int] = {}
+    raw = data.get("stage_to_tp_degree", {})
+    if not isinstance(raw, dict):
+        raise bad("'stage_to_tp_degree' must be an object {\"0\": 2, …}")
+    for key, t in raw.items():
+        if not (isinstance(key, str) and key.isdigit()) or int(key) not in stage_to_rank:
+            raise bad(f"stage_to_tp_degree key {key!r} is not a stage of stage_to_rank_map")
+        ranks = stage_to_rank[int(key)]
+        if not isinstance(t, int) or isinstance(t, bool) or t < 1 or len(ranks) % t:
+            raise bad(f"stage_to_tp_degree[{key!r}] = {t!r} must be a positive integer dividing the stage's "
+                      f"{len(ranks)} ranks")
+        if t > 1:
+            degrees[int(key)] = t
+    tp_plan = data.get("tp_plan", {})
+    if not isinstance(tp_plan, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tp_plan.items()):
+        raise bad("'tp_plan' must be an object {\"module FQN\": \"colwise\" | \"rowwise\" | …}")
+    unknown = sorted({v for v in tp_plan.values() if v not in STYLE_NAMES})
+    if unknown:
+        raise bad(f"tp_plan uses unknown styles {unknown}; known: {', '.join(STYLE_NAMES)}")
+    if degrees and not any(v != "replicate" for v in tp_plan.values()):
+        raise bad("stages have a tensor-parallel degree above 1 but 'tp_plan' shards nothing")
+    return degrees, dict(tp_plan)
+
+
 def load_stage_package(path: str | Path) -> StagePackage:
     path = Path(path).resolve()
     if not path.is_dir():
@@ -124,7 +161,9 @@ def load_stage_package(path: str | Path) -> StagePackage:
     if not init.is_file():
         raise InputFileError(init, None, "file not found: not a stage package")
     conf_path = path / "conf.json"
-    m2s, s2r = parse_conf(read_json_object(conf_path, "conf.json of the stage package"), conf_path)
+    conf = read_json_object(conf_path, "conf.json of the stage package")
+    m2s, s2r = parse_conf(conf, conf_path)
+    tp_degrees, tp_plan = parse_tensor_parallel(conf, conf_path, s2r)
     plan_path = path / "plan.json"
     plan = read_json_object(plan_path, "plan file") if plan_path.exists() else {}
     module = import_package(path)
@@ -151,7 +190,7 @@ def load_stage_package(path: str | Path) -> StagePackage:
     for fn in ("model", "full_model"):
         if not callable(getattr(module, fn, None)):
             raise InputFileError(init, None, f"defines no {fn}() function")
-    return StagePackage(path, module, m2s, s2r, plan, spec)
+    return StagePackage(path, module, m2s, s2r, plan, spec, tp_degrees, tp_plan)
 
 
 def import_package(path: Path) -> ModuleType:

@@ -11,6 +11,11 @@ parameter FQN so it can follow a layer to its new stage.
 Gradients are summed over a step's microbatches (and replicas) and divided by their number
 (``Action.grads``) just before the step, so the update equals single-process training on the
 concatenated minibatch with a mean-reduced loss.
+
+A stage with a tensor-parallel degree above 1 (:mod:`pipeshift.runtime.tp`) runs on a TP group:
+every rank of the group runs the same actions, but only the group's first rank loads data and
+talks to other stages; it broadcasts the stage's inputs before each forward and the outputs'
+gradients before each backward, so the group computes in lockstep.
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ from pipeshift.runtime.hooks import Hooks
 from pipeshift.schedule import actions as S
 from pipeshift.schedule.check import validate_schedule
 from pipeshift.schedule.registry import schedule_kind
+from pipeshift.runtime.comm import _META_LEN as _META_ROW
 from pipeshift.runtime.comm import ACT, GRAD, Communicator, PendingRecv, TensorMeta
 from pipeshift.runtime.metrics import COMM, COMPUTE, Tracer
 from pipeshift.runtime.stage import Stage, StageEntry
+from pipeshift.runtime.tp import TensorParallel, dp_groups, local, tp_groups
 from pipeshift.runtime.topology import LOSS, TARGET, Topology, build_topology
 
 Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]
@@ -60,20 +67,23 @@ class Counters:
     losses: list[torch.Tensor] = dataclasses.field(default_factory=list)
 
 
-def stage_role(topo: Topology, stage: int) -> S.Role:
-    """What ``stage`` exchanges in this partition, so its action list holds only transfers that happen."""
+def stage_role(topo: Topology, stage: int, talks: bool = True) -> S.Role:
+    """What ``stage`` exchanges in this partition, so its action list holds only transfers that happen.
+
+    ``talks``: False for the ranks of a TP group after its first (they get everything by broadcast).
+    """
     inbound, outbound = topo.inbound(stage), topo.outbound(stage)
-    return S.Role(loads_data=stage == 0, receives_inputs=bool(inbound), sends_outputs=bool(outbound),
-                  receives_grads=any(not e.raw for e in outbound), sends_grads=any(not e.raw for e in inbound),
-                  replicated=topo.replicas(stage) > 1)
+    return S.Role(loads_data=stage == 0 and talks, receives_inputs=bool(inbound) and talks,
+                  sends_outputs=bool(outbound) and talks, receives_grads=any(not e.raw for e in outbound) and talks,
+                  sends_grads=any(not e.raw for e in inbound) and talks, replicated=topo.replicas(stage) > 1)
 
 
 def rank_schedule(topo: Topology, rank: int, schedule: str, microbatches: int, minibatches: int = 1) -> list[S.Action]:
     """The action list ``rank`` runs for a segment of ``minibatches`` minibatches of this partition."""
     stage = topo.stage_of(rank)
     return S.rank_actions(schedule, topo.num_stages, stage, microbatches, replicas=topo.replicas(stage),
-                          replica=topo.replica_of(rank), role=stage_role(topo, stage), minibatches=minibatches,
-                          stage_replicas=[len(r) for r in topo.stage_ranks])
+                          replica=topo.replica_of(rank), role=stage_role(topo, stage, topo.tp_index_of(rank) == 0),
+                          minibatches=minibatches, stage_replicas=[topo.replicas(s) for s in range(topo.num_stages)])
 
 
 class Pipeline:
@@ -84,7 +94,8 @@ class Pipeline:
                  schedule: str, microbatches: int, optimizer: OptimizerFactory,
                  lr_scheduler: SchedulerFactory | None = None, device: torch.device | str = "cpu",
                  timeout_s: float = 60.0, tracer: Tracer | None = None, source: str = "conf.json",
-                 hooks: Hooks | None = None):
+                 hooks: Hooks | None = None, tp_degrees: Mapping[int, int] | None = None,
+                 tp_plan: Mapping[str, str] | None = None):
         self.rank = rank
         self.schedule = schedule_kind(schedule, training=True).name
         self.microbatches = microbatches
@@ -96,50 +107,75 @@ class Pipeline:
         self.hooks = hooks or Hooks()
         self.comm = Communicator(rank, stage_of=lambda r: -1, tags={}, device=self.device, timeout_s=timeout_s)
         self.where_prefix = ""
-        self._build(entries, module_to_stage, stage_ranks, source)
+        self.tp_plan = dict(tp_plan or {})
+        self.tp_applied: list[tuple[str, str]] = []  # (module FQN, style) sharded on this rank
+        self._build(entries, module_to_stage, stage_ranks, source, tp_degrees)
 
     # -- building and rebuilding -------------------------------------------------------------
 
-    def _build(self, entries, module_to_stage, stage_ranks, source: str) -> None:
+    def _build(self, entries, module_to_stage, stage_ranks, source: str, tp_degrees=None) -> None:
         io = [(ins, outs) for _, ins, outs in entries]
-        topo = build_topology(io, module_to_stage, stage_ranks, source=source)
+        topo = build_topology(io, module_to_stage, stage_ranks, source=source, tp_degrees=tp_degrees)
         if dist.is_initialized() and topo.world_size != dist.get_world_size():
             raise PipeshiftError(
                 f"{source}: stage_to_rank_map uses {topo.world_size} ranks but {dist.get_world_size()} were started"
             )
         # every rank's list, replayed against the others before any process group exists
-        validate_schedule(self.schedule, tuple(tuple(r) for r in topo.stage_ranks), self.microbatches)
+        # (the TP groups' leaders do the talking; the other ranks of a group mirror their leader)
+        validate_schedule(self.schedule, tuple(tuple(r[::topo.tp_degree(s)]) for s, r in enumerate(topo.stage_ranks)),
+                          self.microbatches)
         self.topology: Topology = topo
         self.stage_id = topo.stage_of(self.rank)
         self.replica = topo.replica_of(self.rank)
         self.replicas = topo.replicas(self.stage_id)
+        self.tp_index = topo.tp_index_of(self.rank)
         self.is_first = self.stage_id == 0
         self.is_last = self.stage_id == topo.num_stages - 1
-        self.stage = Stage(self.stage_id, [entries[i] for i in topo.modules_of(self.stage_id)], self.device)
+        mine = [entries[i] for i in topo.modules_of(self.stage_id)]
+        self.tp, self.group = self._groups(topo)
+        if self.tp is not None:
+            self.tp_applied = self.tp.shard([m for m, _, _ in mine], self.tp_plan,
+                                            f"stage {self.stage_id} (tensor-parallel degree {self.tp.degree})")
+        self.stage = Stage(self.stage_id, mine, self.device, tp=self.tp)
         params = list(self.stage.params.values())
         if not params:  # a parameterless stage (pooling, say) still keeps its LR schedule in step
             params = [torch.nn.Parameter(torch.empty(0, device=self.device))]
         self.optimizer = self.optimizer_factory(params)
         self.lr_scheduler = self.scheduler_factory(self.optimizer) if self.scheduler_factory else None
-        self.group = self._replica_groups(topo)
-        self.role = stage_role(topo, self.stage_id)
+        self.role = stage_role(topo, self.stage_id, self.tp_index == 0)
+        # what a TP group's leader broadcasts before each forward: the stage's inputs from outside
+        made = {n for _, _, outs in mine for n in outs}
+        self._tp_inputs = sorted({n for _, ins, _ in mine for n in ins if n not in made})
+        self._tp_meta: dict[tuple[str, str], TensorMeta] = {}
         self.comm.reset(topo.stage_of, dict(topo.tags))
         self._inflight: dict[int, _Microbatch] = {}
         self._actions: dict[tuple[str, int], list[S.Action]] = {}
 
-    def _replica_groups(self, topo: Topology):
-        """One process group per replicated stage; every rank creates all of them, in order."""
-        mine = None
+    def _groups(self, topo: Topology) -> tuple[TensorParallel | None, Any]:
+        """This rank's TP group and replica (gradient all-reduce) group.
+
+        Every rank creates every group, in one order: per stage, its TP groups, then its replica
+        groups (one per TP index: shards are all-reduced with the same shards of the other replicas).
+        """
         if not dist.is_initialized():
             if any(len(r) > 1 for r in topo.stage_ranks):
-                raise PipeshiftError("replicated stages need torch.distributed to be initialised")
-            return None
+                raise PipeshiftError("replicated or tensor-parallel stages need torch.distributed to be initialised")
+            return None, None
+        tp, replica_group = None, None
+        timeout = _timedelta(self.comm.timeout_s)
         for s, ranks in enumerate(topo.stage_ranks):
-            if len(ranks) > 1:
-                group = dist.new_group(list(ranks), timeout=_timedelta(self.comm.timeout_s))
-                if s == self.stage_id:
-                    mine = group
-        return mine
+            t = topo.tp_degree(s)
+            if t > 1:
+                for group_ranks in tp_groups(ranks, t):
+                    group = dist.new_group(group_ranks, timeout=timeout)
+                    if self.rank in group_ranks:
+                        tp = TensorParallel(group_ranks, self.rank, group, self.device)
+            if len(ranks) > t:
+                for group_ranks in dp_groups(ranks, t):
+                    group = dist.new_group(group_ranks, timeout=timeout)
+                    if self.rank in group_ranks:
+                        replica_group = group
+        return tp, replica_group
 
     def rebuild(self, entries: Sequence[StageEntry], module_to_stage: Sequence[int],
                 stage_ranks: Mapping[int, Sequence[int]] | Sequence[Sequence[int]], *,
@@ -153,6 +189,9 @@ class Pipeline:
         """
         if self._inflight:
             raise RuntimeError(f"rebuild with microbatches in flight: {sorted(self._inflight)}")
+        if self.tp is not None or self.topology.tp_degrees:
+            raise PipeshiftError("a job with tensor-parallel stages cannot repartition while it runs: checkpoint, "
+                                 "then restart (--resume) on a package for the new plan")
         self.comm.flush()
         sched_state = self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None
         lrs = [g["lr"] for g in self.optimizer.param_groups]
@@ -254,6 +293,8 @@ class Pipeline:
             if train and t.requires_grad:
                 state.received.append((name, pending.src, t))
         state.recvs = []
+        if self.tp is not None:
+            self._tp_share_inputs(a.mb, state, "train" if train else "eval")
         t1 = time.perf_counter()
         if t1 - t0 > 1e-5:
             self.tracer.add(f"wait F{a.mb}", COMM, t0, t1)
@@ -269,7 +310,36 @@ class Pipeline:
             self.counters.losses.append(state.loss.detach())
         self._compute(f"F{a.mb}", t1, slow=True, version=a.version)
         if not self.role.sends_outputs:
+            if train and self.tp is not None and not self.tp.is_leader:  # the leader records them as it sends
+                for e in self.topology.outbound(self.stage_id):
+                    if not e.raw and state.env[e.name].requires_grad:
+                        state.outputs.append((e.name, -1, state.env[e.name]))
             self._finish_forward(a.mb, state, train)
+
+    def _tp_share_inputs(self, mb: int, state: _Microbatch, mode: str) -> None:
+        """The TP leader's view of the stage's inputs, on every rank of the group (shapes sent once)."""
+        tp = self.tp
+        for name in self._tp_inputs:
+            key = (name, mode)
+            meta = self._tp_meta.get(key)
+            if meta is None:
+                mine = state.env.get(name) if tp.is_leader else None
+                row = (TensorMeta.of(mine).encode(self.device) if mine is not None
+                       else torch.zeros(_META_ROW, dtype=torch.int64, device=self.device))
+                self.comm.broadcast(row, tp.leader, tp.group, f"sharing the shape of {name!r} in the TP group")
+                meta = self._tp_meta[key] = TensorMeta.decode(row)
+            if tp.is_leader:
+                t = state.env[name]
+                self.comm.broadcast(t.detach().contiguous(), tp.leader, tp.group, f"sharing {name!r} of microbatch {mb} in the "
+                                                                     "TP group")
+            else:
+                t = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
+                self.comm.broadcast(t, tp.leader, tp.group, f"receiving {name!r} of microbatch {mb} from the TP "
+                                                            f"group's leader (rank {tp.leader})")
+                if mode == "train" and meta.requires_grad:
+                    t.requires_grad_(True)
+                state.env[name] = t
+
 
     def _send_fwd(self, a: S.Action, mode: str, train: bool) -> None:
         state = self._mb(a.mb)
@@ -302,6 +372,8 @@ class Pipeline:
                 grads[id(t)] = (t, grads[id(t)][1] + g)
             else:
                 grads[id(t)] = (t, g)
+        if self.tp is not None:
+            grads = self._tp_share_grads(a.mb, state, grads)
         t1 = time.perf_counter()
         if t1 - t0 > 1e-5:
             self.tracer.add(f"wait B{a.mb}", COMM, t0, t1)
@@ -321,6 +393,21 @@ class Pipeline:
         if not self.role.sends_grads:
             del self._inflight[a.mb]
 
+    def _tp_share_grads(self, mb: int, state: _Microbatch,
+                        grads: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """The leader's received output gradients, on every rank of the TP group (in output order)."""
+        tp = self.tp
+        out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, _dst, t in state.outputs:
+            if id(t) in out:
+                continue
+            g = grads[id(t)][1] if tp.is_leader else torch.empty_like(t, memory_format=torch.contiguous_format)
+            g = g.contiguous()
+            self.comm.broadcast(g, tp.leader, tp.group, f"sharing the gradient of {name!r} of microbatch {mb} "
+                                                        "in the TP group")
+            out[id(t)] = (t, g)
+        return out
+
     def _send_bwd(self, a: S.Action) -> None:
         state = self._inflight.pop(a.mb)
         for name, src, leaf in state.received:
@@ -333,7 +420,7 @@ class Pipeline:
             if p.requires_grad:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                grads.append(p.grad)
+                grads.append(local(p.grad))  # a sharded parameter's shard, summed with the same shard elsewhere
         t0 = time.perf_counter()
         ranks = list(self.topology.stage_ranks[self.stage_id])
         self.comm.all_reduce(grads, self.group, f"summing gradients over the replicas of stage {self.stage_id} "

@@ -22,6 +22,7 @@ from torch.func import functional_call
 
 from pipeshift.errors import PipeshiftError
 from pipeshift.runtime.checkpoint import check_finite
+from pipeshift.runtime.tp import TensorParallel, full_tensors
 
 StageEntry = tuple[nn.Module, Sequence[str], Sequence[str]]
 
@@ -82,9 +83,11 @@ class WeightVersions:
 class Stage:
     """The modules a rank runs for one stage, callable on a name -> tensor environment."""
 
-    def __init__(self, stage_id: int, entries: Sequence[StageEntry], device: torch.device | str = "cpu"):
+    def __init__(self, stage_id: int, entries: Sequence[StageEntry], device: torch.device | str = "cpu",
+                 tp: TensorParallel | None = None):
         self.stage_id = stage_id
         self.device = torch.device(device)
+        self.tp = tp  # the stage's TP group when its modules are sharded (parameters are DTensors)
         self.entries: list[tuple[nn.Module, tuple[str, ...], tuple[str, ...]]] = []
         self.params: dict[str, nn.Parameter] = {}
         self._names: list[list[str]] = []  # per module: its parameter names (= FQNs)
@@ -110,14 +113,18 @@ class Stage:
             m.train(mode)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Parameters and buffers by original FQN (detached, on this stage's device)."""
+        """Parameters and buffers by original FQN (detached, on this stage's device; shards stay DTensors)."""
         out: dict[str, torch.Tensor] = {}
         for m in self.modules:
             out.update(m.state_dict())
         return out
 
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """:meth:`state_dict` with shards gathered into the original full tensors (every rank of the TP group calls it)."""
+        return full_tensors(self.state_dict())
+
     def load_state_dict(self, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
-        """Load this stage's FQNs from ``state`` (which may hold other stages' too)."""
+        """Load this stage's FQNs from ``state`` (full tensors; it may hold other stages' too)."""
         mine = self.state_dict()
         missing = sorted(set(mine) - set(state))
         if missing:
@@ -127,6 +134,8 @@ class Stage:
                 raise PipeshiftError(f"{source}: tensor {key!r} has shape {list(state[key].shape)} but stage "
                                      f"{self.stage_id}'s model has {list(t.shape)}")
         check_finite({k: state[k] for k in mine}, source)
+        if self.tp is not None:
+            state = self.tp.shard_state(state, mine)
         for m in self.modules:
             keys = m.state_dict().keys()
             m.load_state_dict({k: state[k] for k in keys})

@@ -10,7 +10,9 @@ a repartitioning can build the new routing, compare it with the old one, and tes
 processes.
 
 Microbatch ``i`` of stage ``s`` runs on replica ``i % replicas(s)``, so the peer rank of any
-transfer is known to both ends without asking.
+transfer is known to both ends without asking. A stage with tensor-parallel degree ``t`` has
+``replicas × t`` ranks, replica-major (:mod:`pipeshift.runtime.tp`); a transfer's peer is the
+first rank of the replica's TP group, so a tensor crosses a boundary once per group.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class Topology(RankLayout):
     edges: tuple[Edge, ...]
     raw_inputs: tuple[str, ...]  # the input0, input1, … some module reads, in order
     tags: Mapping[str, int]  # every exchanged name -> a small integer, identical on all ranks
+    tp_degrees: tuple[int, ...] = ()  # per stage; () = 1 everywhere
 
     def stage_of(self, rank: int) -> int:
         for s, ranks in enumerate(self.stage_ranks):
@@ -54,16 +57,25 @@ class Topology(RankLayout):
                 return s
         raise PipeshiftError(f"rank {rank} is in no stage of stage_to_rank_map")
 
+    def tp_degree(self, stage: int) -> int:
+        return self.tp_degrees[stage] if self.tp_degrees else 1
+
     def replica_of(self, rank: int) -> int:
-        return self.stage_ranks[self.stage_of(rank)].index(rank)
+        stage = self.stage_of(rank)
+        return self.stage_ranks[stage].index(rank) // self.tp_degree(stage)
+
+    def tp_index_of(self, rank: int) -> int:
+        """The rank's place in its TP group (0: the group's leader, which talks to other stages)."""
+        stage = self.stage_of(rank)
+        return self.stage_ranks[stage].index(rank) % self.tp_degree(stage)
 
     def replicas(self, stage: int) -> int:
-        return len(self.stage_ranks[stage])
+        return len(self.stage_ranks[stage]) // self.tp_degree(stage)
 
     def rank_for(self, stage: int, mb: int) -> int:
-        """The rank of ``stage`` that runs microbatch ``mb``."""
-        ranks = self.stage_ranks[stage]
-        return ranks[mb % len(ranks)]
+        """The rank of ``stage`` that sends and receives microbatch ``mb`` (its TP group's leader)."""
+        ranks, t = self.stage_ranks[stage], self.tp_degree(stage)
+        return ranks[(mb % (len(ranks) // t)) * t]
 
     def modules_of(self, stage: int) -> list[int]:
         return [i for i, s in enumerate(self.module_to_stage) if s == stage]
@@ -79,14 +91,18 @@ class Topology(RankLayout):
         for s, ranks in enumerate(self.stage_ranks):
             ins = ", ".join(f"{e.name}<-s{e.src}" for e in self.inbound(s)) or "-"
             outs = ", ".join(f"{e.name}->s{e.dst}" for e in self.outbound(s)) or "-"
-            lines.append(f"stage {s} ranks {list(ranks)} modules {self.modules_of(s)}: in {ins}; out {outs}")
+            tp = f" tp {self.tp_degree(s)}" if self.tp_degree(s) > 1 else ""
+            lines.append(f"stage {s} ranks {list(ranks)}{tp} modules {self.modules_of(s)}: in {ins}; out {outs}")
         return "\n".join(lines)
 
 
 def build_topology(io: Sequence[tuple[Sequence[str], Sequence[str]]], module_to_stage: Sequence[int],
                    stage_ranks: Mapping[int, Sequence[int]] | Sequence[Sequence[int]],
-                   source: str = "conf.json") -> Topology:
-    """Check a partition's names and maps and derive its edges; errors name ``source``."""
+                   source: str = "conf.json", tp_degrees: Mapping[int, int] | Sequence[int] | None = None) -> Topology:
+    """Check a partition's names and maps and derive its edges; errors name ``source``.
+
+    ``tp_degrees`` gives each stage's tensor-parallel degree (missing stages: 1).
+    """
 
     def bad(msg: str) -> PipeshiftError:
         return PipeshiftError(f"{source}: {msg}")
@@ -103,6 +119,7 @@ def build_topology(io: Sequence[tuple[Sequence[str], Sequence[str]]], module_to_
     if sorted(set(m2s)) != list(range(num_stages)):
         raise bad(f"module_to_stage_map {m2s} skips a stage")
     ranks = _stage_ranks(stage_ranks, num_stages, bad)
+    degrees = _tp_degrees(tp_degrees, ranks, bad)
     if pairs[-1][1] != (LOSS,):
         raise bad(f"the last module (the criterion) must output ['loss'], not {list(pairs[-1][1])}")
 
@@ -130,7 +147,25 @@ def build_topology(io: Sequence[tuple[Sequence[str], Sequence[str]]], module_to_
     names = sorted({e.name for e in edges.values()})
     return Topology(io=tuple(pairs), module_to_stage=tuple(m2s), stage_ranks=ranks,
                     edges=tuple(sorted(edges.values(), key=lambda e: (e.src, e.dst, e.name))),
-                    raw_inputs=raw_inputs, tags={n: i for i, n in enumerate(names)})
+                    raw_inputs=raw_inputs, tags={n: i for i, n in enumerate(names)},
+                    tp_degrees=degrees if any(d > 1 for d in degrees) else ())
+
+
+def _tp_degrees(tp_degrees, ranks: tuple[tuple[int, ...], ...], bad) -> tuple[int, ...]:
+    if tp_degrees is None:
+        return (1,) * len(ranks)
+    table = dict(tp_degrees) if isinstance(tp_degrees, Mapping) else dict(enumerate(tp_degrees))
+    unknown = sorted(set(table) - set(range(len(ranks))))
+    if unknown:
+        raise bad(f"tensor-parallel degrees given for stages {unknown}, which do not exist")
+    out = []
+    for s, row in enumerate(ranks):
+        t = table.get(s, 1)
+        if not isinstance(t, int) or isinstance(t, bool) or t < 1 or len(row) % t:
+            raise bad(f"stage {s}: tensor-parallel degree {t!r} must be a positive integer dividing its "
+                      f"{len(row)} ranks {list(row)}")
+        out.append(t)
+    return tuple(out)
 
 
 def _stage_ranks(stage_ranks: Mapping[int, Sequence[int]] | Sequence[Sequence[int]], num_stages: int,

@@ -39,6 +39,7 @@ from pipeshift.runtime.memory import peak_bytes, size
 from pipeshift.runtime.metrics import MetricsLog
 from pipeshift.runtime.pipeline import Batch, Pipeline, load_optimizer_state_by_fqn, optimizer_state_by_fqn
 from pipeshift.schedule.registry import ASYNCHRONOUS
+from pipeshift.runtime.tp import full_tensors
 
 
 @dataclasses.dataclass
@@ -119,7 +120,8 @@ def agree(comm, rank: int, config: dict[str, Any], error: str | None, info: Any 
     return [d["info"] for d in everyone]
 
 
-def check_partition(stage_ranks: Mapping[int, Sequence[int]] | Sequence[Sequence[int]], config: TrainConfig) -> None:
+def check_partition(stage_ranks: Mapping[int, Sequence[int]] | Sequence[Sequence[int]], config: TrainConfig,
+                    tp_degrees: Mapping[int, int] | None = None) -> None:
     """The configuration errors every rank finds identically (configs agree by now).
 
     Call it before building a :class:`Pipeline`: that creates process groups collectively, and a
@@ -131,10 +133,11 @@ def check_partition(stage_ranks: Mapping[int, Sequence[int]] | Sequence[Sequence
     if m < s:
         raise PipeshiftError(f"--microbatches {m} is fewer than the {s} pipeline stages: use at least {s}")
     for stage, ranks in enumerate(rank_lists):
-        if m % len(ranks):
+        replicas = len(ranks) // (tp_degrees or {}).get(stage, 1)
+        if m % replicas:
             raise PipeshiftError(
-                f"stage {stage} has {len(ranks)} replicas but a minibatch has {m} microbatches: its replicas would "
-                f"get uneven shares; use a multiple of {len(ranks)} for --microbatches"
+                f"stage {stage} has {replicas} replicas but a minibatch has {m} microbatches: its replicas would "
+                f"get uneven shares; use a multiple of {replicas} for --microbatches"
             )
 
 
@@ -164,8 +167,8 @@ class Trainer:
 
     @property
     def reporter(self) -> bool:
-        """The rank that prints: the last stage's first replica (it sees the loss)."""
-        return self.pipeline.is_last and self.pipeline.replica == 0
+        """The rank that prints: the last stage's first replica (it sees the loss), its TP leader."""
+        return self.pipeline.is_last and self.pipeline.replica == 0 and self.pipeline.tp_index == 0
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -294,13 +297,17 @@ class Trainer:
         p.comm.where = f"checkpoint after step {self.step}"
         digests: dict[str, str] = {}
         if p.replica == 0:
-            digests[f"stage{p.stage_id}.pt"] = ckpt.save_file({
-                "stage": p.stage_id,
-                "step": self.step,
-                "model": ckpt.to_cpu(p.stage.state_dict()),
-                "optimizer": ckpt.to_cpu(optimizer_state_by_fqn(p.optimizer, p.stage.params)),
-                "lr_scheduler": p.lr_scheduler.state_dict() if p.lr_scheduler is not None else None,
-            }, where / f"stage{p.stage_id}.pt")
+            # full tensors whatever the TP degree (a collective in a TP group), so any layout loads them
+            model = p.stage.full_state_dict()
+            optimizer = full_tensors(optimizer_state_by_fqn(p.optimizer, p.stage.params))
+            if p.tp_index == 0:
+                digests[f"stage{p.stage_id}.pt"] = ckpt.save_file({
+                    "stage": p.stage_id,
+                    "step": self.step,
+                    "model": ckpt.to_cpu(model),
+                    "optimizer": ckpt.to_cpu(optimizer),
+                    "lr_scheduler": p.lr_scheduler.state_dict() if p.lr_scheduler is not None else None,
+                }, where / f"stage{p.stage_id}.pt")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available() and p.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(p.device)
@@ -355,7 +362,10 @@ class Trainer:
                 raise PipeshiftError(f"{where} holds {len(extra)} tensors the model does not have, e.g. {extra[:3]}: "
                                      "a checkpoint of another model?")
         p.stage.load_state_dict(state, source=str(where))
-        load_optimizer_state_by_fqn(p.optimizer, p.stage.params, ckpt.merged_optimizer_state(stages))
+        saved = ckpt.merged_optimizer_state(stages)
+        if p.tp is not None:
+            saved = p.tp.shard_optimizer_state(saved, p.stage.params)
+        load_optimizer_state_by_fqn(p.optimizer, p.stage.params, saved)
         if p.lr_scheduler is not None:
             mine = stages[min(p.stage_id, len(stages) - 1)].get("lr_scheduler")
             if mine is not None:

@@ -1,0 +1,82 @@
+"""Tensor parallelism inside a stage (DTensor on CPU, gloo): exactness against unsharded training.
+
+* a tiny Hugging Face Llama stage sharded with its own TP plan (``LlamaConfig.base_model_tp_plan``)
+  at degree 2 gives the unsharded forward and gradients, and as 2 replicas × TP 2 the weights
+  of single-process training (shard-wise all-reduce over the replicas);
+* ``pipeshift train`` on 2 stages × TP 2 (4 ranks), flush, ends with the weights of
+  single-process gradient accumulation, and its checkpoint (full tensors by FQN) resumes on
+  2 stages at TP 1 (2 ranks) and continues equal to an uninterrupted run.
+
+Every run has a hard timeout and free ports; the model is tiny and the steps few.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests import tp_helpers as H
+from tests.test_runtime import assert_same_weights, final_weights, finish, free_port, reference_accumulate, start_ranks
+
+pytest.importorskip("transformers")
+
+TIMEOUT = 240  # four ranks importing transformers on two shared cores
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tp")
+    H.install_llama_module(root / "mods")
+    sys.path.insert(0, str(root / "mods"))
+    yield root
+    sys.path.remove(str(root / "mods"))
+    sys.modules.pop("tp_test_llama", None)
+
+
+def test_llama_stage_sharded_equals_unsharded(llama_dir: Path) -> None:
+    pkg = H.write_llama_package(llama_dir / "one_stage", [], [[0, 1, 2, 3]], tp={0: 2})
+    out = llama_dir / "worker_out"
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="4",
+               PYTHONPATH=os.pathsep.join([str(llama_dir / "mods"), os.environ.get("PYTHONPATH", "")]))
+    worker = Path(__file__).with_name("tp_worker.py")
+    procs = [subprocess.Popen([sys.executable, str(worker), str(pkg), str(out)], env={**env, "RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(4)]
+    for r, (rc, _o, e) in enumerate(finish(procs, TIMEOUT)):
+        assert rc == 0, f"rank {r} exited {rc}:\n{e[-3000:]}"
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(4)]
+    assert [(d["replica"], d["tp_index"]) for d in reports] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for d in reports:
+        # 2 layers × 7 projections + the head, every gradient of them a DTensor shard
+        assert d["sharded"] == 15 and d["grads_sharded"] == 15
+        assert d["forward"] <= 1e-5 and d["grads"] <= 1e-5 and d["weights"] <= 1e-5, d
+
+
+def train(workdir: Path, pkg: Path, world: int, *args: str) -> list[tuple[int, str, str]]:
+    results = finish(start_ranks(workdir, pkg, world, list(args), timeout_s=90), TIMEOUT)
+    failed = [f"rank {r} exited {rc}:\n{e[-2000:]}" for r, (rc, _o, e) in enumerate(results) if rc]
+    assert not failed, "\n".join(failed)
+    return results
+
+
+def _sgd(params):
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+
+def test_two_stages_tp2_flush_then_resume_at_tp1(llama_dir: Path) -> None:
+    spec = {**H.LLAMA_SPEC, "kwargs": {"layers": 2}}
+    tp2 = H.write_llama_package(llama_dir / "tp2", [1], [[0, 1], [2, 3]], tp={0: 2, 1: 2})
+    tp1 = H.write_llama_package(llama_dir / "tp1", [1], [[0], [1]])
+    ck = llama_dir / "ck"
+    common = ["--schedule", "flush", "--microbatches", "2", "--batch-size", "2", "--lr", "0.1", "--momentum", "0.9",
+              "--checkpoint-dir", str(ck)]
+    results = train(llama_dir, tp2, 4, *common, "--steps", "2")
+    assert "sharded 7 modules" in results[0][2] and "TP group [0, 1]" in results[0][2], results[0][2][-2000:]
+    assert_same_weights(final_weights(ck), reference_accumulate(spec, 2, 2, 2, _sgd))
+    train(llama_dir, tp1, 2, *common, "--steps", "4", "--resume")
+    assert_same_weights(final_weights(ck), reference_accumulate(spec, 4, 2, 2, _sgd))
