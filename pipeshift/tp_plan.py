@@ -334,3 +334,34 @@ def to_json(plan: TPPlan) -> dict[str, Any]:
 
 def dumps(plan: TPPlan) -> str:
     return json.dumps(to_json(plan), indent=1)
+
+
+def check_pairs_within(gm: torch.fx.GraphModule, modules: Mapping[str, str], stage_of: Mapping[str, int]) -> None:
+    """Every column-parallel layer's shards meet their row-parallel layer in the same stage.
+
+    ``stage_of`` maps fx node names to stages. Between a ``colwise`` layer and its ``rowwise``
+    partner the activation is a shard; a stage boundary there would send one rank's shard as
+    if it were the whole tensor.
+    """
+    for start in gm.graph.nodes:
+        if start.op != "call_module" or modules.get(str(start.target)) != "colwise":
+            continue
+        home = stage_of.get(start.name)
+        todo, seen = list(start.users), set()
+        while todo:
+            node = todo.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if (node.op == "call_method" and node.target in _SHAPE_QUERIES) or (
+                    node.op == "call_function" and node.target is getattr):
+                continue
+            if node.op == "output" or stage_of.get(node.name) != home:
+                where = "the model's output" if node.op == "output" else f"stage {stage_of.get(node.name)}"
+                raise PipeshiftError(
+                    f"{start.target} (column-parallel, stage {home}) feeds {where} through {node.name} before any "
+                    "row-parallel layer: its output is a shard there. Cut the plan elsewhere, or leave it whole "
+                    f"(--tp-plan {start.target}=replicate and its partner likewise)")
+            if node.op == "call_module" and modules.get(str(node.target), "").startswith("rowwise"):
+                continue
+            todo.extend(node.users)

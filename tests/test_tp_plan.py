@@ -86,3 +86,37 @@ def test_user_rules_patterns_files_and_errors(tmp_path) -> None:
         T.parse_rules(["gate=diagonal"])
     with pytest.raises(PipeshiftError, match="shards only Linear"):
         T.resolve(model, None, {"norm": "colwise"})
+
+
+MLP = {"callable": "pipeshift.models:mlp", "kwargs": {"in_features": 8, "width": 16, "depth": 3, "num_classes": 4},
+       "seed": 3}
+
+
+def mlp_plan(stages: list[tuple[list[str], int]]) -> dict:
+    out, rank = [], 0
+    for i, (nodes, tp) in enumerate(stages):
+        out.append({"stage_id": i, "nodes": nodes, "replicas": 1, "tp": tp, "ranks": list(range(rank, rank + tp))})
+        rank += tp
+    return {"version": 1, "graph": "graph.txt", "model": MLP, "batch_size": 4, "stages": out}
+
+
+def test_codegen_writes_the_tp_plan_and_refuses_a_cut_between_a_pair(tmp_path) -> None:
+    from pipeshift.codegen import render_package
+    from tests.test_runtime import assert_same_weights, final_weights, reference_accumulate, sgd
+    from tests.test_tp import train
+
+    # zoo MLP, depth 3: node1 input, node2 layers.0, node3 ReLU, node4 layers.2, node5 ReLU, node6 layers.4
+    with pytest.raises(PipeshiftError, match="layers.0 .column-parallel, stage 0. feeds stage 1"):
+        render_package(mlp_plan([(["node1", "node2", "node3"], 2), (["node4", "node5", "node6"], 1)]))
+    rendered = render_package(mlp_plan([(["node1", "node2", "node3", "node4", "node5", "node6"], 2)]))
+    conf = json.loads(rendered.files["conf.json"])
+    assert conf["stage_to_tp_degree"] == {"0": 2}
+    assert conf["tp_plan"] == {"layers.0": "colwise", "layers.2": "rowwise"}
+    assert "2 modules sharded" in rendered.tp_plan.describe()
+    from pipeshift.codegen.package import write_package
+
+    pkg = write_package(rendered, tmp_path / "pkg")
+    (tmp_path / "mods").mkdir()
+    train(tmp_path, pkg, 2, "--schedule", "flush", "--microbatches", "2", "--steps", "2", "--lr", "0.05",
+          "--momentum", "0.9", "--checkpoint-dir", str(tmp_path / "ck"))
+    assert_same_weights(final_weights(tmp_path / "ck"), reference_accumulate(MLP, 2, 2, 4, sgd()))

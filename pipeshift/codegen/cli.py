@@ -21,12 +21,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(TRUST_FLAG, action="store_true",
                         help="run the model spec the plan names even if it is not one of pipeshift's builders "
                              "(the plan is a data file: only pass this for plans you trust)")
+    parser.add_argument("--tp-plan", action="append", default=[], metavar="PATTERN=STYLE|FILE|generic",
+                        help="which modules tensor-parallel stages shard (default: the plan's, recorded by profile)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeshift.tp_plan import parse_rules
+
     plan = read_plan(args.plan)
     check_spec(model_spec(plan), plan.source, trust_spec=args.trust_spec)
-    rendered = render_package(plan)
+    rendered = render_package(plan, tp_rules=parse_rules(args.tp_plan))
     out = write_package(rendered, args.output)
     lay = rendered.layout
     print(f"wrote {out}/: {len(lay.stages)} stages of {model_spec(rendered.plan).callable}")
@@ -35,6 +39,11 @@ def run(args: argparse.Namespace) -> int:
         outs = ", ".join(st.output_names)
         print(f"  stage{st.index}.py  {len(st.groups):4d} nodes  in: {ins}  out: {outs}")
     print(f"  criterion reads {', '.join(lay.criterion_inputs)}")
+    if rendered.tp_plan is not None:
+        degrees = ", ".join(f"stage {st.stage_id}: {st.replicas} x tp {st.tp} on ranks {list(st.ranks)}"
+                            for st in rendered.plan.stages)
+        print(f"  {degrees}")
+        print("  " + rendered.tp_plan.describe().replace("\n", "\n  "))
     if lay.shared:
         print(f"  held by several stages (keep in sync): {', '.join(sorted(lay.shared))}")
     return 0

@@ -31,6 +31,7 @@ from pipeshift.codegen.partition import CodegenError, Layout, check_profile, lay
 from pipeshift.codegen.planfile import batch_size, check_for_codegen, leaf_policy, model_spec
 from pipeshift.errors import PipeshiftError
 from pipeshift.graph.capture import CapturedGraph, capture
+from pipeshift.tp_plan import TPPlan
 from pipeshift.plan import Plan
 from pipeshift.plan import as_plan as _as_plan
 
@@ -48,6 +49,7 @@ class Rendered:
     files: dict[str, str]
     layout: Layout
     plan: Plan
+    tp_plan: TPPlan | None = None  # what the tensor-parallel stages shard (None: no such stage)
 
 
 def as_plan(plan: Plan | dict[str, Any] | str | os.PathLike[str]) -> Plan:
@@ -166,12 +168,14 @@ def capture_on_meta(model: nn.Module, inputs: tuple[Any, ...], policy: Any) -> t
 
 
 def render_package(
-    plan: Plan | dict[str, Any] | str | os.PathLike[str], model_capture: ModelCapture | None = None
+    plan: Plan | dict[str, Any] | str | os.PathLike[str], model_capture: ModelCapture | None = None,
+    tp_rules: dict[str, str] | None = None,
 ) -> Rendered:
     """Every file of the stage package, as text. Deterministic: the same plan gives the same bytes.
 
     ``model_capture`` (from :func:`capture_model` on a plan of the same model) skips rebuilding
-    and re-tracing the model; one of another model is ignored.
+    and re-tracing the model; one of another model is ignored. ``tp_rules`` (``--tp-plan``)
+    overrides the TP plan the plan recorded for its tensor-parallel stages.
     """
     plan = as_plan(plan)
     if model_capture is None or model_capture.key != _capture_key(plan):
@@ -183,13 +187,17 @@ def render_package(
     title = model_spec(plan).callable
     files = {f"stage{st.index}.py": render_stage(lay, st, model, title) for st in lay.stages}
     files["__init__.py"] = render_init(plan, lay)
-    files["conf.json"] = _conf_text(conf_json(plan, lay))
+    tp = stage_tp_plan(plan, lay, model, tp_rules) if any(st.tp > 1 for st in plan.stages) else None
+    files["conf.json"] = _conf_text(conf_json(plan, lay, tp))
     files["plan.json"] = json.dumps(plan.to_json(), indent=2) + "\n"
-    return Rendered(files=files, layout=lay, plan=plan)
+    return Rendered(files=files, layout=lay, plan=plan, tp_plan=tp)
 
 
-def conf_json(plan: Plan, lay: Layout) -> dict[str, Any]:
-    """PipeDream's conf.json; the criterion is module K and runs on the last stage."""
+def conf_json(plan: Plan, lay: Layout, tp: TPPlan | None = None) -> dict[str, Any]:
+    """PipeDream's conf.json; the criterion is module K and runs on the last stage.
+
+    Tensor-parallel stages add ``stage_to_tp_degree`` and ``tp_plan`` (module FQN -> style).
+    """
     n = len(lay.stages)
     conf: dict[str, Any] = {
         "module_to_stage_map": list(range(n)) + [n - 1],
@@ -197,7 +205,40 @@ def conf_json(plan: Plan, lay: Layout) -> dict[str, Any]:
     }
     if lay.shared:
         conf["shared_parameters"] = lay.shared
+    if tp is not None:
+        conf["stage_to_tp_degree"] = {str(st.stage_id): st.tp for st in plan.stages if st.tp > 1}
+        conf["tp_plan"] = dict(sorted(tp.sharded().items()))
     return conf
+
+
+def stage_tp_plan(plan: Plan, lay: Layout, model: nn.Module, rules: dict[str, str] | None) -> TPPlan:
+    """The TP plan of the plan's tensor-parallel stages: ``--tp-plan``, else the one profile recorded.
+
+    Only modules of stages with a degree above 1 are kept, and a column-parallel layer whose
+    row-parallel partner lies in another stage is an error: the activation between them is a
+    shard, which no stage boundary carries.
+    """
+    from pipeshift.tp_plan import TPPlan, check_pairs_within, expand, resolve
+
+    recorded = plan.doc.get("tp_plan")
+    if rules is None and isinstance(recorded, dict) and isinstance(recorded.get("modules"), dict):
+        modules = recorded["modules"]
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in modules.items()):
+            raise plan.error(("tp_plan", "modules"), "must map module FQNs to style names")
+        tp = TPPlan(expand(modules, model, strict=False), str(recorded.get("source", "recorded in the plan")))
+    else:
+        tp = resolve(model, lay.captured.gm, rules)
+    stage_of = {}
+    for st, sl in zip(plan.stages, lay.stages):
+        for n in sl.fx_nodes:
+            stage_of[n.name] = st.stage_id
+    tp_stages = {st.stage_id for st in plan.stages if st.tp > 1}
+    keep = {}
+    for n in lay.captured.gm.graph.nodes:
+        if n.op == "call_module" and str(n.target) in tp.modules and stage_of.get(n.name) in tp_stages:
+            keep[str(n.target)] = tp.modules[str(n.target)]
+    check_pairs_within(lay.captured.gm, keep, stage_of)
+    return TPPlan(keep, tp.source, tp.notes)
 
 
 def _conf_text(conf: dict[str, Any]) -> str:

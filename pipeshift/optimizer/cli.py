@@ -9,6 +9,7 @@ PipeDream's optimizer flags work unchanged (``-f``, ``-n/--all_num_machines``,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import time
@@ -19,7 +20,7 @@ from pipeshift.errors import InputFileError, PipeshiftError
 from pipeshift.jsonfile import read_json_object
 from pipeshift.graph import read_graph_txt
 from pipeshift.optimizer import cost as ps_cost
-from pipeshift.optimizer.planner import COST_MODELS, SEARCHES, PlanOptions, make_plan
+from pipeshift.optimizer.planner import COST_MODELS, SEARCHES, PlanOptions, TPOptions, make_plan, planning_graph, with_tp_nodes
 from pipeshift.optimizer.report import plan_document, summary, write_plan_dir
 from pipeshift.optimizer.topology import from_flags, read_topology, with_speeds
 from pipeshift.schedule.registry import SCHEDULES
@@ -64,6 +65,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="exact: every downset; prefix: prefixes of topological orders; auto: exact while small")
     p.add_argument("--max-states", default="2000", metavar="S", help="largest exact state space (auto/exact)")
     p.add_argument("--batch-size", metavar="B", help="samples per profiled batch (default: profile.json's)")
+    tp = p.add_argument_group("tensor parallelism (a stage is stage × replicas × TP degree)")
+    tp.add_argument("--tp", nargs="+", default=["1"], metavar="T",
+                    help="allowed TP degrees per stage, e.g. --tp 1 2 4 (default 1: none); sharded layers come from "
+                         "profile.json's tp_plan")
+    tp.add_argument("--tp-bandwidth", metavar="BYTES_PER_S", help="bandwidth of a TP group's all-reduces "
+                                                                 "(default: the innermost level's)")
+    tp.add_argument("--tp-latency", metavar="SECONDS", help="per-message latency of a TP group's all-reduces "
+                                                           "(default: the innermost level's)")
+    tp.add_argument("--tp-efficiency", default="1", metavar="E",
+                    help="fraction of the ideal 1/t speed-up a sharded layer reaches (default 1)")
     p.add_argument("-q", "--quiet", action="store_true", help="no summary table")
 
 
@@ -123,7 +134,7 @@ def read_profile_json(graph_path: Path) -> dict[str, Any]:
     batch = data.get("batch_size")
     if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
         raise InputFileError(str(side), None, f"batch_size must be a positive integer, got {batch!r}")
-    return {k: data.get(k) for k in ("model", "leaf_policy", "batch_size")}
+    return {k: data.get(k) for k in ("model", "leaf_policy", "batch_size", "tp_plan")}
 
 
 def options_from_args(args: argparse.Namespace) -> PlanOptions:
@@ -148,7 +159,31 @@ def options_from_args(args: argparse.Namespace) -> PlanOptions:
         optimizer_states=float(_one(args.optimizer_states, "--optimizer-states", float, 0.0, strict=False)),
         search=args.search,
         max_states=int(_one(args.max_states, "--max-states", int, 1, strict=False, maximum=10 ** 7)),
+        tp=TPOptions(
+            degrees=tuple(sorted(set(_numbers(args.tp, "--tp", int)))),
+            bandwidth=_one(args.tp_bandwidth, "--tp-bandwidth"),
+            latency=_one(args.tp_latency, "--tp-latency", float, 0.0, strict=False),
+            efficiency=float(_one(args.tp_efficiency, "--tp-efficiency")),
+        ),
     )
+
+
+def _with_tp_plan(opt: PlanOptions, profile: dict[str, Any], graph, graph_path: Path) -> PlanOptions:
+    """The TP plan profile.json recorded, checked, and the per-node TP arrays (when --tp allows t > 1)."""
+    if any(t < 1 for t in opt.tp.degrees):
+        raise PipeshiftError(f"--tp: degrees must be positive integers, got {list(opt.tp.degrees)}")
+    if not opt.tp.active:
+        return opt
+    if opt.tp.efficiency > 1:
+        raise PipeshiftError("--tp-efficiency must be in (0, 1]")
+    recorded = profile.get("tp_plan")
+    modules = recorded.get("modules") if isinstance(recorded, dict) else None
+    side = graph_path.with_name("profile.json")
+    if not isinstance(modules, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in modules.items()):
+        raise InputFileError(str(side), None, "--tp needs the 'tp_plan' that `pipeshift profile` records "
+                                              "(an object {\"modules\": {FQN: style}}); re-run profile")
+    opt = dataclasses.replace(opt, tp=dataclasses.replace(opt.tp, modules=modules))
+    return with_tp_nodes(graph, planning_graph(graph, opt.cost_model), opt)
 
 
 def topology_from_args(args: argparse.Namespace):
@@ -188,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
     graph_path = Path(graph_arg)
     graph = read_graph_txt(graph_path)
     profile = read_profile_json(graph_path)
+    opt = _with_tp_plan(opt, profile, graph, graph_path)
     if args.batch_size is not None:
         profile["batch_size"] = int(_one(args.batch_size, "--batch-size", int, 1, strict=False))
     t0 = time.perf_counter()

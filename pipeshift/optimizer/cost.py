@@ -28,6 +28,18 @@ profiled batch); every time below is seconds per microbatch in steady state.
 A level sees the level below as slots whose time for a range is the lower level's optimum; the
 slowest slot type in a replica group sets the group's pace.
 
+**Tensor parallelism** (``plan --tp 1 2 4``, innermost level only): a stage on w workers runs as
+``w / t`` replicas of a TP group of ``t`` workers, for the allowed ``t`` dividing w that is
+fastest. Per node, a layer the TP plan shards (profile.json's ``tp_plan``) takes
+``time / (t · efficiency)`` (its matrix products split evenly; ``--tp-efficiency`` is the
+fraction of that ideal reached) and holds ``1/t`` of its weights, gradients and optimizer state;
+every other node of the stage is computed whole on each rank of the group. Each row-parallel
+layer adds its pair's all-reduces of its output (one forward after it, one backward before the
+column-parallel layers; serving: forward only), a ring all-reduce over t on the TP link
+(``--tp-bandwidth``/``--tp-latency``, default the innermost level's). A TP group crosses a
+stage boundary once (its first rank sends), so a cut's traffic is spread over the ``w / t``
+groups, and replicas all-reduce the ``1/t`` shards.
+
 **Serving** (``--objective serve``, schedule kind ``serve``): forward times only; batches go
 round-robin to a stage's replicas (share 1/m') and replicas never synchronise (replicating a
 stage costs memory only); one message per cut per batch (activations forward, no gradients);
@@ -124,6 +136,15 @@ def ring_allreduce(params: Num, replicas: Num, bandwidth: float, latency: float)
     return np.where(r > 1, 2.0 * (r - 1) / r * params / bandwidth + 2.0 * (r - 1) * latency, 0.0)
 
 
+@dataclasses.dataclass(frozen=True)
+class TPArrays:
+    """Per allowed TP degree: range sums (S+1, S) of node time and of parameter bytes per worker."""
+
+    degrees: tuple[int, ...]
+    times: np.ndarray  # (T, S+1, S) seconds per microbatch on one TP group (slowest-worker speed applied)
+    params: np.ndarray  # (T, S+1, S) parameter bytes each worker of the group holds
+
+
 class PipeshiftLevel:
     """:class:`~pipeshift.optimizer.dp.LevelCosts` of one level under pipeshift's model.
 
@@ -145,6 +166,7 @@ class PipeshiftLevel:
         straight: bool,
         memory: Memory | None,
         outer_downstream: int,
+        tp: TPArrays | None = None,
     ):
         self.times = times
         self.slot_types = np.asarray(slot_types, dtype=np.int64)
@@ -154,6 +176,7 @@ class PipeshiftLevel:
         self.straight = straight
         self.memory = memory if memory is not None and memory.limit is not None else None
         self.outer_downstream = outer_downstream
+        self.tp = tp if tp is not None and tp.degrees != (1,) else None
         N = self.num_slots = len(self.slot_types)
         self.pair_m, self.pair_mp = slot_pairs(N, straight)
         n_types = times.shape[0]
@@ -185,8 +208,36 @@ class PipeshiftLevel:
         t = np.moveaxis(times_t, 0, -1)[..., None, :]  # (..., 1, types)
         return np.where(member, t, -INF).max(axis=-1)
 
+    def _tp_time(self, k: int, rows, cols, workers: np.ndarray, downstream: np.ndarray,
+                 cut: np.ndarray | None) -> np.ndarray:
+        """Stage time at TP degree ``tp.degrees[k]`` on ``workers`` (inf where it does not divide them)."""
+        t = self.tp.degrees[k]
+        ok = workers % t == 0
+        groups = np.where(ok, workers / t, 1.0)
+        par = self.tp.params[k][rows, cols][..., None]
+        time = self._stage_time(self.tp.times[k][rows, cols][..., None], par, groups)
+        if cut is not None:
+            time = np.maximum(time, self.schedule.directions * (self.latency + cut / self.bandwidth)[..., None] / groups)
+        fits = self._fits(par, self.stash[rows, cols][..., None], downstream, groups)
+        return np.where(ok & fits, time, INF)
+
+    def best_tp(self, row: int, end: int, slots: int, first: bool) -> int:
+        """The TP degree the level's cost took for the stage (row, end) on ``slots`` workers."""
+        if self.tp is None:
+            return 1
+        w = np.array([float(slots)])
+        cut = None if first else np.array([float(self.cut_bytes[row - 1])])
+        times = [float(self._tp_time(k, np.array([row]), np.array([end]), w, self.num_slots - w, cut)[0, 0])
+                 for k in range(len(self.tp.degrees))]
+        return self.tp.degrees[int(np.argmin(times))]
+
     # -- LevelCosts -----------------------------------------------------------------------
     def single(self, rows: np.ndarray) -> np.ndarray:
+        if self.tp is not None:
+            N = self.num_slots
+            w = np.arange(1, N + 1, dtype=np.float64)
+            rr, cc = rows[:, None], np.arange(self.params.shape[1])[None, :]
+            return np.min([self._tp_time(k, rr, cc, w, N - w, None) for k in range(len(self.tp.degrees))], axis=0)
         N = self.num_slots
         m = np.arange(N)
         replicas = (m + 1).astype(np.float64)
@@ -205,6 +256,12 @@ class PipeshiftLevel:
     def last(self, ks: np.ndarray, js: np.ndarray) -> np.ndarray:
         N = self.num_slots
         rows = ks + 1
+        if self.tp is not None:
+            mp = np.arange(1, N, dtype=np.float64) if self.by_mp else self.pair_mp.astype(np.float64)
+            down = np.zeros_like(mp) if self.by_mp else N - (self.pair_m + 1.0)
+            cut = self.cut_bytes[ks][:, None]
+            return np.min([self._tp_time(k, rows[:, None], js[None, :], mp, down, cut)
+                           for k in range(len(self.tp.degrees))], axis=0)
         par = self.params[np.ix_(rows, js)][:, :, None]
         if self.homogeneous:
             mp = np.arange(1, (2 if self.straight else N), dtype=np.float64)

@@ -14,6 +14,7 @@ exact when it is small and prefixes of topological orders otherwise (:mod:`.stat
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 import dataclasses
 import itertools
 import math
@@ -44,6 +45,36 @@ SEARCHES = ("auto", "exact", "prefix")
 
 
 @dataclasses.dataclass(frozen=True)
+class TPOptions:
+    """Tensor parallelism the planner may choose (``--tp``), and what it costs (cost.py's docstring)."""
+
+    degrees: tuple[int, ...] = (1,)
+    modules: Mapping[str, str] = dataclasses.field(default_factory=dict)  # profile.json's tp_plan: FQN -> style
+    bandwidth: float | None = None  # bytes/s of a TP group's link (None: the innermost level's)
+    latency: float | None = None
+    efficiency: float = 1.0  # fraction of the ideal 1/t a sharded node reaches
+    # per planning-graph node, filled by the planner: sharded?, bytes all-reduced per microbatch
+    shard: np.ndarray | None = dataclasses.field(default=None, compare=False)
+    allreduce_bytes: np.ndarray | None = dataclasses.field(default=None, compare=False)
+
+    @property
+    def active(self) -> bool:
+        return any(t > 1 for t in self.degrees)
+
+    def node_time_s(self, base_s: np.ndarray, t: int, level_bw: float, level_lat: float) -> np.ndarray:
+        """Seconds per microbatch of every node at degree t: shards' share plus their all-reduces."""
+        if t == 1:
+            return base_s
+        bw = self.bandwidth or level_bw
+        lat = level_lat if self.latency is None else self.latency
+        ring = 2.0 * (t - 1) / t * self.allreduce_bytes / bw + np.where(self.allreduce_bytes > 0, 2.0 * (t - 1) * lat, 0.0)
+        return np.where(self.shard, base_s / (t * self.efficiency), base_s) + ring
+
+    def node_params(self, params: np.ndarray, t: int) -> np.ndarray:
+        return np.where(self.shard, params / t, params) if t > 1 else params
+
+
+@dataclasses.dataclass(frozen=True)
 class PlanOptions:
     cost_model: str = "pipeshift"
     straight: bool = False
@@ -56,6 +87,7 @@ class PlanOptions:
     max_states: int = 2000  # exact search only below this many states
     work_budget: float = 2.5e8  # … and only while the DP's estimated element operations stay below this
     latency_slo_s: float | None = None  # serving: a batch's predicted latency at most this
+    tp: TPOptions = TPOptions()
 
     @property
     def serving(self) -> bool:
@@ -86,6 +118,7 @@ class Stage:
     row: int
     end: int
     placed: bool = False  # chosen by the placement search on the measured link matrix
+    tp: int = 1  # tensor-parallel degree: the stage's workers are replicas × tp
 
 
 @dataclasses.dataclass
@@ -166,6 +199,47 @@ def _solve_pipedream(g: GraphArrays, states: StateSpace, topo: Topology, opt: Pl
     return _Solved(levels, slot_sigs, 0)
 
 
+def _tp_arrays(g: GraphArrays, states: StateSpace, valid: np.ndarray, opt: PlanOptions, level, speed: float
+               ) -> ps_cost.TPArrays:
+    """Range sums of node time and per-worker parameters at every allowed TP degree (innermost level)."""
+    members = states.members.astype(np.float64)
+    base = opt.compute_ms(g) / 1000.0
+    times, params = [], []
+    for t in opt.tp.degrees:
+        times.append(_range_sums(members @ opt.tp.node_time_s(base, t, level.bandwidth, level.latency), valid,
+                                 np.inf) / speed)
+        params.append(_range_sums(members @ opt.tp.node_params(g.parameter, t), valid, 0.0))
+    return ps_cost.TPArrays(tuple(opt.tp.degrees), np.stack(times), np.stack(params))
+
+
+def with_tp_nodes(graph: Graph, g: GraphArrays, opt: PlanOptions) -> PlanOptions:
+    """``opt`` with the per-node TP arrays for the planning graph; checks what TP planning supports."""
+    from pipeshift.tp_plan import SHARDING_STYLES
+
+    tp = opt.tp
+    if not tp.active or tp.shard is not None:
+        return opt
+    if opt.cost_model != "pipeshift":
+        raise PipeshiftError("--tp needs --cost-model pipeshift (PipeDream's model has no tensor parallelism)")
+    if opt.straight:
+        raise PipeshiftError("--tp with --straight-pipeline: a TP stage has several workers; drop one of them")
+    if not tp.modules:
+        raise PipeshiftError("--tp: profile.json records no TP plan (nothing to shard); re-run `pipeshift profile` "
+                             "(it records the model's own plan or the generic rule; --tp-plan sets one)")
+    shard = np.zeros(g.n, dtype=bool)
+    allreduce = np.zeros(g.n)
+    for i, nid in enumerate(g.node_ids):
+        style = tp.modules.get(str((graph[nid].meta or {}).get("fqn", "")))
+        if style in SHARDING_STYLES:
+            shard[i] = True
+            if not style.startswith("colwise") or style in ("colwise_rep", "colwise_gather_output"):
+                # the pair's all-reduce (or the gather) of this node's whole output
+                allreduce[i] = g.activation[i] * (1.0 if opt.serving else 2.0)
+    if not shard.any():
+        raise PipeshiftError("--tp: none of the graph's nodes is a module the TP plan shards")
+    return dataclasses.replace(opt, tp=dataclasses.replace(tp, shard=shard, allreduce_bytes=allreduce))
+
+
 def _solve_pipeshift(g: GraphArrays, states: StateSpace, topo: Topology, opt: PlanOptions,
                      cut_limit: float | None = None) -> _Solved:
     valid = _valid_rows(states)
@@ -202,11 +276,13 @@ def _solve_pipeshift(g: GraphArrays, states: StateSpace, topo: Topology, opt: Pl
                 slot_types = np.array([type_values.index(s) for s in sig])
                 times = np.stack([comp / v for v in type_values])
                 slots_here[sid] = tuple(slot_types)
+                tp = _tp_arrays(g, states, valid, opt, level, type_values[0]) if opt.tp.active else None
             else:
                 type_values = sorted(set(sig))
                 slot_types = np.array([type_values.index(s) for s in sig])
                 times = np.stack([prev_tables[s] for s in type_values])
                 slots_here[sid] = tuple(sig)
+                tp = None
             costs = ps_cost.PipeshiftLevel(
                 times,
                 slot_types,
@@ -219,6 +295,7 @@ def _solve_pipeshift(g: GraphArrays, states: StateSpace, topo: Topology, opt: Pl
                 opt.straight,
                 memory if i == 0 else None,
                 topo.num_workers - g0 if (i == 0 and n_levels > 1) else 0,
+                tp,
             )
             sol = solve_level(costs, succ, all_rows=not final, fewer=opt.fewer_machines)
             solved_here[sid] = (costs, sol)
@@ -256,7 +333,8 @@ def _flatten(solved: _Solved, states: StateSpace, topo: Topology) -> list[Stage]
                 for lv, sg, outer, first in reversed(chain):
                     t = solved.levels[lv][sg][0].charge(t, outer.row, outer.end, outer.slots, first)
                 slots = [(x.slot_start, x.slots) for _, _, x, _ in here]
-                out.append(Stage([], 0, [], slots, cut, t, st.row, st.end))
+                tp = solved.levels[0][sig][0].best_tp(st.row, st.end, st.slots, idx == 0)
+                out.append(Stage([], 0, [], slots, cut, t, st.row, st.end, tp=tp))
                 continue
             inner = solved.slot_sigs[level][sig][st.slot_start : st.slot_start + st.slots]
             inner_n = topo.levels[level - 1].workers
@@ -271,7 +349,7 @@ def _flatten(solved: _Solved, states: StateSpace, topo: Topology) -> list[Stage]
     for st in out:
         ranges = [range(a, a + c) for a, c in st.slots]
         st.workers = sorted(sum(s * k for s, k in zip(combo, strides)) for combo in itertools.product(*ranges))
-        st.replicas = len(st.workers)
+        st.replicas = len(st.workers) // st.tp
     return out
 
 
@@ -417,6 +495,9 @@ def _make_plan(graph: Graph, topo: Topology, opt: PlanOptions) -> PlanResult:
         raise PipeshiftError("the graph has no layers to place (only raw inputs)")
     if opt.serving and opt.cost_model != "pipeshift":
         raise PipeshiftError("--objective serve needs --cost-model pipeshift (PipeDream's model is for training)")
+    if opt.tp.active and topo.speeds is not None and len(set(topo.speeds)) > 1:
+        raise PipeshiftError("--tp with --worker-speeds is not supported: TP groups assume equal workers")
+    opt = with_tp_nodes(graph, g, opt)
     closure = g.closure()
     notes: list[str] = []
     candidates: dict[str, float] = {}

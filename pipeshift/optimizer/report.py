@@ -49,11 +49,15 @@ def stage_table(graph: Graph, result: PlanResult, topo: Topology, opt: PlanOptio
     next_rank = 0
     downstream = [sum(st.replicas for st in result.stages[i + 1 :]) for i in range(K)]
     memory = opt.memory()
+    index = {nid: i for i, nid in enumerate(result.arrays.node_ids)}
     for i, st in enumerate(result.stages):
         nodes = [graph[n] for n in st.nodes]
         fwd = sum(n.forward_ms for n in nodes) / 1000.0
         bwd = 0.0 if opt.serving else sum(n.backward_ms for n in nodes) / 1000.0
         params = float(sum(n.parameter_size for n in nodes))
+        tp_extra = {}
+        if st.tp > 1:  # the cost model's view of the TP group (cost.py): shards' share, all-reduces, 1/t weights
+            fwd, bwd, params, tp_extra = _tp_stage(st, nodes, index, result, topo, opt, fwd, bwd)
         activation = float(sum(n.activation_bytes for n in nodes))
         stash = activation if opt.serving else float(sum(stash_bytes(n) for n in nodes))
         speed = min(topo.speed_of(w) for w in st.workers)
@@ -80,14 +84,16 @@ def stage_table(graph: Graph, result: PlanResult, topo: Topology, opt: PlanOptio
             lv = result.stages[i + 1].cut_level
             level = topo.levels[lv if lv is not None else 0]
             link = {"level": lv, "bandwidth_bytes_per_s": level.bandwidth, "latency_s": level.latency}
-        ranks = list(range(next_rank, next_rank + st.replicas))
-        next_rank += st.replicas
+        ranks = list(range(next_rank, next_rank + len(st.workers)))
+        next_rank += len(st.workers)
         rows.append(
             {
                 "stage_id": i,
                 "nodes": list(st.nodes),
                 "fqns": _fqns(graph, st.nodes),
                 "replicas": st.replicas,
+                **({"tp": st.tp, "tp_groups": [ranks[k:k + st.tp] for k in range(0, len(ranks), st.tp)]}
+                   if st.tp > 1 else {}),
                 "ranks": ranks,
                 "workers": list(st.workers),
                 "predicted": {"compute_s": (fwd + bwd) / speed, "time_s": st.dp_value, "memory_bytes": float(mem)},
@@ -99,10 +105,28 @@ def stage_table(graph: Graph, result: PlanResult, topo: Topology, opt: PlanOptio
                     "output_bytes": cut_bytes[i] if i + 1 < K else 0.0,
                     "output_link": link,
                     "allreduce_s": allreduce,
+                    **tp_extra,
                 },
             }
         )
     return rows
+
+
+def _tp_stage(st, nodes, index, result: PlanResult, topo: Topology, opt: PlanOptions, fwd: float, bwd: float):
+    """Forward/backward seconds, per-worker parameter bytes and the TP all-reduce time of a TP stage."""
+    t, tp = st.tp, opt.tp
+    level = topo.levels[0]
+    ids = [index[n.node_id] for n in nodes if n.node_id in index]
+    g = result.arrays
+    shard = tp.shard[ids]
+    split = np.where(shard, 1.0 / (t * tp.efficiency), 1.0)
+    f = float((g.forward_ms[ids] * split).sum()) / 1000.0
+    b = 0.0 if opt.serving else float((g.backward_ms[ids] * split).sum()) / 1000.0
+    comm = float(tp.node_time_s(np.zeros(len(ids)), t, level.bandwidth, level.latency).sum())  # the rings alone
+    params = float(tp.node_params(g.parameter[ids], t).sum())
+    shard_fqns = sum(1 for n in nodes if index.get(n.node_id) is not None and tp.shard[index[n.node_id]])
+    return f, b, params, {"tp_allreduce_s": comm, "tp_sharded_nodes": shard_fqns,
+                          "tp_bandwidth_bytes_per_s": tp.bandwidth or level.bandwidth}
 
 
 def _measured_link(topo: Topology, senders: list[int], receivers: list[int], nbytes: float) -> dict[str, Any]:
@@ -148,6 +172,12 @@ def plan_document(
                      "the network costs more than the split saves; try --use-fewer-machines")
     batch = profile.get("batch_size")
     memory_per_worker = [st["predicted"]["memory_bytes"] for st in stages for _ in st["ranks"]]
+    tp_doc = {}
+    if opt.tp.active:
+        tp_doc = {"tp": {"degrees": list(opt.tp.degrees), "bandwidth_bytes_per_s": opt.tp.bandwidth,
+                         "latency_s": opt.tp.latency, "efficiency": opt.tp.efficiency}}
+    if profile.get("tp_plan") is not None:
+        tp_doc["tp_plan"] = profile["tp_plan"]
     rank_to_worker = [w for st in stages for w in st["workers"]]
     return {
         "version": 1,
@@ -187,6 +217,7 @@ def plan_document(
         "memory_per_worker_bytes": memory_per_worker,
         "rank_to_worker": rank_to_worker,
         "placement": "measured links" if any(st.placed for st in result.stages) else "levels",
+        **tp_doc,
         "notes": notes,
     }
 
@@ -245,7 +276,8 @@ def summary(doc: dict[str, Any]) -> str:
                 "layers": len(nodes),
                 "first..last": f"{nodes[0]}..{nodes[-1]}" if len(nodes) > 1 else nodes[0],
                 "replicas": st["replicas"],
-                "ranks": _ranks(st["ranks"]),
+                "tp": st.get("tp", 1),
+                "ranks": " ".join(_ranks(g) for g in st["tp_groups"]) if "tp_groups" in st else _ranks(st["ranks"]),
                 "workers": ",".join(map(str, st["workers"])),
                 "compute ms": round(st["predicted"]["compute_s"] * 1000, 3),
                 "time ms": round(st["predicted"]["time_s"] * 1000, 3),

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from pipeshift.tp_plan import parse_rules as parse_tp_rules
 from pipeshift.errors import PipeshiftError
 from pipeshift.graph.capture import LeafPolicy
 from pipeshift.profiler.profile import profile_model
@@ -52,6 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     timing.add_argument("--no-malloc-tuning", action="store_true",
                         help="leave glibc malloc as it is (default: tuned as `pipeshift train` tunes it, so the "
                              "profile times what training will run; see runtime/allocator.py)")
+    p.add_argument("--tp-plan", action="append", default=[], metavar="PATTERN=STYLE|FILE|generic",
+                   help="which modules a tensor-parallel stage shards (default: the model's own plan, e.g. a "
+                        "Hugging Face config's base_model_tp_plan, else the generic column/row rule); recorded in "
+                        "profile.json for `plan --tp` and codegen")
     p.add_argument("--top", type=int, default=15, metavar="N", help="rows in the heaviest-nodes table (0: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no table")
 
@@ -94,7 +99,8 @@ def profile_to_directory(spec: ModelSpec, args: argparse.Namespace, batch_size: 
     profile_fn = profile_model
     if mode == "per-node":
         from pipeshift.profiler.per_node import profile_model_per_node as profile_fn
-    extra = {} if mode == "per-node" else {"remeasure": args.remeasure}
+    tp_rules = parse_tp_rules(args.tp_plan)
+    extra = {} if mode == "per-node" else {"remeasure": args.remeasure, "tp_rules": tp_rules}
     profile = profile_fn(
         bundle.model,
         bundle.example_inputs(batch_size),
@@ -108,6 +114,10 @@ def profile_to_directory(spec: ModelSpec, args: argparse.Namespace, batch_size: 
         progress=not args.quiet,
         **extra,
     )
+    if profile.tp_plan is None:  # the per-node path captures on meta: the plan is resolved on its graph here
+        from pipeshift.tp_plan import resolve
+
+        profile.tp_plan = resolve(bundle.model, profile.captured.gm, tp_rules)
     for finding in profile.noise_findings:
         attempts = (profile.noise or {}).get("attempts", 1)
         print(f"pipeshift profile: warning: b={batch_size}: {finding} (kept the steadiest of {attempts} "

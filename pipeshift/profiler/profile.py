@@ -16,6 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeshift.tp_plan import TPPlan
+from pipeshift.tp_plan import resolve as resolve_tp_plan
+from pipeshift.tp_plan import to_json as tp_plan_json
 from pipeshift.errors import PipeshiftError
 from pipeshift.graph.capture import CapturedGraph, LeafPolicy, capture, to_graph
 from pipeshift.graph.ir import Graph
@@ -55,6 +58,7 @@ class ModelProfile:
     spec: ModelSpec | None = None
     noise: dict[str, Any] | None = None  # the noise checks of the kept measurement (noise.Attempt.to_json)
     materialized: str = "whole"  # "per-node": timed one node at a time, in isolation (profiler/per_node.py)
+    tp_plan: TPPlan | None = None  # which modules a tensor-parallel stage would shard (pipeshift.tp_plan)
 
     @property
     def noise_findings(self) -> list[str]:
@@ -124,6 +128,7 @@ class ModelProfile:
             "totals": self.totals(),
             "noise": self.noise,
             "materialize": self.materialized,
+            "tp_plan": tp_plan_json(self.tp_plan) if self.tp_plan is not None else None,
             "inputs": [g.node_id for g in self.captured.groups if g.input_index is not None],
             "outputs": list(self.captured.output_ids),
             "nodes": self.node_meta(),
@@ -184,6 +189,7 @@ def profile_model(
     spec: ModelSpec | None = None,
     progress: bool = True,
     remeasure: int = 1,
+    tp_rules: dict[str, str] | None = None,
 ) -> ModelProfile:
     """Capture ``model`` on ``example_inputs`` and measure every graph node.
 
@@ -203,7 +209,7 @@ def profile_model(
         torch.set_num_threads(threads)
     try:
         return _profile(model, example_inputs, batch_size, policy or LeafPolicy(), iterations, warmup, device, spec,
-                        progress, remeasure)
+                        progress, remeasure, tp_rules)
     finally:
         torch.set_num_threads(previous_threads)  # a library call leaves the process as it found it
 
@@ -219,6 +225,7 @@ def _profile(
     spec: ModelSpec | None,
     progress: bool,
     remeasure: int = 1,
+    tp_rules: dict[str, str] | None = None,
 ) -> ModelProfile:
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     model = model.to(dev).train()
@@ -226,6 +233,7 @@ def _profile(
     what = spec.callable if spec is not None else type(model).__name__
     _check_runs(model, inputs, what)
     captured = capture(model, inputs, policy)
+    tp_plan = resolve_tp_plan(model, captured.gm, tp_rules)
     runner = GroupRunner(captured)
     saved = saved_bytes_per_node(model, runner, inputs)
     clock = clock_for(dev)
@@ -266,4 +274,5 @@ def _profile(
         unattributed_backward=Stats.of(samples.unattributed_backward),
         spec=spec,
         noise=kept.to_json(len(attempts)),
+        tp_plan=tp_plan,
     )
