@@ -59,7 +59,9 @@ def _plan_table(path: Path) -> pd.DataFrame:
                 "stage": s.get("stage_id"),
                 "nodes": len(s.get("nodes", [])),
                 "replicas": s.get("replicas"),
-                "ranks": ",".join(map(str, s.get("ranks", []))),
+                "tp": s.get("tp", 1),
+                "ranks": " ".join(",".join(map(str, g)) for g in s["tp_groups"])
+                if isinstance(s.get("tp_groups"), list) else ",".join(map(str, s.get("ranks", []))),
                 "time_ms": (pred.get("time_s") or 0) * 1e3,
                 "memory_MB": (pred.get("memory_bytes") or 0) / 1e6,
             }

@@ -100,6 +100,7 @@ def mlp_plan(stages: list[tuple[list[str], int]]) -> dict:
     return {"version": 1, "graph": "graph.txt", "model": MLP, "batch_size": 4, "stages": out}
 
 
+@pytest.mark.timeout(900)  # two ranks on two shared cores
 def test_codegen_writes_the_tp_plan_and_refuses_a_cut_between_a_pair(tmp_path) -> None:
     from pipeshift.codegen import render_package
     from tests.test_runtime import assert_same_weights, final_weights, reference_accumulate, sgd
@@ -120,3 +121,19 @@ def test_codegen_writes_the_tp_plan_and_refuses_a_cut_between_a_pair(tmp_path) -
     train(tmp_path, pkg, 2, "--schedule", "flush", "--microbatches", "2", "--steps", "2", "--lr", "0.05",
           "--momentum", "0.9", "--checkpoint-dir", str(tmp_path / "ck"))
     assert_same_weights(final_weights(tmp_path / "ck"), reference_accumulate(MLP, 2, 2, 4, sgd()))
+
+
+def test_conf_json_tensor_parallel_fields_are_checked(tmp_path) -> None:
+    from pipeshift.errors import InputFileError
+    from pipeshift.runtime.package import parse_tensor_parallel
+
+    ranks = {0: [0, 1], 1: [2]}
+    path = tmp_path / "conf.json"
+    assert parse_tensor_parallel({"stage_to_tp_degree": {"0": 2}, "tp_plan": {"a": "colwise"}}, path, ranks) == (
+        {0: 2}, {"a": "colwise"})
+    for bad, message in [({"stage_to_tp_degree": {"1": 2}, "tp_plan": {"a": "colwise"}}, "dividing"),
+                         ({"stage_to_tp_degree": {"7": 2}}, "not a stage"),
+                         ({"stage_to_tp_degree": {"0": 2}, "tp_plan": {"a": "__import__('os')"}}, "unknown styles"),
+                         ({"stage_to_tp_degree": {"0": 2}, "tp_plan": {}}, "shards nothing")]:
+        with pytest.raises(InputFileError, match=message):
+            parse_tensor_parallel(bad, path, ranks)

@@ -155,6 +155,10 @@ class PipeDreamLevel:
         return t
 
 
+    def best_tp(self, row: int, end: int, slots: int, first: bool) -> int:
+        """PipeDream's model has no tensor parallelism: every stage is TP 1."""
+        return 1
+
     def charge(self, value: float, row: int, end: int, slots: int, first: bool) -> float:
         """What this level charges a range whose inner time is ``value`` (the DP's formula)."""
         bw, par = self.bandwidth, float(self.parameter[row, end])

@@ -249,13 +249,16 @@ def write_plan_dir(out_dir: Path, graph: Graph, doc: dict[str, Any]) -> list[Pat
     txt = out_dir / f"gpus={n}.txt"
     write_graph_txt(staged, txt)
     written.append(txt)
-    written.extend(write_picture(staged, out_dir / f"gpus={n}"))
+    title = "; ".join(f"stage {st['stage_id']}: {st['replicas']} x tp {st['tp']} on ranks "
+                      + " ".join(",".join(map(str, g)) for g in st["tp_groups"])
+                      for st in doc["stages"] if "tp" in st)
+    written.extend(write_picture(staged, out_dir / f"gpus={n}", title))
     return written
 
 
-def write_picture(graph: Graph, stem: Path) -> list[Path]:
+def write_picture(graph: Graph, stem: Path, title: str = "") -> list[Path]:
     """The graph coloured by stage: ``stem.dot`` always, ``stem.svg`` when graphviz's dot exists."""
-    picture = render_graph(graph, stem)
+    picture = render_graph(graph, stem, title=title)
     if picture.warning:
         print(f"warning: {picture.warning}", file=sys.stderr)
     return picture.written
@@ -276,7 +279,7 @@ def summary(doc: dict[str, Any]) -> str:
                 "layers": len(nodes),
                 "first..last": f"{nodes[0]}..{nodes[-1]}" if len(nodes) > 1 else nodes[0],
                 "replicas": st["replicas"],
-                "tp": st.get("tp", 1),
+                **({"tp": st.get("tp", 1)} if any("tp" in s for s in doc["stages"]) else {}),
                 "ranks": " ".join(_ranks(g) for g in st["tp_groups"]) if "tp_groups" in st else _ranks(st["ranks"]),
                 "workers": ",".join(map(str, st["workers"])),
                 "compute ms": round(st["predicted"]["compute_s"] * 1000, 3),

@@ -232,6 +232,9 @@ def _serve(args: argparse.Namespace, info) -> int:
         if pkg.world_size != info.world_size:
             raise PipeshiftError(f"{pkg.path / 'conf.json'}: the stages use {pkg.world_size} ranks but "
                                  f"{info.world_size} were started (pipeshift serve --local {pkg.world_size})")
+        if pkg.tp_degrees and info.rank == args.frontend_rank:
+            print("pipeshift serve: note: tensor-parallel stages are served unsharded, each rank of a TP group as a "
+                  "replica of the whole stage (outputs are the same; serving does not shard yet)", file=sys.stderr)
         if not 0 <= args.frontend_rank < info.world_size:
             raise PipeshiftError(f"--frontend-rank {args.frontend_rank}: the job has ranks 0..{info.world_size - 1}")
         built = _build(pkg, info.rank, args.init_from,
