@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests import tp_helpers as H
-from tests.test_runtime import assert_same_weights, final_weights, finish, free_port, reference_accumulate, start_ranks
+import tp_helpers as H
+from helpers import assert_same_weights, final_weights, free_port
+from test_runtime import finish, reference_accumulate, start_ranks
 
 pytest.importorskip("transformers")
 # multi-rank runs on two shared cores: each is ~20 s quiet, minutes under the load seen here
@@ -35,9 +36,9 @@ TIMEOUT = 600  # four ranks importing transformers on two shared cores (3 min se
 def llama_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tp")
     H.install_llama_module(root / "mods")
-    sys.path.insert(0, str(root / "mods"))
-    yield root
-    sys.path.remove(str(root / "mods"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(root / "mods"))
+        yield root
     sys.modules.pop("tp_test_llama", None)
 
 

@@ -103,8 +103,9 @@ def mlp_plan(stages: list[tuple[list[str], int]]) -> dict:
 @pytest.mark.timeout(900)  # two ranks on two shared cores
 def test_codegen_writes_the_tp_plan_and_refuses_a_cut_between_a_pair(tmp_path) -> None:
     from pipeshift.codegen import render_package
-    from tests.test_runtime import assert_same_weights, final_weights, reference_accumulate, sgd
-    from tests.test_tp import train
+    from helpers import assert_same_weights, final_weights
+    from test_runtime import reference_accumulate, sgd
+    from test_tp import train
 
     # zoo MLP, depth 3: node1 input, node2 layers.0, node3 ReLU, node4 layers.2, node5 ReLU, node6 layers.4
     with pytest.raises(PipeshiftError, match="layers.0 .column-parallel, stage 0. feeds stage 1"):
