@@ -211,11 +211,13 @@ class PipeshiftLevel:
     def _tp_time(self, k: int, rows, cols, workers: np.ndarray, downstream: np.ndarray,
                  cut: np.ndarray | None) -> np.ndarray:
         """Stage time at TP degree ``tp.degrees[k]`` on ``workers`` (inf where it does not divide them)."""
-        t = self.tp.degrees[k]
+        tp = self.tp
+        assert tp is not None
+        t = tp.degrees[k]
         ok = workers % t == 0
         groups = np.where(ok, workers / t, 1.0)
-        par = self.tp.params[k][rows, cols][..., None]
-        time = self._stage_time(self.tp.times[k][rows, cols][..., None], par, groups)
+        par = tp.params[k][rows, cols][..., None]
+        time = self._stage_time(tp.times[k][rows, cols][..., None], par, groups)
         if cut is not None:
             time = np.maximum(time, self.schedule.directions * (self.latency + cut / self.bandwidth)[..., None] / groups)
         fits = self._fits(par, self.stash[rows, cols][..., None], downstream, groups)

@@ -55,7 +55,7 @@ def stage_table(graph: Graph, result: PlanResult, topo: Topology, opt: PlanOptio
         fwd = sum(n.forward_ms for n in nodes) / 1000.0
         bwd = 0.0 if opt.serving else sum(n.backward_ms for n in nodes) / 1000.0
         params = float(sum(n.parameter_size for n in nodes))
-        tp_extra = {}
+        tp_extra: dict[str, Any] = {}
         if st.tp > 1:  # the cost model's view of the TP group (cost.py): shards' share, all-reduces, 1/t weights
             fwd, bwd, params, tp_extra = _tp_stage(st, nodes, index, result, topo, opt, fwd, bwd)
         activation = float(sum(n.activation_bytes for n in nodes))
@@ -112,9 +112,11 @@ def stage_table(graph: Graph, result: PlanResult, topo: Topology, opt: PlanOptio
     return rows
 
 
-def _tp_stage(st, nodes, index, result: PlanResult, topo: Topology, opt: PlanOptions, fwd: float, bwd: float):
+def _tp_stage(st: Any, nodes: list[Any], index: dict[str, int], result: PlanResult, topo: Topology,
+              opt: PlanOptions, fwd: float, bwd: float) -> tuple[float, float, float, dict[str, Any]]:
     """Forward/backward seconds, per-worker parameter bytes and the TP all-reduce time of a TP stage."""
     t, tp = st.tp, opt.tp
+    assert tp.shard is not None
     level = topo.levels[0]
     ids = [index[n.node_id] for n in nodes if n.node_id in index]
     g = result.arrays
@@ -124,7 +126,7 @@ def _tp_stage(st, nodes, index, result: PlanResult, topo: Topology, opt: PlanOpt
     b = 0.0 if opt.serving else float((g.backward_ms[ids] * split).sum()) / 1000.0
     comm = float(tp.node_time_s(np.zeros(len(ids)), t, level.bandwidth, level.latency).sum())  # the rings alone
     params = float(tp.node_params(g.parameter[ids], t).sum())
-    shard_fqns = sum(1 for n in nodes if index.get(n.node_id) is not None and tp.shard[index[n.node_id]])
+    shard_fqns = int(shard.sum())
     return f, b, params, {"tp_allreduce_s": comm, "tp_sharded_nodes": shard_fqns,
                           "tp_bandwidth_bytes_per_s": tp.bandwidth or level.bandwidth}
 

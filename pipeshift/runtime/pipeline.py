@@ -319,6 +319,7 @@ class Pipeline:
     def _tp_share_inputs(self, mb: int, state: _Microbatch, mode: str) -> None:
         """The TP leader's view of the stage's inputs, on every rank of the group (shapes sent once)."""
         tp = self.tp
+        assert tp is not None
         for name in self._tp_inputs:
             key = (name, mode)
             meta = self._tp_meta.get(key)
@@ -397,6 +398,7 @@ class Pipeline:
                         grads: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """The leader's received output gradients, on every rank of the TP group (in output order)."""
         tp = self.tp
+        assert tp is not None
         out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for name, _dst, t in state.outputs:
             if id(t) in out:

@@ -121,7 +121,8 @@ class Stage:
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """:meth:`state_dict` with shards gathered into the original full tensors (every rank of the TP group calls it)."""
-        return full_tensors(self.state_dict())
+        full: dict[str, torch.Tensor] = full_tensors(self.state_dict())
+        return full
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
         """Load this stage's FQNs from ``state`` (full tensors; it may hold other stages' too)."""

@@ -151,7 +151,8 @@ def build_topology(io: Sequence[tuple[Sequence[str], Sequence[str]]], module_to_
                     tp_degrees=degrees if any(d > 1 for d in degrees) else ())
 
 
-def _tp_degrees(tp_degrees, ranks: tuple[tuple[int, ...], ...], bad) -> tuple[int, ...]:
+def _tp_degrees(tp_degrees: Mapping[int, int] | Sequence[int] | None, ranks: tuple[tuple[int, ...], ...],
+                bad: Callable[[str], PipeshiftError]) -> tuple[int, ...]:
     if tp_degrees is None:
         return (1,) * len(ranks)
     table = dict(tp_degrees) if isinstance(tp_degrees, Mapping) else dict(enumerate(tp_degrees))

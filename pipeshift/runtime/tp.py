@@ -29,7 +29,7 @@ machine, the fastest link) and replicas spread outwards.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -42,7 +42,7 @@ def is_sharding(style: str) -> bool:
     return style in SHARDING_STYLES
 
 
-def torch_style(name: str):
+def torch_style(name: str) -> Any:
     """The ``torch.distributed.tensor.parallel`` style for a style name (None: leave it whole)."""
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
@@ -108,7 +108,7 @@ def _is_dtensor(t: Any) -> bool:
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """The shard this rank holds (the tensor itself when it is not distributed)."""
-    return t.to_local() if _is_dtensor(t) else t
+    return cast(Any, t).to_local() if _is_dtensor(t) else t
 
 
 def full_tensors(obj: Any) -> Any:
@@ -171,7 +171,8 @@ class TensorParallel:
         from torch.distributed.tensor import distribute_tensor
 
         out: dict[str, Any] = dict(state)
-        for name, mine in like.items():
+        for name, tensor in like.items():
+            mine: Any = tensor
             if name in state and _is_dtensor(mine):
                 full = state[name]
                 if tuple(full.shape) != tuple(mine.shape):
@@ -186,7 +187,8 @@ class TensorParallel:
         from torch.distributed.tensor import distribute_tensor
 
         state = dict(saved.get("state", {}))
-        for name, p in params.items():
+        for name, param in params.items():
+            p: Any = param
             if name not in state or not _is_dtensor(p):
                 continue
             entry = dict(state[name])
