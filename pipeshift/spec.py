@@ -37,14 +37,6 @@ Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]
 MAX_DIM = 1 << 24  # per input dimension: far beyond any real input, far below what overflows an allocator
 
 
-class SumLoss(nn.Module):
-    """Stand-in loss for user models that bring none: backward still reaches every layer."""
-
-    def forward(self, output: Any, target: Any = None) -> torch.Tensor:  # noqa: ARG002
-        outs = output if isinstance(output, (tuple, list)) else (output,)
-        return sum(o.float().mean() for o in outs if torch.is_tensor(o) and o.is_floating_point())
-
-
 @dataclasses.dataclass
 class ModelBundle:
     """A model with everything needed to run it without further flags.
@@ -52,13 +44,18 @@ class ModelBundle:
     ``example_inputs(batch_size)`` returns the tuple of forward arguments (named ``input0``,
     ``input1``, … everywhere); ``example_target(batch_size)`` a matching target for
     ``criterion``; ``data(batch_size, split, seed)`` an endless iterator of ``(inputs, target)``.
+    A bare ``nn.Module`` gets neither a loss nor data: training it needs ``--loss`` and
+    ``--data`` (:mod:`pipeshift.runspec`), never a made-up objective.
     """
 
     model: nn.Module
     example_inputs: Callable[[int], tuple[torch.Tensor, ...]]
-    criterion: Callable[[], nn.Module] = SumLoss
+    criterion: Callable[[], nn.Module] | None = None
     example_target: Callable[[int], torch.Tensor] | None = None
     data: Callable[..., Iterator[Batch]] | None = None
+    # Module classes best kept whole in the graph (Hugging Face's ``_no_split_modules``, its
+    # transformer blocks): the profiler's default leaves when no --leaf/--leaf-type/--depth is given.
+    leaf_types: tuple[str, ...] = ()
 
     def synthetic_data(self, batch_size: int, seed: int = 0) -> Iterator[Batch]:
         """Deterministic random batches shaped like the example inputs."""
@@ -194,13 +191,17 @@ def import_callable(spec: str) -> Callable[..., Any]:
     return fn
 
 
-def parse_model_args(items: Iterable[str] | None) -> dict[str, Any]:
-    """``key=value`` pairs; values are Python literals where they parse as one, else strings."""
+def parse_model_args(items: Iterable[str] | None, flag: str = "--model-arg") -> dict[str, Any]:
+    """``key=value`` pairs; values are Python literals where they parse as one, else strings.
+
+    A key may be dotted (``config.n_layer=2``): builders such as :func:`pipeshift.hf.auto` take
+    such keys through ``**kwargs`` to override one field of a nested configuration.
+    """
     out: dict[str, Any] = {}
     for item in items or []:
         key, eq, val = item.partition("=")
-        if not eq or not key.isidentifier():
-            raise PipeshiftError(f"--model-arg {item!r}: expected key=value")
+        if not eq or not all(part.isidentifier() for part in key.split(".")):
+            raise PipeshiftError(f"{flag} {item!r}: expected key=value")
         try:
             out[key] = ast.literal_eval(val)
         except (ValueError, SyntaxError):

@@ -423,7 +423,7 @@ def test_tied_weights_across_stages_are_recorded(tmp_path: Path) -> None:
     plan = plan_for(spec, [n // 2])
     assert_exact(spec, plan, tmp_path / "pkg")
     conf = json.loads((tmp_path / "pkg" / "conf.json").read_text())
-    assert conf["shared_parameters"] == {"lm_head.weight": [0, 1], "wte.weight": [0, 1]}
+    assert conf["tied_parameters"] == [{"lm_head.weight": [1], "wte.weight": [0]}]
 
 
 def test_replicas_go_to_the_rank_map(tmp_path: Path) -> None:
@@ -479,7 +479,7 @@ def test_module_called_in_two_stages_is_recorded_as_shared(tmp_path: Path) -> No
     spec = spec_of("step_loop")
     generate_package(plan_for(spec, [6]), tmp_path / "pkg")
     conf = json.loads((tmp_path / "pkg" / "conf.json").read_text())
-    assert conf["shared_parameters"] == {f"cell.{n}": [0, 1] for n in ("bias_hh", "bias_ih", "weight_hh", "weight_ih")}
+    assert conf["tied_parameters"] == [{f"cell.{n}": [0, 1]} for n in ("bias_hh", "bias_ih", "weight_hh", "weight_ih")]
 
 
 # -- the literal writer ------------------------------------------------------------------------

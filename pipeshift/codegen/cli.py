@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
                             for st in rendered.plan.stages)
         print(f"  {degrees}")
         print("  " + rendered.tp_plan.describe().replace("\n", "\n  "))
-    if lay.shared:
-        print(f"  held by several stages (keep in sync): {', '.join(sorted(lay.shared))}")
+    for tie in lay.ties:
+        print("  tied across stages (gradients summed, stored once): "
+              + " = ".join(f"{fqn} (stage {', '.join(map(str, stages))})" for fqn, stages in tie.items()))
     return 0

@@ -202,6 +202,26 @@ def mutated_input(n: torch.fx.Node, modules: dict[str, nn.Module]) -> torch.fx.N
     return first if hit and isinstance(first, torch.fx.Node) else None
 
 
+_MODE_FLAGS = ("training", "train")
+
+
+def training_flag(fn: Any) -> tuple[int, str] | None:
+    """Where ``fn`` takes a training-mode flag (``F.dropout(x, p, training)``, ``aten.dropout(x, p,
+    train)``): its position and keyword. Tracing records the flag's value at trace time — dropout
+    on in a training trace — so generated code reads it from the stage instead."""
+    if isinstance(fn, torch._ops.OpOverload):
+        names = [a.name for a in fn._schema.arguments]
+    else:
+        try:
+            names = list(inspect.signature(fn).parameters)
+        except (TypeError, ValueError):
+            return None
+    for flag in _MODE_FLAGS:
+        if flag in names:
+            return names.index(flag), flag
+    return None
+
+
 def literal(v: Any, where: str, name_of: Callable[[torch.fx.Node], str] | None = None) -> str:
     """Python source for a constant argument (``name_of`` names the fx nodes among them)."""
     if isinstance(v, torch.fx.Node):
@@ -305,12 +325,16 @@ class _StageWriter:
             return items[0] + "," if len(items) == 1 else ", ".join(items)
         return self.literal(v, where)
 
-    def call_args(self, n: torch.fx.Node, args: tuple[Any, ...], where: str) -> str:
-        parts = [self.literal(a, where) for a in args]
+    def call_args(self, n: torch.fx.Node, args: tuple[Any, ...], where: str, mode_flag: tuple[int, str] | None = None) -> str:
+        """The argument list; ``mode_flag`` (position, keyword) of a traced training flag, written
+        as ``self.training`` so the stage's mode decides, not the mode it was traced in."""
+        position, keyword = mode_flag if mode_flag is not None else (-1, "")
+        parts = ["self.training" if i == position and isinstance(a, bool) else self.literal(a, where)
+                 for i, a in enumerate(args)]
         for k, v in n.kwargs.items():
             if not is_simple_name(k):
                 raise CodegenError(f"{where}: keyword {k!r} is not an identifier")
-            parts.append(f"{k}={self.literal(v, where)}")
+            parts.append(f"{k}=self.training" if k == keyword and isinstance(v, bool) else f"{k}={self.literal(v, where)}")
         return ", ".join(parts)
 
     # statements -------------------------------------------------------------------------
@@ -338,7 +362,7 @@ class _StageWriter:
                     return f"{self.operand(args[0], where)} {_BINARY[fn]} {self.operand(args[1], where)}"
             if not n.kwargs and len(args) == 1 and fn in _UNARY:
                 return f"{_UNARY[fn]}{self.operand(args[0], where)}"
-            return f"{callable_expr(fn, self.imports, where)}({self.call_args(n, args, where)})"
+            return f"{callable_expr(fn, self.imports, where)}({self.call_args(n, args, where, training_flag(fn))})"
         raise CodegenError(f"{where}: unexpected fx op {n.op!r}")
 
     def forward_body(self) -> list[str]:

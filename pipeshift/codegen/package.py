@@ -203,8 +203,8 @@ def conf_json(plan: Plan, lay: Layout, tp: TPPlan | None = None) -> dict[str, An
         "module_to_stage_map": list(range(n)) + [n - 1],
         "stage_to_rank_map": {str(st.stage_id): list(st.ranks) for st in plan.stages},
     }
-    if lay.shared:
-        conf["shared_parameters"] = lay.shared
+    if lay.ties:
+        conf["tied_parameters"] = lay.ties
     if tp is not None:
         conf["stage_to_tp_degree"] = {str(st.stage_id): st.tp for st in plan.stages if st.tp > 1}
         conf["tp_plan"] = dict(sorted(tp.sharded().items()))

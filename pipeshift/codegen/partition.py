@@ -78,7 +78,7 @@ class Layout:
     stages: list[StageLayout]
     final: list[Flow]  # what the criterion reads (the model's outputs), before "target"
     var_of: dict[str, str]  # node id → variable name
-    shared: dict[str, list[int]]  # FQN with state adopted by several stages → those stages
+    ties: list[dict[str, list[int]]]  # parameters several stages hold (:func:`find_ties`)
 
     @property
     def criterion_inputs(self) -> list[str]:
@@ -375,26 +375,35 @@ def layout(plan: Plan, captured: CapturedGraph, structures: dict[str, Structure]
         )
     _keep_unused(model, stages)
     final = [flow(o, [n_stages]) for o in captured.output_ids]
-    return Layout(captured=captured, stages=stages, final=final, var_of=var_of, shared=_shared_state(model, stages))
+    return Layout(captured=captured, stages=stages, final=final, var_of=var_of,
+                  ties=find_ties(_stage_modules(model, stages)))
 
 
-def _shared_state(model: nn.Module, stages: list[StageLayout]) -> dict[str, list[int]]:
-    """State held by several stages (a module called in two stages, tied weights): FQN → stages.
-
-    In one process the stages share the tensor; across processes each holds a copy, which the
-    runtime must keep in sync (gradients summed), so the package records them.
-    """
-    holders: dict[int, set[int]] = {}
-    names: dict[int, set[str]] = {}
+def _stage_modules(model: nn.Module, stages: list[StageLayout]) -> list[nn.Module]:
+    out = []
     for st in stages:
         scratch = nn.Module()
         adopt(scratch, model, st.adopt + st.keep)
-        for key, value in scratch.state_dict(keep_vars=True).items():
-            holders.setdefault(id(value), set()).add(st.index)
-            names.setdefault(id(value), set()).add(key)
-    shared: dict[str, list[int]] = {}
-    for ident, where in holders.items():
-        if len(where) > 1:
-            for key in names[ident]:
-                shared[key] = sorted(where)
-    return dict(sorted(shared.items()))
+        out.append(scratch)
+    return out
+
+
+def find_ties(stage_modules: Sequence[nn.Module]) -> list[dict[str, list[int]]]:
+    """Parameters held by several stages — tied weights, or a module run in two stages.
+
+    Found by tensor identity, not by name: GPT-2's ``lm_head.weight`` *is* ``transformer.wte.weight``.
+    Each tie is ``{fqn: [stages holding it under that name]}``; in one process the stages share
+    the tensor, across processes each holds a copy that the runtime keeps equal (it sums their
+    gradients), and checkpoints store it once. Ties within a single stage need nothing and are
+    left out.
+    """
+    holders: dict[int, dict[str, set[int]]] = {}
+    for index, module in enumerate(stage_modules):
+        for key, value in module.state_dict(keep_vars=True).items():
+            if isinstance(value, nn.Parameter):
+                holders.setdefault(id(value), {}).setdefault(key, set()).add(index)
+    ties = []
+    for names in holders.values():
+        if len(set().union(*names.values())) > 1:
+            ties.append({k: sorted(v) for k, v in sorted(names.items())})
+    return sorted(ties, key=lambda t: next(iter(t)))

@@ -268,7 +268,14 @@ def group_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], policy:
     """Run the traced graph once on ``example_inputs`` and group its fx nodes into graph nodes."""
     values = _run_and_record(gm, example_inputs)
     nodes = list(gm.graph.nodes)
-    tensorish = {n.name: (n.op == "placeholder" or _is_tensorish(values.get(n.name))) for n in nodes if n.op != "output"}
+    out_node = next(n for n in nodes if n.op == "output")
+    returned = {m.name for m in _flatten_args(out_node.args) if isinstance(m, torch.fx.Node)}
+    # A parameter or buffer read with get_attr is state, not dataflow: it joins (is copied into)
+    # every group that uses it, like a shape helper, so a stage holds the weights it computes
+    # with and never receives them as activations; one read by two stages is a tied parameter.
+    tensorish = {n.name: (n.op == "placeholder" or (_is_tensorish(values.get(n.name))
+                                                     and (n.op != "get_attr" or n.name in returned)))
+                 for n in nodes if n.op != "output"}
     groups: list[NodeGroup] = []
     group_of: dict[str, str] = {}
     placeholders = [n for n in nodes if n.op == "placeholder"]
@@ -292,6 +299,7 @@ def group_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], policy:
         return [x for x in seen if not tensorish[x]], tensor_deps
 
     order = {n.name: i for i, n in enumerate(nodes)}
+    by_name = {n.name: n for n in nodes}
     counter = 0
     for n in nodes:
         if n.op == "output" or not tensorish[n.name]:
@@ -308,6 +316,13 @@ def group_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], policy:
             bufs = sum(_tensor_bytes(b) for b in mod.buffers())
         elif n.op == "get_attr":
             params = sum(_tensor_bytes(t) for t in tensors)
+        for h in helpers:
+            state = values.get(h) if by_name[h].op == "get_attr" else None
+            if torch.is_tensor(state):
+                if isinstance(state, nn.Parameter):
+                    params += _tensor_bytes(state)
+                else:
+                    bufs += _tensor_bytes(state)
         if n.op == "placeholder":
             desc = f"Input{input_pos[n.name]}"
         else:
@@ -335,7 +350,6 @@ def group_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], policy:
             )
         )
         group_of[n.name] = node_id
-    out_node = next(n for n in nodes if n.op == "output")
     output_ids: list[str] = []
     for m in _flatten_args(out_node.args):
         if isinstance(m, torch.fx.Node):

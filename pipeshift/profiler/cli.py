@@ -21,11 +21,15 @@ from pipeshift.errors import PipeshiftError
 from pipeshift.graph.capture import LeafPolicy
 from pipeshift.profiler.profile import profile_model
 from pipeshift.profiler.report import format_table, write_picture, write_profile
+from pipeshift.runspec import (FunctionSpec, add_data_arguments, add_loss_arguments, data_spec_from_args,
+                               loss_spec_from_args, resolve_data, resolve_loss)
 from pipeshift.spec import ModelSpec, add_spec_arguments, spec_from_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_spec_arguments(p)
+    add_data_arguments(p)
+    add_loss_arguments(p)
     p.add_argument("-b", "--batch-size", dest="batch_sizes", type=int, action="append", required=True,
                    metavar="B", help="minibatch size to profile at (repeat for several)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="directory for graph.txt, profile.json, picture")
@@ -36,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         help="keep every module of this class whole, e.g. Bottleneck (repeatable)")
     leaves.add_argument("--depth", type=int, default=None, metavar="N",
                         help="keep modules N levels below the root whole (1 = the root's children)")
+    leaves.add_argument("--no-model-leaves", action="store_true",
+                        help="without --leaf/--leaf-type/--depth, do not keep the classes the model names as "
+                             "unsplittable (Hugging Face's _no_split_modules) whole")
     timing = p.add_argument_group("timing")
     timing.add_argument("--threads", type=int, default=None,
                         help=f"torch intra-op threads, fixed for the run (default: torch's, here {torch.get_num_threads()})")
@@ -61,9 +68,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars and no table")
 
 
-def leaf_policy_from_args(args: argparse.Namespace) -> LeafPolicy:
+def leaf_policy_from_args(args: argparse.Namespace, model_leaves: tuple[str, ...] = ()) -> LeafPolicy:
+    """The user's --leaf/--leaf-type/--depth; without any, the classes the model bundle names."""
     if args.depth is not None and args.depth < 1:
         raise PipeshiftError(f"--depth must be at least 1, got {args.depth}")
+    if not (args.leaf or args.leaf_type or args.depth is not None or getattr(args, "no_model_leaves", False)):
+        return LeafPolicy(leaf_types=tuple(model_leaves))
     return LeafPolicy(leaf_types=tuple(args.leaf_type), leaf_modules=tuple(args.leaf), max_depth=args.depth)
 
 
@@ -91,11 +101,37 @@ def _batch_sizes(values: list[int]) -> list[int]:
     return out
 
 
-def profile_to_directory(spec: ModelSpec, args: argparse.Namespace, batch_size: int, directory: Path,
-                         policy: LeafPolicy) -> tuple[list[Path], str | None]:
+def _example_batch(spec: ModelSpec, bundle, data: FunctionSpec | None, loss: FunctionSpec | None,
+                   batch_size: int) -> tuple[torch.Tensor, ...]:
+    """The inputs to profile on: the first batch of ``--data`` when given (the shapes training
+    runs), else the model's example inputs; ``--loss`` is checked on the model's output here."""
+    if data is None or data.callable == "synthetic":
+        inputs = tuple(bundle.example_inputs(batch_size))
+        target = None
+    else:
+        inputs, target = next(resolve_data(data, bundle, spec.callable)(batch_size, "train", spec.seed))
+    if loss is not None:
+        criterion = resolve_loss(loss, bundle, spec.callable)()
+        if target is None:
+            target = next(bundle.synthetic_data(batch_size, spec.seed))[1]
+        try:
+            with torch.no_grad():
+                criterion(bundle.model(*inputs), target)
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PipeshiftError(f"--loss {loss.callable} fails on the model's output and the target: {first}") from None
+    return inputs
+
+
+def profile_to_directory(spec: ModelSpec, args: argparse.Namespace, batch_size: int,
+                         directory: Path) -> tuple[list[Path], str | None]:
     mode = materialize_mode(spec, args)
     bundle = spec.build(weights=mode == "whole")  # fresh weights and statistics for every batch size
+    policy = leaf_policy_from_args(args, bundle.leaf_types)
     check_policy(policy, bundle.model)
+    # per node, the model has no weights to run the loss check on; the data still gives the inputs
+    loss = loss_spec_from_args(args) if mode == "whole" else None
+    inputs = _example_batch(spec, bundle, data_spec_from_args(args), loss, batch_size)
     profile_fn = profile_model
     if mode == "per-node":
         from pipeshift.profiler.per_node import profile_model_per_node as profile_fn
@@ -103,7 +139,7 @@ def profile_to_directory(spec: ModelSpec, args: argparse.Namespace, batch_size: 
     extra = {} if mode == "per-node" else {"remeasure": args.remeasure, "tp_rules": tp_rules}
     profile = profile_fn(
         bundle.model,
-        bundle.example_inputs(batch_size),
+        inputs,
         batch_size=batch_size,
         policy=policy,
         threads=args.threads,
@@ -147,7 +183,7 @@ def materialize_mode(spec: ModelSpec, args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
-    policy = leaf_policy_from_args(args)
+    leaf_policy_from_args(args)  # a bad --depth is reported before anything is built
     batch_sizes = _batch_sizes(args.batch_sizes)
     if args.iterations < 1 or args.warmup < 0:
         raise PipeshiftError("--iterations must be at least 1 and --warmup at least 0")
@@ -163,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
     warned = False
     for b in batch_sizes:
         directory = out if len(batch_sizes) == 1 else out / f"b{b}"
-        paths, warning = profile_to_directory(spec, args, b, directory, policy)
+        paths, warning = profile_to_directory(spec, args, b, directory)
         if warning and not warned:
             print(f"pipeshift profile: warning: {warning}", file=sys.stderr)
             warned = True

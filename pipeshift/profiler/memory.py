@@ -68,14 +68,19 @@ def trainable_tensors_of(runner: GroupRunner, index: int) -> list[torch.Tensor]:
     """The parameters node ``index`` owns (a leaf module's, or a ``get_attr`` parameter)."""
     group = runner.groups[index]
     gm = runner.captured.gm
+    found: list[torch.Tensor] = []
     if group.op == "call_module":
-        return [p for p in gm.get_submodule(group.target).parameters() if p.requires_grad]
-    if group.op == "get_attr":
-        obj: Any = gm
-        for part in group.target.split("."):
-            obj = getattr(obj, part)
-        return [obj] if isinstance(obj, torch.Tensor) and obj.requires_grad else []
-    return []
+        found = [p for p in gm.get_submodule(group.target).parameters() if p.requires_grad]
+    fx = {n.name: n for n in gm.graph.nodes}
+    for name in group.fx_nodes:  # the group's own get_attr, and the parameters it reads as helpers
+        node = fx[name]
+        if node.op == "get_attr":
+            obj: Any = gm
+            for part in str(node.target).split("."):
+                obj = getattr(obj, part)
+            if isinstance(obj, torch.Tensor) and obj.requires_grad and all(obj is not f for f in found):
+                found.append(obj)
+    return found
 
 
 def optimizer_state_bytes(params: Iterable[torch.Tensor]) -> dict[str, int]:

@@ -4,7 +4,7 @@ Layout of ``--checkpoint-dir D``::
 
     D/latest                  the name of the newest complete checkpoint ("step-00000010")
     D/step-00000010/meta.json step, schedule, microbatches, ranks, package, data position, and
-                              "files": the SHA-256 of every file below
+                              "files": the SHA-256 of every file below, tied parameters
     D/step-00000010/stage0.pt {"model": FQN -> tensor, "optimizer": FQN-keyed state, "lr_scheduler": …}
     D/step-00000010/rank0.pt  this rank's RNG states
     D/step-00000010/plan.json the plan in force, when the job can repartition (a restart resumes on it)
@@ -21,6 +21,9 @@ A checkpoint is checked before it is used (:func:`verify`): every file against i
 step against the directory's name and each stage file's own step. A resume that finds the newest
 checkpoint damaged falls back to the previous intact one and says so (:func:`choose`); an
 export refuses (it has no business guessing which weights were meant).
+
+A parameter tied across stages is written once, by the first stage holding it, under its
+first name (``tied_parameters`` in meta.json lists its other names).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,7 @@ import torch
 
 from pipeshift.errors import InputFileError, PipeshiftError
 from pipeshift.jsonfile import read_json_object
+from pipeshift.runtime.ties import aliases, parse_ties
 
 FORMAT = "pipeshift-checkpoint"
 LATEST = "latest"
@@ -125,6 +129,7 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
     for key in ("step", "num_stages"):
         if not isinstance(meta.get(key), int) or meta[key] < 0:
             raise InputFileError(path, None, f"'{key}' must be a non-negative integer")
+    meta["tied_parameters"] = parse_ties(meta.get("tied_parameters"), path, meta["num_stages"])
     return meta
 
 
@@ -209,8 +214,14 @@ def stage_files(ckpt: Path, meta: Mapping[str, Any], mmap: bool = False) -> list
     return out
 
 
-def assemble_state_dict(stages: list[dict[str, Any]], ckpt: Path | None = None) -> dict[str, torch.Tensor]:
-    """One state_dict for the original model: the union of the stages' (disjoint) FQNs."""
+def assemble_state_dict(stages: list[dict[str, Any]], ckpt: Path | None = None,
+                        ties: Sequence[Mapping[str, Sequence[int]]] = ()) -> dict[str, torch.Tensor]:
+    """One state_dict for the original model: the union of the stages' (disjoint) FQNs.
+
+    A tied parameter is stored once, under its canonical name (:mod:`pipeshift.runtime.ties`);
+    its other names become the very same tensor here, so saving the result stores it once and
+    ``load_state_dict`` into the original model keeps the tie.
+    """
     merged: dict[str, torch.Tensor] = {}
     owner: dict[str, int] = {}
     for s, data in enumerate(stages):
@@ -221,17 +232,27 @@ def assemble_state_dict(stages: list[dict[str, Any]], ckpt: Path | None = None) 
                 raise PipeshiftError(f"{ckpt or 'checkpoint'}: stage {s} entry {fqn!r} is not a tensor")
             merged[fqn] = tensor
             owner[fqn] = s
+    for alias, name in aliases(ties).items():
+        if name not in merged:
+            raise PipeshiftError(f"{ckpt or 'checkpoint'}: the tied parameter {name!r} is in no stage file")
+        merged[alias] = merged[name]
     return merged
 
 
-def merged_optimizer_state(stages: list[dict[str, Any]]) -> dict[str, Any]:
-    """The stages' FQN-keyed optimizer states as one (each FQN keeps its group's hyper-parameters)."""
+def merged_optimizer_state(stages: list[dict[str, Any]],
+                           ties: Sequence[Mapping[str, Sequence[int]]] = ()) -> dict[str, Any]:
+    """The stages' FQN-keyed optimizer states as one (each FQN keeps its group's hyper-parameters);
+    a tied parameter's other names share its canonical name's state."""
     state: dict[str, Any] = {}
     groups: list[dict[str, Any]] = []
     for data in stages:
         opt = data.get("optimizer") or {}
         state.update(opt.get("state", {}))
         groups.extend(opt.get("param_groups", []))
+    extra = {alias: name for alias, name in aliases(ties).items() if name in state}
+    state.update({alias: state[name] for alias, name in extra.items()})
+    groups = [{**g, "params": [*g.get("params", []), *(a for a, n in extra.items() if n in g.get("params", []))]}
+              for g in groups]
     return {"state": state, "param_groups": groups}
 
 

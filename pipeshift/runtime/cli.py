@@ -35,6 +35,7 @@ from pipeshift.errors import PipeshiftError
 from pipeshift.runtime.control import Connect
 from pipeshift.runtime.hooks import Hooks
 from pipeshift.schedule.registry import SCHEDULES
+from pipeshift.runspec import add_data_arguments, add_loss_arguments, with_data_and_loss
 from pipeshift.spec import parse_model_args
 
 # per-process settings that may legitimately differ between ranks
@@ -78,6 +79,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "model spec's seed)")
     g.add_argument("--allow-nonfinite-loss", action="store_true",
                    help="train on when the loss is NaN or infinite (default: stop, naming the step and stage)")
+    add_data_arguments(p)
+    add_loss_arguments(p)
     g = p.add_argument_group("evaluation, checkpoints and outputs")
     g.add_argument("--eval-steps", type=int, default=0, help="forward-only minibatches of the val split")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every K steps (default: at the end)")
@@ -225,7 +228,9 @@ def _train(args: argparse.Namespace, info, connect: Connect | None,
         pkg = load_stage_package(args.package)
         optimizer = optimizer_factory(args)
         scheduler = scheduler_factory(args)
-        bundle = pkg.bundle(weights=False)  # nothing allocated: this rank materialises only its stages
+        what = pkg.spec.callable if pkg.spec is not None else str(pkg.path)
+        # nothing allocated: this rank materialises only its stages
+        bundle = with_data_and_loss(pkg.bundle(weights=False), args, what, announce=info.rank == 0)
         microbatches = args.microbatches or 2 * pkg.num_stages
         batch_size = args.batch_size or pkg.batch_size or 32
         job = prepare_job(args, pkg, bundle, info.rank, info.world_size, connect, hooks,
@@ -265,7 +270,7 @@ def _train(args: argparse.Namespace, info, connect: Connect | None,
                         microbatches=cfg.microbatches, optimizer=optimizer, lr_scheduler=scheduler,
                         device=info.device, timeout_s=args.timeout, tracer=tracer,
                         source=job.source or str(pkg.path / "conf.json"), hooks=hooks, tp_degrees=tp_degrees,
-                        tp_plan=pkg.tp_plan)
+                        tp_plan=pkg.tp_plan, ties=pkg.ties if job.ties is None else job.ties)
     if pipeline.tp is not None and pipeline.tp.is_leader and pipeline.replica == 0:
         print(f"pipeshift train: {describe_sharding(pipeline)}", file=sys.stderr, flush=True)
     del entries  # other stages' modules are not needed on this rank (a repartitioner keeps the full model)
@@ -273,8 +278,7 @@ def _train(args: argparse.Namespace, info, connect: Connect | None,
     if job.local is not None:
         job.local.entries = []  # the pipeline holds its stage; a layer given away later must be freeable
     controller = job.controller(pipeline, cfg)
-    data = bundle.data or (lambda b, split, seed: bundle.synthetic_data(b, seed + (split != "train")))
-    trainer = Trainer(pipeline, cfg, data=data, controller=controller, meta={
+    trainer = Trainer(pipeline, cfg, data=bundle.data, controller=controller, meta={
         "package": str(pkg.path), "model": pkg.spec.to_json() if pkg.spec else None,
         "world_size": info.world_size,
     })

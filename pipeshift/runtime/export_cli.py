@@ -18,7 +18,8 @@ checked against the model first — built on the meta device, so the check alloc
 The package comes from ``--package`` only, never from the path a checkpoint records: a
 checkpoint is data, and importing a package runs its code.
 A weight tied across stages is written once to safetensors (under its first name, as
-``save_pretrained`` does); ``.pt`` keeps every name.
+``save_pretrained`` does); ``.pt`` keeps every name, all of them one tensor, so the original
+model's tie survives ``load_state_dict``.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     where = ckpt.resolve(args.checkpoint)
     meta = ckpt.read_meta(where)
     ckpt.verify(where, meta)  # no fallback here: an export must not quietly pick other weights
-    state = ckpt.assemble_state_dict(ckpt.stage_files(where, meta, mmap=True), where)
+    state = ckpt.assemble_state_dict(ckpt.stage_files(where, meta, mmap=True), where, meta["tied_parameters"])
     ckpt.check_finite(state, where)
     package = args.package
     model, checked = None, ", not checked against a model (pass --package STAGES)"

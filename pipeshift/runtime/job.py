@@ -105,6 +105,7 @@ class Job:
     module_to_stage: list[int] | None = None
     stage_ranks: list[list[int]] | None = None
     source: str | None = None
+    ties: list[dict[str, list[int]]] | None = None  # None: the package's conf.json
     note: str = ""
     agreed: dict[str, Any] = dataclasses.field(default_factory=dict)
     forced: list[ForcedSwitch] = dataclasses.field(default_factory=list)
@@ -185,6 +186,10 @@ def prepare_job(args, pkg, bundle, rank: int, world_size: int, connect: Connect 
                               seed=pkg.spec.seed if pkg.spec else 0, init_from=args.init_from,
                               who=f"rank {rank} (stage {', '.join(map(str, mine))})", memory=memory)
     job.entries = job.local.entries
+    if job.source is not None:  # not the package's partition: its ties are not conf.json's
+        from pipeshift.codegen.partition import find_ties
+
+        job.ties = find_ties([m for m, _, _ in job.entries[:-1]])
     job.stage_ranks = plan_stage_ranks(plan)
     job.module_to_stage = list(range(len(job.stage_ranks))) + [len(job.stage_ranks) - 1]
     partition = Partition.of(plan, job.stage_ranks, [m for m, _, _ in job.entries[:-1]])

@@ -21,6 +21,7 @@ from pipeshift.codegen import load_package
 from pipeshift.errors import InputFileError, PipeshiftError
 from pipeshift.jsonfile import read_json_object
 from pipeshift.runtime.stage import StageEntry
+from pipeshift.runtime.ties import parse_ties
 from pipeshift.spec import ModelBundle, ModelSpec
 
 
@@ -35,6 +36,7 @@ class StagePackage:
     spec: ModelSpec | None
     tp_degrees: dict[int, int] = dataclasses.field(default_factory=dict)  # stage -> TP degree (absent: 1)
     tp_plan: dict[str, str] = dataclasses.field(default_factory=dict)  # module FQN -> TP style
+    ties: list[dict[str, list[int]]] = dataclasses.field(default_factory=list)  # conf.json's tied_parameters
 
     @property
     def num_stages(self) -> int:
@@ -164,6 +166,7 @@ def load_stage_package(path: str | Path) -> StagePackage:
     conf = read_json_object(conf_path, "conf.json of the stage package")
     m2s, s2r = parse_conf(conf, conf_path)
     tp_degrees, tp_plan = parse_tensor_parallel(conf, conf_path, s2r)
+    ties = parse_ties(conf.get("tied_parameters"), conf_path, len(s2r))
     plan_path = path / "plan.json"
     plan = read_json_object(plan_path, "plan file") if plan_path.exists() else {}
     module = import_package(path)
@@ -190,7 +193,7 @@ def load_stage_package(path: str | Path) -> StagePackage:
     for fn in ("model", "full_model"):
         if not callable(getattr(module, fn, None)):
             raise InputFileError(init, None, f"defines no {fn}() function")
-    return StagePackage(path, module, m2s, s2r, plan, spec, tp_degrees, tp_plan)
+    return StagePackage(path, module, m2s, s2r, plan, spec, tp_degrees, tp_plan, ties)
 
 
 def import_package(path: Path) -> ModuleType:

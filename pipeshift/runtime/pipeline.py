@@ -38,6 +38,7 @@ from pipeshift.runtime.comm import ACT, GRAD, Communicator, PendingRecv, TensorM
 from pipeshift.runtime.metrics import COMM, COMPUTE, Tracer
 from pipeshift.runtime.stage import Stage, StageEntry
 from pipeshift.runtime.tp import TensorParallel, dp_groups, local, tp_groups
+from pipeshift.runtime.ties import Tie, TieSync
 from pipeshift.runtime.topology import LOSS, TARGET, Topology, build_topology
 
 Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]
@@ -95,7 +96,7 @@ class Pipeline:
                  lr_scheduler: SchedulerFactory | None = None, device: torch.device | str = "cpu",
                  timeout_s: float = 60.0, tracer: Tracer | None = None, source: str = "conf.json",
                  hooks: Hooks | None = None, tp_degrees: Mapping[int, int] | None = None,
-                 tp_plan: Mapping[str, str] | None = None):
+                 tp_plan: Mapping[str, str] | None = None, ties: Sequence[Tie] = ()):
         self.rank = rank
         self.schedule = schedule_kind(schedule, training=True).name
         self.microbatches = microbatches
@@ -109,11 +110,12 @@ class Pipeline:
         self.where_prefix = ""
         self.tp_plan = dict(tp_plan or {})
         self.tp_applied: list[tuple[str, str]] = []  # (module FQN, style) sharded on this rank
-        self._build(entries, module_to_stage, stage_ranks, source, tp_degrees)
+        self._build(entries, module_to_stage, stage_ranks, source, tp_degrees, ties)
 
     # -- building and rebuilding -------------------------------------------------------------
 
-    def _build(self, entries, module_to_stage, stage_ranks, source: str, tp_degrees=None) -> None:
+    def _build(self, entries, module_to_stage, stage_ranks, source: str, tp_degrees=None,
+               ties: Sequence[Tie] = ()) -> None:
         io = [(ins, outs) for _, ins, outs in entries]
         topo = build_topology(io, module_to_stage, stage_ranks, source=source, tp_degrees=tp_degrees)
         if dist.is_initialized() and topo.world_size != dist.get_world_size():
@@ -142,6 +144,10 @@ class Pipeline:
             params = [torch.nn.Parameter(torch.empty(0, device=self.device))]
         self.optimizer = self.optimizer_factory(params)
         self.lr_scheduler = self.scheduler_factory(self.optimizer) if self.scheduler_factory else None
+        self._check_ties(ties, topo)
+        self.ties = TieSync(ties, topo.stage_ranks, self.stage_id, self.stage.params, self.comm, self.comm.timeout_s)
+        self._tied = self.ties.tied
+        self.ties.broadcast_values()
         self.role = stage_role(topo, self.stage_id, self.tp_index == 0)
         # what a TP group's leader broadcasts before each forward: the stage's inputs from outside
         made = {n for _, _, outs in mine for n in outs}
@@ -177,9 +183,22 @@ class Pipeline:
                         replica_group = group
         return tp, replica_group
 
+    def _check_ties(self, ties: Sequence[Tie], topo: Topology) -> None:
+        """1f1b steps once per replica group of backwards, so holders with different replica counts
+        would step — and sum a tie's gradients — a different number of times."""
+        if self.schedule != "1f1b":
+            return
+        for tie in ties:
+            counts = {len(topo.stage_ranks[s]) for held in tie.values() for s in held if s < topo.num_stages}
+            if len(counts) > 1:
+                raise PipeshiftError(
+                    f"1f1b with the tied parameter {next(iter(tie))!r} on stages with different replica counts: "
+                    "their steps would not line up; use flush, gpipe or 2bw, or replicate those stages alike")
+
     def rebuild(self, entries: Sequence[StageEntry], module_to_stage: Sequence[int],
                 stage_ranks: Mapping[int, Sequence[int]] | Sequence[Sequence[int]], *,
-                optimizer_state: Mapping[str, Any] | None = None, source: str = "repartition") -> None:
+                optimizer_state: Mapping[str, Any] | None = None, source: str = "repartition",
+                ties: Sequence[Tie] = ()) -> None:
         """Switch to a new partition at a synchronisation point (no microbatch in flight).
 
         ``entries`` are the new stage modules (all stages, or at least this rank's, with this
@@ -196,7 +215,7 @@ class Pipeline:
         sched_state = self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None
         lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.stage.versions.clear()
-        self._build(entries, module_to_stage, stage_ranks, source)
+        self._build(entries, module_to_stage, stage_ranks, source, ties=ties)
         for g, lr in zip(self.optimizer.param_groups, lrs):
             g["lr"] = lr
         if optimizer_state is not None:
@@ -419,7 +438,7 @@ class Pipeline:
     def _allreduce(self, a: S.Action) -> None:
         grads = []
         for p in self.stage.params.values():
-            if p.requires_grad:
+            if p.requires_grad and id(p) not in self._tied:  # a tie sums over all its holders at the step
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 grads.append(local(p.grad))  # a sharded parameter's shard, summed with the same shard elsewhere
@@ -430,6 +449,10 @@ class Pipeline:
         self.tracer.add("allreduce", COMM, t0, time.perf_counter())
 
     def _step(self, a: S.Action, on_minibatch_end: Callable[[], None] | None) -> None:
+        if self.ties.mine:
+            t1 = time.perf_counter()
+            self.ties.all_reduce_grads()
+            self.tracer.add("tie allreduce", COMM, t1, time.perf_counter())
         t0 = time.perf_counter()
         if a.snapshot:
             self.stage.versions.snapshot(a.version)

@@ -504,10 +504,12 @@ class Repartitioner:
         state = {k: v for k, v in saved["state"].items() if k in mine}
         state.update(received)
         hyper = {k: v for k, v in (saved["param_groups"] or [{}])[0].items() if k != "params"}
+        from pipeshift.codegen.partition import find_ties
+
         module_to_stage = list(range(new.num_stages)) + [new.num_stages - 1]
         pipeline.rebuild(entries, module_to_stage, prepared.stage_ranks,
                          optimizer_state={"state": state, "param_groups": [{**hyper, "params": sorted(mine)}]},
-                         source=where)
+                         source=where, ties=find_ties([m for m, _, _ in prepared.entries[:-1]]))
         self.partition = new
         del saved, state, received, entries
         prepared.entries = []  # the stages over the old model state are not needed any more

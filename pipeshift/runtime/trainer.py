@@ -40,6 +40,7 @@ from pipeshift.runtime.metrics import MetricsLog
 from pipeshift.runtime.pipeline import Batch, Pipeline, load_optimizer_state_by_fqn, optimizer_state_by_fqn
 from pipeshift.schedule.registry import ASYNCHRONOUS
 from pipeshift.runtime.tp import full_tensors
+from pipeshift.runtime.ties import skipped_keys
 
 
 @dataclasses.dataclass
@@ -298,8 +299,10 @@ class Trainer:
         digests: dict[str, str] = {}
         if p.replica == 0:
             # full tensors whatever the TP degree (a collective in a TP group), so any layout loads them
-            model = p.stage.full_state_dict()
-            optimizer = full_tensors(optimizer_state_by_fqn(p.optimizer, p.stage.params))
+            skip = skipped_keys(p.ties.ties, p.stage_id)  # another stage writes these tied parameters
+            model = {k: v for k, v in p.stage.full_state_dict().items() if k not in skip}
+            kept = {k: v for k, v in p.stage.params.items() if k not in skip}
+            optimizer = full_tensors(optimizer_state_by_fqn(p.optimizer, kept))
             if p.tp_index == 0:
                 digests[f"stage{p.stage_id}.pt"] = ckpt.save_file({
                     "stage": p.stage_id,
@@ -329,6 +332,7 @@ class Trainer:
                 "schedule": cfg.schedule, "microbatches": cfg.microbatches, "batch_size": cfg.batch_size,
                 "seed": cfg.seed, "data_position": self.step * cfg.microbatches,
                 "switches_applied": list(getattr(self.controller, "applied", [])),
+                "tied_parameters": p.ties.ties,
                 **self.meta,
             }, where, digests)
             ckpt.mark_latest(root, self.step)
@@ -355,14 +359,15 @@ class Trainer:
                     "resuming would not continue the same training"
                 )
         stages = ckpt.stage_files(where, meta, mmap=True)  # only the pages of this rank's tensors are read
-        state = ckpt.assemble_state_dict(stages, where)
+        ties = meta["tied_parameters"]
+        state = ckpt.assemble_state_dict(stages, where, ties)
         if self.model_keys is not None:
             extra = sorted(set(state) - self.model_keys)
             if extra:
                 raise PipeshiftError(f"{where} holds {len(extra)} tensors the model does not have, e.g. {extra[:3]}: "
                                      "a checkpoint of another model?")
         p.stage.load_state_dict(state, source=str(where))
-        saved = ckpt.merged_optimizer_state(stages)
+        saved = ckpt.merged_optimizer_state(stages, ties)
         if p.tp is not None:
             saved = p.tp.shard_optimizer_state(saved, p.stage.params)
         load_optimizer_state_by_fqn(p.optimizer, p.stage.params, saved)

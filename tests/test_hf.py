@@ -1,0 +1,270 @@
+"""Hugging Face transformers models end to end, built from tiny configs (random init, no hub).
+
+Each model directory is written with ``save_pretrained`` into a temporary directory, as users keep
+their models, and named as ``pipeshift.hf:auto --model-arg path=DIR``. The steps run through the
+command line (profile → plan → codegen); training runs as real ranks (gloo, CPU) on real text
+and images and is compared with single-process training of the same tied model, with gradient
+accumulation, computed here. The in-process checks run generated stages against the model's own
+forward, in both modes and at shapes other than the profiled ones.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeshift import cli
+from pipeshift.codegen import build_stages, read_plan
+from pipeshift.runtime import checkpoint as ckpt
+from pipeshift.spec import ModelSpec
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+from test_runtime import train as train_ranks  # noqa: E402 - after the importorskip
+
+REPO = Path(__file__).resolve().parents[1]
+SEQ = 16
+
+
+def corpus(path: Path) -> Path:
+    """Real English text: this repository's own documentation."""
+    text = "\n".join((REPO / name).read_text(encoding="utf-8") for name in ("README.md", "CONTRIBUTING.md"))
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+CONFIGS = {
+    "gpt2": lambda: transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=2, vocab_size=256, n_positions=64, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "llama": lambda: transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=256, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0),
+    "llama-untied": lambda: transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=256, max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0),
+    "bert": lambda: transformers.BertConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=256,
+        max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+    "vit": lambda: transformers.ViTConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=8,
+        patch_size=4, num_channels=1, num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+}
+TASKS = {"gpt2": "causal-lm", "llama": "causal-lm", "llama-untied": "causal-lm", "bert": "seq-cls", "vit": "image-cls"}
+
+
+def model_dir(root: Path, name: str, **overrides) -> Path:
+    config = CONFIGS[name]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    out = root / name
+    config.save_pretrained(out)
+    return out
+
+
+def spec_of(directory: Path, name: str) -> ModelSpec:
+    return ModelSpec("pipeshift.hf:auto", {"path": str(directory), "task": TASKS[name], "seq_len": SEQ}, seed=3)
+
+
+def run_cli(*argv: str) -> None:
+    assert cli.main(list(argv)) == 0
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory) -> dict[str, Path]:
+    """GPT-2 (tied head) profiled once on real text, planned and generated on 2 and 3 stages."""
+    root = tmp_path_factory.mktemp("hf_gpt2")
+    directory, text = model_dir(root, "gpt2"), corpus(root / "corpus.txt")
+    spec = spec_of(directory, "gpt2")
+    run_cli("profile", spec.callable, *[f"--model-arg={k}={v}" for k, v in spec.kwargs.items()], "--seed", "3",
+            "--data", "pipeshift.data:text_file", "--data-arg", f"path={text}", "--data-arg", f"seq_len={SEQ}",
+            "--loss", "pipeshift.losses:causal_lm", "-b", "4", "-o", str(root / "prof"), "--quiet",
+            "--iterations", "1", "--warmup", "0", "--threads", "1", "--no-malloc-tuning")
+    out = {"root": root, "dir": directory, "text": text}
+    for n in (2, 3):
+        run_cli("plan", str(root / "prof" / "graph.txt"), "-n", str(n), "--straight-pipeline", "-o", str(root / f"plan{n}"))
+        run_cli("codegen", str(root / f"plan{n}"), "-o", str(root / f"stages{n}"))
+        out[f"stages{n}"], out[f"plan{n}"] = root / f"stages{n}", root / f"plan{n}"
+    return out
+
+
+# -- the spec, the flags ------------------------------------------------------------------------
+
+
+def test_hf_auto_keeps_the_model_its_names_and_its_tie(tmp_path: Path) -> None:
+    directory = model_dir(tmp_path, "gpt2")
+    model = ModelSpec("pipeshift.hf:auto", {"path": str(directory), "config.n_layer": 1}).build().model
+    assert type(model).__name__ == "GPT2LMHeadModel" and isinstance(model, transformers.GPT2LMHeadModel)
+    assert len(model.transformer.h) == 1  # config.KEY=VALUE overrides the file
+    assert model.lm_head.weight is model.transformer.wte.weight
+    reference = transformers.GPT2LMHeadModel(model.config)
+    assert set(model.state_dict()) == set(reference.state_dict())
+    ids = torch.randint(0, 256, (2, 5))
+    model.eval()
+    assert torch.equal(model(ids), transformers.GPT2LMHeadModel.forward(model, input_ids=ids, use_cache=False).logits)
+
+
+def test_hf_auto_loads_the_directorys_weights(tmp_path: Path) -> None:
+    saved = transformers.GPT2LMHeadModel(CONFIGS["gpt2"]())
+    saved.save_pretrained(tmp_path / "m")
+    model = ModelSpec("pipeshift.hf:auto", {"path": str(tmp_path / "m")}, seed=123).build().model
+    for key, value in saved.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model-arg", "path=/nonexistent"], "no config.json"),
+    (["--model-arg", "path=DIR", "--model-arg", "task=translate"], "task='translate'"),
+    (["--model-arg", "path=DIR", "--model-arg", "config.no_such_field=1"], "has no field 'no_such_field'"),
+    (["--model-arg", "path=DIR", "--model-arg", "colour=red"], "has no argument 'colour'"),
+])
+def test_bad_hf_specs_are_one_line_errors(tmp_path: Path, capsys, argv, message) -> None:
+    directory = model_dir(tmp_path, "gpt2")
+    argv = [a.replace("DIR", str(directory)) for a in argv]
+    assert cli.main(["profile", "pipeshift.hf:auto", *argv, "-b", "2", "-o", str(tmp_path / "p"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_a_model_without_loss_or_data_is_refused_with_the_flag_to_add() -> None:
+    """A bare nn.Module brings neither: the run says which flag to add instead of inventing one."""
+    import argparse
+
+    from pipeshift.runspec import with_data_and_loss
+
+    bundle = ModelSpec("torch.nn:Linear", {"in_features": 4, "out_features": 2}, input_shape=[4]).build()
+    args = argparse.Namespace(data=None, data_arg=[], loss=None, loss_arg=[])
+    with pytest.raises(Exception, match="brings no data: add --data"):
+        with_data_and_loss(bundle, args, "torch.nn:Linear")
+    args.data = "synthetic"
+    with pytest.raises(Exception, match="brings no loss: add --loss"):
+        with_data_and_loss(bundle, args, "torch.nn:Linear")
+    args.loss = "torch.nn:MSELoss"
+    made = with_data_and_loss(bundle, args, "torch.nn:Linear", announce=False)
+    assert isinstance(made.criterion(), torch.nn.MSELoss)
+    (x,), y = next(made.data(3, "train", 0))
+    assert x.shape == (3, 4)
+
+
+# -- GPT-2: the tie, trained across ranks --------------------------------------------------------
+
+
+def reference(spec: ModelSpec, text: Path, steps: int, m: int, b: int, lr: float, momentum: float):
+    from pipeshift.data import text_file
+    from pipeshift.losses import CausalLMLoss
+
+    model = spec.build().model
+    model.train()
+    crit = CausalLMLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    data = text_file(b, "train", 0, path=str(text), seq_len=SEQ)
+    for _ in range(steps):
+        for _ in range(m):
+            (x,), y = next(data)
+            (crit(model(x), y) / m).backward()
+        opt.step()
+        opt.zero_grad()
+    return model
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.detach(), want.detach()
+    return float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12))
+
+
+def flush_train(gpt2, workdir: Path, pkg: Path, *extra: str):
+    return train_ranks(workdir, pkg, 2, "--schedule", "flush", "--microbatches", "2", "--steps", "3",
+                       "--batch-size", "4", "--lr", "0.1", "--momentum", "0.9",
+                       "--data", "pipeshift.data:text_file", "--data-arg", f"path={gpt2['text']}",
+                       "--data-arg", f"seq_len={SEQ}", "--loss", "pipeshift.losses:causal_lm",
+                       "--checkpoint-dir", str(workdir / "ck"), *extra)
+
+
+def test_gpt2_tied_head_trains_as_one_parameter_and_exports_once(gpt2, tmp_path: Path) -> None:
+    pkg = gpt2["stages2"]
+    conf = json.loads((pkg / "conf.json").read_text())
+    assert conf["tied_parameters"] == [{"lm_head.weight": [1], "transformer.wte.weight": [0]}]
+    results = flush_train(gpt2, tmp_path, pkg, "--eval-steps", "2")
+    spec = ModelSpec.from_json(json.loads((pkg / "plan.json").read_text())["model"])
+    want = reference(spec, gpt2["text"], steps=3, m=2, b=4, lr=0.1, momentum=0.9)
+    where = ckpt.resolve(tmp_path / "ck")
+    meta = ckpt.read_meta(where)
+    stages = ckpt.stage_files(where, meta)
+    assert "lm_head.weight" not in stages[1]["model"]  # stored once, by the first holder
+    got = ckpt.assemble_state_dict(stages, where, meta["tied_parameters"])
+    assert got["lm_head.weight"] is got["transformer.wte.weight"]
+    for key, value in want.state_dict().items():
+        assert relative_error(got[key], value) <= 1e-5, key
+    # export: one file, one tensor for both names, strict load keeps the tie
+    run_cli("export", str(tmp_path / "ck"), "-o", str(tmp_path / "model.pt"), "--package", str(pkg))
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert state["lm_head.weight"].data_ptr() == state["transformer.wte.weight"].data_ptr()
+    fresh = spec.build().model
+    fresh.load_state_dict(state, strict=True)
+    assert fresh.lm_head.weight is fresh.transformer.wte.weight
+    # evaluation through the pipeline equals the model's own eval forward on the val split
+    from pipeshift.data import text_file
+    from pipeshift.losses import CausalLMLoss
+
+    want.eval()
+    val = text_file(4, "val", 0, path=str(gpt2["text"]), seq_len=SEQ)
+    with torch.no_grad():
+        expected = torch.stack([CausalLMLoss()(want(x), y) for (x,), y in (next(val) for _ in range(4))]).mean()
+    reported = [line for _rc, out, err in results for line in (out + err).splitlines() if "eval loss" in line]
+    assert reported, results
+    eval_loss = float(reported[0].split("eval loss ")[1].split(";")[0])
+    assert abs(eval_loss - float(expected)) <= 1e-4 * abs(float(expected))
+
+
+def test_without_the_tie_all_reduce_the_copies_drift_apart(gpt2, tmp_path: Path) -> None:
+    """The tie is what keeps training right: drop it from conf.json and the run leaves the reference."""
+    import shutil
+
+    pkg = tmp_path / "untied"
+    shutil.copytree(gpt2["stages2"], pkg)
+    conf = json.loads((pkg / "conf.json").read_text())
+    del conf["tied_parameters"]
+    (pkg / "conf.json").write_text(json.dumps(conf))
+    flush_train(gpt2, tmp_path, pkg)
+    where = ckpt.resolve(tmp_path / "ck")
+    got = ckpt.assemble_state_dict(ckpt.stage_files(where, ckpt.read_meta(where)))
+    spec = ModelSpec.from_json(json.loads((pkg / "plan.json").read_text())["model"])
+    want = reference(spec, gpt2["text"], steps=3, m=2, b=4, lr=0.1, momentum=0.9)
+    assert relative_error(got["lm_head.weight"], got["transformer.wte.weight"]) > 1e-3
+    assert relative_error(got["transformer.wte.weight"], want.transformer.wte.weight) > 1e-3
+
+
+# -- generated stages: shapes and modes not baked in ---------------------------------------------
+
+
+def chain(stages, *inputs: torch.Tensor) -> torch.Tensor:
+    env = {f"input{i}": t for i, t in enumerate(inputs)}
+    for module, ins, outs in stages:
+        env.update(zip(outs, module(*[env[n] for n in ins])))
+    return env[stages[-1][2][0]]
+
+
+def test_gpt2_stages_run_at_other_shapes_and_follow_the_mode(gpt2) -> None:
+    for n in (2, 3):
+        plan = read_plan(gpt2[f"plan{n}"])
+        spec = plan.model
+        model = ModelSpec(spec.callable, {**spec.kwargs, "config.resid_pdrop": 0.2, "config.attn_pdrop": 0.2},
+                          seed=spec.seed).build().model
+        stages = build_stages(plan, model)
+        assert all("input0" not in ins for _m, ins, _o in stages[1:])  # later stages get no raw input for sizes
+        for batch, seq in ((4, SEQ), (3, 2 * SEQ), (1, 5)):
+            ids = torch.randint(0, 256, (batch, seq))
+            model.eval()
+            for m, _i, _o in stages:
+                m.eval()
+            with torch.no_grad():
+                assert torch.allclose(chain(stages, ids), model(ids), atol=1e-6), (n, batch, seq)
+            for m, _i, _o in stages:
+                m.train()
+            with torch.no_grad():
+                a, b = chain(stages, ids), chain(stages, ids)
+            assert not torch.allclose(a, b), "dropout must be active in training mode"
