@@ -104,13 +104,10 @@ def auto(path: str, task: str = "causal-lm", seq_len: int = 32, attn_implementat
         setattr(config, key, value)
     auto_name, input_name = TASKS[task]
     auto_cls = getattr(tf, auto_name)
-    weights = sorted(directory.glob("*.safetensors"))
     try:
-        if weights:
-            model = auto_cls.from_pretrained(str(directory), config=config, local_files_only=True, use_safetensors=True,
-                                             attn_implementation=attn_implementation)
-        else:
-            model = auto_cls.from_config(config, attn_implementation=attn_implementation)
+        # Built from the configuration; the directory's weights are the bundle's ``init_from``,
+        # loaded by whoever materialises the parameters (all of them, or a rank its stages').
+        model = auto_cls.from_config(config, attn_implementation=attn_implementation)
     except (OSError, ValueError, KeyError) as e:
         raise PipeshiftError(f"{directory}: cannot build {auto_name} for {type(config).__name__}: "
                              f"{str(e).splitlines()[0][:200]}") from None
@@ -118,7 +115,7 @@ def auto(path: str, task: str = "causal-lm", seq_len: int = 32, attn_implementat
     blocks = tuple(str(c) for c in (getattr(model, "_no_split_modules", None) or ()))
     return ModelBundle(model=model, example_inputs=_example_inputs(config, task, seq_len),
                        criterion=_criterion(task), example_target=_example_target(config, task, seq_len),
-                       leaf_types=blocks)
+                       leaf_types=blocks, init_from=str(directory) if any(directory.glob("*.safetensors")) else None)
 
 
 def _vocab(config: Any) -> int:

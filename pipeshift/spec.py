@@ -56,6 +56,9 @@ class ModelBundle:
     # Module classes best kept whole in the graph (Hugging Face's ``_no_split_modules``, its
     # transformer blocks): the profiler's default leaves when no --leaf/--leaf-type/--depth is given.
     leaf_types: tuple[str, ...] = ()
+    # Weights that come with the model (a Hugging Face directory's safetensors): loaded over the
+    # seeded initialisation by ``ModelSpec.build``, and the runtime's default ``--init-from``.
+    init_from: str | None = None
 
     def synthetic_data(self, batch_size: int, seed: int = 0) -> Iterator[Batch]:
         """Deterministic random batches shaped like the example inputs."""
@@ -143,6 +146,10 @@ class ModelSpec:
             raise PipeshiftError(f"{self.callable} returned {type(made).__name__}, expected an nn.Module")
         if weights:
             materialize(bundle.model, seed=self.seed)
+            if bundle.init_from is not None:
+                from pipeshift.weights import load_model_weights
+
+                load_model_weights(bundle.model, bundle.init_from, who=self.callable)
         return bundle
 
     def _input_fn(self) -> Callable[[int], tuple[torch.Tensor, ...]]:

@@ -246,6 +246,26 @@ _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", 
 DEFAULT_SHARD_BYTES = 5 * 1000**3  # transformers' default max_shard_size ("5GB")
 
 
+def load_model_weights(model: torch.nn.Module, path: str | Path, who: str = "") -> list[str]:
+    """Every parameter of ``model`` (and the buffers the file has) from the weights at ``path``.
+
+    For weights that come with a model (a Hugging Face directory's safetensors): a tied weight
+    saved once under either of its names fills both.
+    """
+    from pipeshift.runtime.local import tensor_aliases
+
+    aliases = tensor_aliases(model)
+    state = model.state_dict(keep_vars=True)
+    params = {f"{prefix}.{name}" if prefix else name for prefix, m in model.named_modules(remove_duplicate=False)
+              for name, p in m._parameters.items() if p is not None}
+    source = open_weights(path)
+    try:
+        keys = [k for k in state if k in params or any(n in source for n in [k, *aliases.get(k, [])])]
+        return load_into(state, source, keys, who=who, aliases=aliases)
+    finally:
+        source.close()
+
+
 def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 

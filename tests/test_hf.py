@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from pipeshift import cli
-from pipeshift.codegen import build_stages, read_plan
+from pipeshift.codegen import build_stages
+from pipeshift.plan import read_plan
 from pipeshift.runtime import checkpoint as ckpt
 from pipeshift.spec import ModelSpec
 
@@ -251,7 +252,7 @@ def chain(stages, *inputs: torch.Tensor) -> torch.Tensor:
 def test_gpt2_stages_run_at_other_shapes_and_follow_the_mode(gpt2) -> None:
     for n in (2, 3):
         plan = read_plan(gpt2[f"plan{n}"])
-        spec = plan.model
+        spec = ModelSpec.from_json(plan.model) if isinstance(plan.model, dict) else plan.model
         model = ModelSpec(spec.callable, {**spec.kwargs, "config.resid_pdrop": 0.2, "config.attn_pdrop": 0.2},
                           seed=spec.seed).build().model
         stages = build_stages(plan, model)

@@ -231,6 +231,8 @@ def _train(args: argparse.Namespace, info, connect: Connect | None,
         what = pkg.spec.callable if pkg.spec is not None else str(pkg.path)
         # nothing allocated: this rank materialises only its stages
         bundle = with_data_and_loss(pkg.bundle(weights=False), args, what, announce=info.rank == 0)
+        if args.init_from is None and bundle.init_from is not None:
+            args.init_from = bundle.init_from  # weights that come with the model (a Hugging Face directory's)
         microbatches = args.microbatches or 2 * pkg.num_stages
         batch_size = args.batch_size or pkg.batch_size or 32
         job = prepare_job(args, pkg, bundle, info.rank, info.world_size, connect, hooks,

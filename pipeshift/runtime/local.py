@@ -77,7 +77,7 @@ def local_entries(make: Callable[[nn.Module], list[StageEntry]], model: nn.Modul
         held = materialize(model, names, initialize=False)
         source = open_weights(init_from)
         state = model.state_dict(keep_vars=True)
-        loaded = load_into(state, source, held, who=who, aliases=_aliases(model))
+        loaded = load_into(state, source, held, who=who, aliases=tensor_aliases(model))
         source.close()
     return LocalBuild(make(model), held, loaded, priced)
 
@@ -95,7 +95,7 @@ def price_stages(entries: Sequence[StageEntry], module_to_stage: Sequence[int], 
     return priced
 
 
-def _aliases(model: nn.Module) -> dict[str, list[str]]:
+def tensor_aliases(model: nn.Module) -> dict[str, list[str]]:
     """For a tensor with several names (tied weights), the other names: files keep only one of them."""
     by_id: dict[int, list[str]] = {}
     for prefix, module in model.named_modules(remove_duplicate=False):
