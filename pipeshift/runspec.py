@@ -68,29 +68,28 @@ def add_loss_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--loss-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword for the loss")
 
 
-def data_spec_from_args(args: argparse.Namespace) -> FunctionSpec | None:
-    name = getattr(args, "data", None)
-    kwargs = parse_model_args(getattr(args, "data_arg", None), "--data-arg")
+def _named(args: argparse.Namespace, flag: str, extra: tuple[str, ...] = ()) -> FunctionSpec | None:
+    """``--FLAG pkg.mod:fn`` with its ``--FLAG-arg``s; a typo in the name is reported now."""
+    name = getattr(args, flag, None)
+    kwargs = parse_model_args(getattr(args, f"{flag}_arg", None), f"--{flag}-arg")
     if name is None:
         if kwargs:
-            raise PipeshiftError("--data-arg given without --data")
+            raise PipeshiftError(f"--{flag}-arg given without --{flag}")
         return None
-    if name == SYNTHETIC and kwargs:
-        raise PipeshiftError("--data synthetic takes no --data-arg")
-    if name != SYNTHETIC:
-        import_callable(name)  # a typo is reported now, not on the first batch
+    if name in extra:
+        if kwargs:
+            raise PipeshiftError(f"--{flag} {name} takes no --{flag}-arg")
+    else:
+        import_callable(name)
     return FunctionSpec(name, kwargs)
+
+
+def data_spec_from_args(args: argparse.Namespace) -> FunctionSpec | None:
+    return _named(args, "data", (SYNTHETIC,))
 
 
 def loss_spec_from_args(args: argparse.Namespace) -> FunctionSpec | None:
-    name = getattr(args, "loss", None)
-    kwargs = parse_model_args(getattr(args, "loss_arg", None), "--loss-arg")
-    if name is None:
-        if kwargs:
-            raise PipeshiftError("--loss-arg given without --loss")
-        return None
-    import_callable(name)
-    return FunctionSpec(name, kwargs)
+    return _named(args, "loss")
 
 
 # -- data --------------------------------------------------------------------------------------
