@@ -75,22 +75,65 @@ def run_cli(*argv: str) -> None:
     assert cli.main(list(argv)) == 0
 
 
-@pytest.fixture(scope="module")
-def gpt2(tmp_path_factory) -> dict[str, Path]:
-    """GPT-2 (tied head) profiled once on real text, planned and generated on 2 and 3 stages."""
-    root = tmp_path_factory.mktemp("hf_gpt2")
-    directory, text = model_dir(root, "gpt2"), corpus(root / "corpus.txt")
-    spec = spec_of(directory, "gpt2")
+def text_data(root: Path) -> list[str]:
+    return ["--data", "pipeshift.data:text_file", "--data-arg", f"path={corpus(root / 'corpus.txt')}",
+            "--data-arg", f"seq_len={SEQ}"]
+
+
+def labelled_text(root: Path) -> list[str]:
+    """Real text classification: which of three documents a window of bytes comes from."""
+    from safetensors.torch import save_file
+
+    docs = [(REPO / name).read_bytes() for name in ("README.md", "CONTRIBUTING.md", "pipeshift/runtime/README.md")]
+    g = torch.Generator().manual_seed(0)
+    rows, labels = [], []
+    for label, doc in enumerate(docs):
+        tokens = torch.frombuffer(bytearray(doc), dtype=torch.uint8).long()
+        for start in torch.randint(0, len(tokens) - SEQ, (100,), generator=g).tolist():
+            rows.append(tokens[start:start + SEQ])
+            labels.append(label)
+    order = torch.randperm(len(rows), generator=g)
+    save_file({"input0": torch.stack(rows)[order], "target": torch.tensor(labels)[order]}, root / "docs.safetensors")
+    return ["--data", "pipeshift.data:tensor_file", "--data-arg", f"path={root / 'docs.safetensors'}"]
+
+
+def digit_images(root: Path) -> list[str]:
+    """Real images: scikit-learn's 8x8 handwritten digits."""
+    from safetensors.torch import save_file
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32)[:400, None] / 16.0
+    save_file({"input0": images, "target": torch.tensor(digits.target[:400], dtype=torch.int64)},
+              root / "digits.safetensors")
+    return ["--data", "pipeshift.data:tensor_file", "--data-arg", f"path={root / 'digits.safetensors'}"]
+
+
+DATA = {"gpt2": text_data, "llama": text_data, "llama-untied": text_data, "bert": labelled_text, "vit": digit_images}
+LOSS = {"causal-lm": "pipeshift.losses:causal_lm", "seq-cls": "torch.nn:CrossEntropyLoss",
+        "image-cls": "torch.nn:CrossEntropyLoss"}
+
+
+def prepare(root: Path, name: str) -> dict:
+    """``name`` profiled once on its real data, planned and generated on 2 and 3 stages."""
+    directory = model_dir(root, name)
+    spec = spec_of(directory, name)
+    flags = [*DATA[name](root), "--loss", LOSS[TASKS[name]]]
     run_cli("profile", spec.callable, *[f"--model-arg={k}={v}" for k, v in spec.kwargs.items()], "--seed", "3",
-            "--data", "pipeshift.data:text_file", "--data-arg", f"path={text}", "--data-arg", f"seq_len={SEQ}",
-            "--loss", "pipeshift.losses:causal_lm", "-b", "4", "-o", str(root / "prof"), "--quiet",
+            *flags, "-b", "4", "-o", str(root / "prof"), "--quiet",
             "--iterations", "1", "--warmup", "0", "--threads", "1", "--no-malloc-tuning")
-    out = {"root": root, "dir": directory, "text": text}
+    out = {"root": root, "dir": directory, "flags": flags, "name": name}
     for n in (2, 3):
         run_cli("plan", str(root / "prof" / "graph.txt"), "-n", str(n), "--straight-pipeline", "-o", str(root / f"plan{n}"))
         run_cli("codegen", str(root / f"plan{n}"), "-o", str(root / f"stages{n}"))
         out[f"stages{n}"], out[f"plan{n}"] = root / f"stages{n}", root / f"plan{n}"
     return out
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory) -> dict:
+    """GPT-2 (tied head) profiled once on real text, planned and generated on 2 and 3 stages."""
+    return prepare(tmp_path_factory.mktemp("hf_gpt2"), "gpt2")
 
 
 # -- the spec, the flags ------------------------------------------------------------------------
@@ -154,22 +197,42 @@ def test_a_model_without_loss_or_data_is_refused_with_the_flag_to_add() -> None:
 # -- GPT-2: the tie, trained across ranks --------------------------------------------------------
 
 
-def reference(spec: ModelSpec, text: Path, steps: int, m: int, b: int, lr: float, momentum: float):
-    from pipeshift.data import text_file
-    from pipeshift.losses import CausalLMLoss
+def user_fns(flags: list[str]):
+    """The data source and loss the flags name, for the single-process reference."""
+    import argparse
 
+    from pipeshift.runspec import data_spec_from_args, loss_spec_from_args, user_data, user_loss
+
+    parser = argparse.ArgumentParser()
+    for flag in ("--data", "--loss"):
+        parser.add_argument(flag)
+        parser.add_argument(flag + "-arg", action="append", default=[])
+    args = parser.parse_args(flags)
+    return user_data(data_spec_from_args(args)), user_loss(loss_spec_from_args(args))()
+
+
+def reference(spec: ModelSpec, flags: list[str], steps: int, m: int, b: int, lr: float, momentum: float):
     model = spec.build().model
     model.train()
-    crit = CausalLMLoss()
+    data_fn, crit = user_fns(flags)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    data = text_file(b, "train", 0, path=str(text), seq_len=SEQ)
+    data = data_fn(b, "train", 0)
     for _ in range(steps):
         for _ in range(m):
-            (x,), y = next(data)
-            (crit(model(x), y) / m).backward()
+            x, y = next(data)
+            (crit(model(*x), y) / m).backward()
         opt.step()
         opt.zero_grad()
     return model
+
+
+def eval_loss(model, flags: list[str], minibatches: int, m: int, b: int) -> float:
+    """The model's own eval-mode loss over the val split, as the pipeline's --eval-steps reads it."""
+    data_fn, crit = user_fns(flags)
+    model.eval()
+    val = data_fn(b, "val", 0)
+    with torch.no_grad():
+        return float(torch.stack([crit(model(*x), y) for x, y in (next(val) for _ in range(minibatches * m))]).mean())
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -177,12 +240,36 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12))
 
 
-def flush_train(gpt2, workdir: Path, pkg: Path, *extra: str):
+def flush_train(prepared: dict, workdir: Path, pkg: Path, *extra: str):
     return train_ranks(workdir, pkg, 2, "--schedule", "flush", "--microbatches", "2", "--steps", "3",
-                       "--batch-size", "4", "--lr", "0.1", "--momentum", "0.9",
-                       "--data", "pipeshift.data:text_file", "--data-arg", f"path={gpt2['text']}",
-                       "--data-arg", f"seq_len={SEQ}", "--loss", "pipeshift.losses:causal_lm",
+                       "--batch-size", "4", "--lr", "0.1", "--momentum", "0.9", *prepared["flags"],
                        "--checkpoint-dir", str(workdir / "ck"), *extra)
+
+
+def reported_eval_loss(results) -> float:
+    lines = [line for _rc, out, err in results for line in (out + err).splitlines() if "eval loss" in line]
+    assert lines, results
+    return float(lines[0].split("eval loss ")[1].split(";")[0])
+
+
+def check_trained(prepared: dict, workdir: Path, pkg: Path, results) -> ModelSpec:
+    """Trained weights equal the single-process reference's; eval equals its eval forward; the
+    export loads strictly into the original model with every tie intact."""
+    spec = ModelSpec.from_json(json.loads((pkg / "plan.json").read_text())["model"])
+    want = reference(spec, prepared["flags"], steps=3, m=2, b=4, lr=0.1, momentum=0.9)
+    where = ckpt.resolve(workdir / "ck")
+    meta = ckpt.read_meta(where)
+    got = ckpt.assemble_state_dict(ckpt.stage_files(where, meta), where, meta["tied_parameters"])
+    for key, value in want.state_dict().items():
+        assert relative_error(got[key], value) <= 1e-5, key
+    expected = eval_loss(want, prepared["flags"], 2, 2, 4)
+    assert abs(reported_eval_loss(results) - expected) <= 1e-4 * abs(expected)
+    run_cli("export", str(workdir / "ck"), "-o", str(workdir / "model.pt"), "--package", str(pkg))
+    fresh = spec.build().model
+    fresh.load_state_dict(torch.load(workdir / "model.pt", weights_only=True), strict=True)
+    for key, value in want.state_dict().items():
+        assert relative_error(fresh.state_dict()[key], value) <= 1e-5, key
+    return spec
 
 
 def test_gpt2_tied_head_trains_as_one_parameter_and_exports_once(gpt2, tmp_path: Path) -> None:
@@ -190,35 +277,15 @@ def test_gpt2_tied_head_trains_as_one_parameter_and_exports_once(gpt2, tmp_path:
     conf = json.loads((pkg / "conf.json").read_text())
     assert conf["tied_parameters"] == [{"lm_head.weight": [1], "transformer.wte.weight": [0]}]
     results = flush_train(gpt2, tmp_path, pkg, "--eval-steps", "2")
-    spec = ModelSpec.from_json(json.loads((pkg / "plan.json").read_text())["model"])
-    want = reference(spec, gpt2["text"], steps=3, m=2, b=4, lr=0.1, momentum=0.9)
     where = ckpt.resolve(tmp_path / "ck")
-    meta = ckpt.read_meta(where)
-    stages = ckpt.stage_files(where, meta)
+    stages = ckpt.stage_files(where, ckpt.read_meta(where))
     assert "lm_head.weight" not in stages[1]["model"]  # stored once, by the first holder
-    got = ckpt.assemble_state_dict(stages, where, meta["tied_parameters"])
-    assert got["lm_head.weight"] is got["transformer.wte.weight"]
-    for key, value in want.state_dict().items():
-        assert relative_error(got[key], value) <= 1e-5, key
-    # export: one file, one tensor for both names, strict load keeps the tie
-    run_cli("export", str(tmp_path / "ck"), "-o", str(tmp_path / "model.pt"), "--package", str(pkg))
+    spec = check_trained(gpt2, tmp_path, pkg, results)
     state = torch.load(tmp_path / "model.pt", weights_only=True)
     assert state["lm_head.weight"].data_ptr() == state["transformer.wte.weight"].data_ptr()
     fresh = spec.build().model
     fresh.load_state_dict(state, strict=True)
     assert fresh.lm_head.weight is fresh.transformer.wte.weight
-    # evaluation through the pipeline equals the model's own eval forward on the val split
-    from pipeshift.data import text_file
-    from pipeshift.losses import CausalLMLoss
-
-    want.eval()
-    val = text_file(4, "val", 0, path=str(gpt2["text"]), seq_len=SEQ)
-    with torch.no_grad():
-        expected = torch.stack([CausalLMLoss()(want(x), y) for (x,), y in (next(val) for _ in range(4))]).mean()
-    reported = [line for _rc, out, err in results for line in (out + err).splitlines() if "eval loss" in line]
-    assert reported, results
-    eval_loss = float(reported[0].split("eval loss ")[1].split(";")[0])
-    assert abs(eval_loss - float(expected)) <= 1e-4 * abs(float(expected))
 
 
 def test_without_the_tie_all_reduce_the_copies_drift_apart(gpt2, tmp_path: Path) -> None:
@@ -234,7 +301,7 @@ def test_without_the_tie_all_reduce_the_copies_drift_apart(gpt2, tmp_path: Path)
     where = ckpt.resolve(tmp_path / "ck")
     got = ckpt.assemble_state_dict(ckpt.stage_files(where, ckpt.read_meta(where)))
     spec = ModelSpec.from_json(json.loads((pkg / "plan.json").read_text())["model"])
-    want = reference(spec, gpt2["text"], steps=3, m=2, b=4, lr=0.1, momentum=0.9)
+    want = reference(spec, gpt2["flags"], steps=3, m=2, b=4, lr=0.1, momentum=0.9)
     assert relative_error(got["lm_head.weight"], got["transformer.wte.weight"]) > 1e-3
     assert relative_error(got["transformer.wte.weight"], want.transformer.wte.weight) > 1e-3
 
@@ -269,3 +336,31 @@ def test_gpt2_stages_run_at_other_shapes_and_follow_the_mode(gpt2) -> None:
             with torch.no_grad():
                 a, b = chain(stages, ids), chain(stages, ids)
             assert not torch.allclose(a, b), "dropout must be active in training mode"
+
+
+# -- the model matrix (slow: `pytest -m slow tests/test_hf.py`) -----------------------------------
+
+TIED = {"llama": [{"lm_head.weight": [1], "model.embed_tokens.weight": [0]}], "llama-untied": [], "bert": [], "vit": []}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(TIED))
+def test_model_end_to_end(name: str, tmp_path: Path) -> None:
+    """Profile, plan (2 and 3 stages), generate, run at other shapes in both modes, train with flush
+    on 2 ranks against single-process training, evaluate, export and load strictly."""
+    prepared = prepare(tmp_path, name)
+    for n in (2, 3):
+        plan = read_plan(prepared[f"plan{n}"])
+        model = ModelSpec.from_json(plan.model).build().model.eval()
+        stages = build_stages(plan, model)
+        for m, _i, _o in stages:
+            m.eval()
+        assert all("input0" not in ins for _m, ins, _o in stages[1:])
+        for batch, seq in ((4, SEQ), (3, 2 * SEQ)):
+            x = torch.randn(batch, 1, 8, 8) if name == "vit" else torch.randint(0, 256, (batch, seq))
+            with torch.no_grad():
+                assert torch.allclose(chain(stages, x), model(x), atol=1e-5), (n, batch, seq)
+    pkg = prepared["stages2"]
+    assert json.loads((pkg / "conf.json").read_text()).get("tied_parameters", []) == TIED[name]
+    results = flush_train(prepared, tmp_path, pkg, "--eval-steps", "2")
+    check_trained(prepared, tmp_path, pkg, results)

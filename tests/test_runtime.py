@@ -56,8 +56,10 @@ class SkipNet(nn.Module):
 
 
 def build():
-    return ModelBundle(model=SkipNet(), example_inputs=lambda b: (torch.randn(b, 6),), criterion=nn.MSELoss,
-                       example_target=lambda b: torch.zeros(b, 3))
+    bundle = ModelBundle(model=SkipNet(), example_inputs=lambda b: (torch.randn(b, 6),), criterion=nn.MSELoss,
+                         example_target=lambda b: torch.zeros(b, 3))
+    bundle.data = lambda b, split, seed: bundle.synthetic_data(b, seed + (split != "train"))
+    return bundle
 '''
 
 # (class, attributes adopted, input names, output names, forward body)
