@@ -330,7 +330,8 @@ def test_gpt2_stages_run_at_other_shapes_and_follow_the_mode(gpt2) -> None:
             for m, _i, _o in stages:
                 m.eval()
             with torch.no_grad():
-                assert torch.allclose(chain(stages, ids), model(ids), atol=1e-6), (n, batch, seq)
+                got, want = chain(stages, ids), model(ids)
+                assert torch.allclose(got, want, atol=1e-5), (n, batch, seq, float((got - want).abs().max()))
             for m, _i, _o in stages:
                 m.train()
             with torch.no_grad():
