@@ -260,8 +260,8 @@ def check_trained(prepared: dict, workdir: Path, pkg: Path, results) -> ModelSpe
     where = ckpt.resolve(workdir / "ck")
     meta = ckpt.read_meta(where)
     got = ckpt.assemble_state_dict(ckpt.stage_files(where, meta), where, meta["tied_parameters"])
-    for key, value in want.state_dict().items():
-        assert relative_error(got[key], value) <= 1e-5, key
+    for key, value in want.state_dict().items():  # a zero-gradient tensor (attention's key bias) moves by noise only
+        assert relative_error(got[key], value) <= 1e-5 or float((got[key] - value).abs().max()) <= 1e-7, key
     expected = eval_loss(want, prepared["flags"], 2, 2, 4)
     assert abs(reported_eval_loss(results) - expected) <= 1e-4 * abs(expected)
     run_cli("export", str(workdir / "ck"), "-o", str(workdir / "model.pt"), "--package", str(pkg))
