@@ -268,7 +268,8 @@ def check_trained(prepared: dict, workdir: Path, pkg: Path, results) -> ModelSpe
     fresh = spec.build().model
     fresh.load_state_dict(torch.load(workdir / "model.pt", weights_only=True), strict=True)
     for key, value in want.state_dict().items():
-        assert relative_error(fresh.state_dict()[key], value) <= 1e-5, key
+        loaded = fresh.state_dict()[key]
+        assert relative_error(loaded, value) <= 1e-5 or float((loaded - value).abs().max()) <= 1e-7, key
     return spec
 
 
