@@ -112,9 +112,9 @@ def test_weight_sources_read_only_the_tensors_asked_for(tmp_path):
     # a tied head saved once under the embedding's name loads through its alias
     model = SPECS[0].build(weights=False).model
     held = materialize(model, ["lm_head"], initialize=False)
-    from pipeshift.runtime.local import _aliases
+    from pipeshift.runtime.local import tensor_aliases
 
-    load_into(model.state_dict(keep_vars=True), open_weights(tmp_path / "w"), held, aliases=_aliases(model))
+    load_into(model.state_dict(keep_vars=True), open_weights(tmp_path / "w"), held, aliases=tensor_aliases(model))
     assert torch.equal(model.lm_head.weight, state["wte.weight"])
     with pytest.raises(PipeshiftError, match="rank 3: --init-from .*no tensor 'nope'"):
         load_into({"nope": torch.zeros(1)}, sharded, who="rank 3")
