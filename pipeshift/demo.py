@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     model_args = [a for kv in MODEL_ARGS for a in ("--model-arg", kv)]
     print("pipeshift demo: a small ResNet-18 on scikit-learn's handwritten digits, 2 local workers")
     _run(_pipeshift("profile", MODEL, *model_args, "-b", str(args.batch_size), "--threads", "1", "-o", str(prof)), log)
-    _run(_pipeshift("plan", str(prof / "graph.txt"), "-n", "2", "--schedule", "flush",
+    _run(_pipeshift("plan", str(prof / "graph.txt"), "-n", "2", "--straight-pipeline", "--schedule", "flush",
                     "--microbatches", str(args.microbatches), "-o", str(plan)), log)
     _run(_pipeshift("codegen", str(plan), "-o", str(stages)), log)
 

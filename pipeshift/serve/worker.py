@@ -69,8 +69,11 @@ class StageWorker:
         params = list(self.stage.params.values()) or [torch.nn.Parameter(torch.empty(0))]
         self.optimizer = torch.optim.SGD(params, lr=0.0)  # holds no state: nothing of it moves
 
-    def rebuild(self, entries, module_to_stage, stage_ranks, *, optimizer_state=None, source: str = "switch") -> None:
-        del optimizer_state  # forward-only: no optimizer state exists
+    def rebuild(self, entries, module_to_stage, stage_ranks, *, optimizer_state=None, source: str = "switch",
+                ties=()) -> None:
+        # Forward-only: no optimizer state exists, and tied copies never diverge because no
+        # step updates them, so there is nothing to keep in sync across a tie's holders.
+        del optimizer_state, ties
         self._build(entries, module_to_stage, stage_ranks, source)
 
     # -- the loop ---------------------------------------------------------------------------
