@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 import repartition_helpers as h
+from helpers import run_bounded
 
 PY = sys.executable
 RANKS = ("a", "b", "c")
@@ -140,8 +141,10 @@ def test_netcheck_sees_the_shaped_link_and_the_planner_routes_around_it(cluster,
     from pipeshift.graph import write_graph_txt
 
     write_graph_txt(chain(ACTS), tmp_path / "g.txt")
-    h.run([PY, "-m", "pipeshift", "plan", str(tmp_path / "g.txt"), "--topology", str(tmp_path / "topology.json"),
-           "--straight-pipeline", "-o", str(tmp_path / "plan"), "-q"], tmp_path, 120)
+    rc, out = run_bounded([PY, "-m", "pipeshift", "plan", str(tmp_path / "g.txt"), "--topology",
+                           str(tmp_path / "topology.json"), "--straight-pipeline", "-o", str(tmp_path / "plan"), "-q"],
+                          tmp_path, 120, h.env())
+    assert rc == 0, out
     plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
     assert plan["placement"] == "measured links", plan["notes"]
     slow_stage = next(st for st in plan["stages"] if st["workers"] == [2])
