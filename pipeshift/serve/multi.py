@@ -172,7 +172,7 @@ def _build(name: str, stages: str, weights: str | None, rank: int):
     from torch import nn
 
     from pipeshift.runtime.job import package_entries
-    from pipeshift.runtime.local import _aliases
+    from pipeshift.runtime.local import tensor_aliases
     from pipeshift.runtime.package import load_stage_package
     from pipeshift.serve.routing import build_routing
 
@@ -185,7 +185,7 @@ def _build(name: str, stages: str, weights: str | None, rank: int):
     routing = build_routing([(ins, outs) for _, ins, outs in local.entries], pkg.module_to_stage, pkg.stage_to_rank,
                             source=f"model {name}: {pkg.path / 'conf.json'}")
     built = SimpleNamespace(name=name, pkg=pkg, bundle=bundle, entries=local.entries, routing=routing,
-                            aliases=_aliases(bundle.model), weights=weights)
+                            aliases=tensor_aliases(bundle.model), weights=weights)
     built.bytes_per_rank = bytes_per_rank(built)  # now: a shard built over these tensors empties them
     return built
 
