@@ -32,15 +32,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import Spread, load_average, markdown_table  # noqa: E402
+from benchmarks.common import Spread, load_average, markdown_table, sh  # noqa: E402
 from pipeshift.serve.loadtest import load  # noqa: E402
 
 PY = sys.executable
-
-
-def sh(cmd: list[str], cwd: Path) -> None:
-    print(f"    $ {shlex.join(cmd)}", file=sys.stderr, flush=True)
-    subprocess.run(cmd, cwd=cwd, check=True, stdout=subprocess.DEVNULL)
 
 
 def prepare(work: Path, args: argparse.Namespace) -> dict[str, Path]:

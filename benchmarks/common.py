@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -144,3 +148,9 @@ class RunnableSampler:
     @property
     def mean(self) -> float:
         return statistics.fmean(self.samples) if self.samples else math.nan
+
+
+def sh(cmd: list[str], cwd: Path) -> None:
+    """Run one set-up step, echoing it so a benchmark's report shows how its inputs were made."""
+    print(f"    $ {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    subprocess.run(cmd, cwd=cwd, check=True, stdout=subprocess.DEVNULL)
