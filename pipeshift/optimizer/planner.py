@@ -214,11 +214,12 @@ def _tp_arrays(g: GraphArrays, states: StateSpace, valid: np.ndarray, opt: PlanO
 
 def with_tp_nodes(graph: Graph, g: GraphArrays, opt: PlanOptions) -> PlanOptions:
     """``opt`` with the per-node TP arrays for the planning graph; checks what TP planning supports."""
-    from pipeshift.tp_plan import SHARDING_STYLES
-
     tp = opt.tp
     if not tp.active or tp.shard is not None:
         return opt
+    # tp_plan imports torch (seconds); a plan without --tp must not pay for it
+    from pipeshift.tp_plan import SHARDING_STYLES
+
     if opt.cost_model != "pipeshift":
         raise PipeshiftError("--tp needs --cost-model pipeshift (PipeDream's model has no tensor parallelism)")
     if opt.straight:
