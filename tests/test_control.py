@@ -387,6 +387,45 @@ def test_master_policy_repartitions_on_persistent_slowdown_and_logs_decisions(tm
     assert TOKEN not in log_path.read_text()
 
 
+@pytest.mark.parametrize("announced_pause_s", [None, 0.05, 1e4])
+def test_master_policy_charges_the_pause_the_ranks_measured(announced_pause_s):
+    """A switch's measured pause, announced with the plan, is what the master's next decision must repay."""
+    chain = Chain(node_ids=[f"node{i}" for i in range(4)], node_times_s=np.ones(4), activation_bytes=np.zeros(4),
+                  state_bytes=np.full(4, 1e3), edges=np.array([(0, 1), (1, 2), (2, 3)]), fqns=[f"l{i}" for i in range(4)])
+    driver = PolicyDriver(json.loads(json.dumps(PLAN)), chain,
+                          PolicyConfig(persist_windows=2, cooldown_windows=1, fixed_pause_s=0.1), total_steps=1000)
+    m = Master(TOKEN, port=0, policy=driver)
+    m.start_in_thread()
+    try:
+        w0 = MasterClient.connect(m.address, TOKEN, rank=0, stage=0)
+        w1 = MasterClient.connect(m.address, TOKEN, rank=1, stage=1)
+        w0.announce_plan(json.loads(json.dumps(PLAN)), step=0, pause_s=announced_pause_s)
+        for window in range(4):  # as above: warm-up, calibration, then stage 0 three times slower
+            step = 10 * (window + 1)
+            w0.report(step, {0: {"compute_s": 6.0 if window >= 2 else 2.0, "wait_s": 0.0, "comm_s": 0.0}})
+            w1.report(step, {1: {"compute_s": 2.0, "wait_s": 4.0, "comm_s": 0.0}})
+        decision = driver.last_decision
+        command = w0.poll()
+        w0.close()
+        w1.close()
+    finally:
+        m.stop()
+    if announced_pause_s == 1e4:  # ~2 s/step gained over 960 steps cannot repay 10^4 s
+        assert command is None and decision is not None and decision.repartition is False
+        assert "does not pay for the migration" in decision.reason and decision.migration_cost_s == 1e4
+    else:
+        assert command is not None and command["source"] == "policy" and decision is not None
+        assert decision.migration_cost_s == pytest.approx(max(0.1 + 1e3 / PolicyConfig().bandwidth_bytes_per_s,
+                                                                 announced_pause_s or 0.0))
+
+
+@pytest.mark.parametrize("pause", [-1.0, 1e9, "1", True])
+def test_master_refuses_an_announced_pause_that_is_not_a_duration(master, pause):
+    with MasterClient.connect(master.address, TOKEN, rank=0, stage=0) as w:
+        with pytest.raises(PipeshiftError, match="pause_s"):
+            w._request({"type": "plan", "plan": json.loads(json.dumps(PLAN)), "pause_s": pause})
+
+
 def test_policy_off_makes_no_decisions():
     chain = Chain(node_ids=[f"node{i}" for i in range(4)], node_times_s=np.ones(4), activation_bytes=np.zeros(4),
                   state_bytes=np.zeros(4), edges=np.zeros((0, 2), dtype=int), fqns=[None] * 4)

@@ -244,11 +244,13 @@ class MasterClient:
     def ack(self, command_id: int, status: str = "applied") -> None:
         self._request({"type": "ack", "id": int(command_id), "status": status})
 
-    def announce_plan(self, plan: dict[str, Any], step: int | None = None) -> None:
+    def announce_plan(self, plan: dict[str, Any], step: int | None = None, pause_s: float | None = None) -> None:
         """Tell the master which plan the job runs now (after a switch or a restart), so its policy follows."""
         message: dict[str, Any] = {"type": "plan", "plan": plan}
         if step is not None:
             message["step"] = int(step)
+        if pause_s is not None:
+            message["pause_s"] = float(pause_s)
         self._request(message)
 
     # -- heartbeats without the training loop -------------------------------------------

@@ -34,6 +34,7 @@ from pipeshift.runtime.policy_driver import PolicyDriver
 MAX_RANKS = 1 << 16  # ranks, stages and world sizes: the same bound codegen puts on plans
 MAX_STEP = 10 ** 9  # no job runs a billion minibatches; a larger step is a lie that would steer at_step
 MAX_STAGE_ENTRIES = 1024  # stages one report may describe (a rank reports its own)
+MAX_PAUSE_S = 86400.0  # a switch that paused longer than a day is not a measurement
 DEFAULT_MAX_WORKERS = 1024
 
 
@@ -438,6 +439,9 @@ class Master:
         """The job runs this plan now: the policy judges it from here on, stages follow its ranks."""
         plan = _field(message, "plan", dict)
         step = self._step(message)
+        pause = _field(message, "pause_s", (int, float), required=False)
+        if pause is not None and not 0 <= pause <= MAX_PAUSE_S:
+            raise MessageError(f"'pause_s' must be from 0 to {MAX_PAUSE_S:g} seconds, got {pause!r}"[:200])
         try:
             stages = stages_of(plan)
             if self.policy is not None and stages != self.policy.policy.stages:  # not the policy's own decision
@@ -445,6 +449,8 @@ class Master:
         except PipeshiftError as e:
             raise MessageError(f"invalid plan: {e}") from None
         self.running_plan = plan
+        if pause is not None and self.policy is not None:
+            self.policy.record_pause(float(pause))  # later switches must repay what this one cost
         for k, stage in enumerate(plan["stages"]):
             for rank in stage.get("ranks") or []:
                 if rank in self.workers:

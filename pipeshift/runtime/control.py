@@ -28,8 +28,12 @@ class ControlPlane(Protocol):
         """Say what became of a command (``applied``, ``rejected``)."""
         ...
 
-    def announce_plan(self, plan: dict[str, Any], step: int | None = None) -> None:
-        """The plan the job runs now (after a switch or a restart), so the master's policy follows it."""
+    def announce_plan(self, plan: dict[str, Any], step: int | None = None, pause_s: float | None = None) -> None:
+        """The plan the job runs now (after a switch or a restart), so the master's policy follows it.
+
+        ``pause_s``: what the switch that put it in force cost (the slowest rank's pause), so the
+        master's policy weighs later switches against a measured pause as rank 0's does.
+        """
         ...
 
     def close(self) -> None:

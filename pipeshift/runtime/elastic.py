@@ -310,7 +310,7 @@ class Controller:
                 self.policy.adopt_plan(plan)
             self.policy.record_pause(max(r["pause_s"] for r in everyone))
         if self.rank == 0:
-            self._master("announce_plan", plan, trainer.step)
+            self._master("announce_plan", plan, trainer.step, max(r["pause_s"] for r in everyone))
             record = {
                 "event": "repartition", "step": trainer.step, "source": source,
                 "stages": [st.get("nodes") for st in plan["stages"]],
