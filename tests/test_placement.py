@@ -12,6 +12,8 @@ import itertools
 import json
 import math
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +172,58 @@ def test_cli_reports_placement_and_warns_when_slower_than_one_worker(tmp_path: P
                  "-q", "-o", str(tmp_path / "s")]) == 0
     notes = json.loads((tmp_path / "s" / "plan.json").read_text())["notes"]
     assert any("slower than one worker" in n and "--use-fewer-machines" in n for n in notes), notes
+
+
+def test_launch_hosts_puts_each_rank_on_the_machine_the_plan_chose(tmp_path: Path, capsys) -> None:
+    """h1 reaches the others at 1 GB/s only, so it runs the last stage (1 MB cut): rank 2 goes to h1, not h2."""
+    write_graph_txt(chain(ACTS), tmp_path / "g.txt")
+    (tmp_path / "t.json").write_text(json.dumps(matrix(3, 1e9, [(0, 1), (1, 2)])))
+    assert main(["plan", str(tmp_path / "g.txt"), "--topology", str(tmp_path / "t.json"), "--straight-pipeline",
+                 "-q", "-o", str(tmp_path / "p")]) == 0
+    doc = json.loads((tmp_path / "p" / "plan.json").read_text())
+    assert doc["placement"] == "measured links" and doc["rank_to_worker"][2] == 1
+    expected = [f"h{w}" for w in doc["rank_to_worker"]]
+    hosts = tmp_path / "hosts.txt"
+    hosts.write_text("h2\nh1\nh0\n")  # not the order netcheck measured them in
+    capsys.readouterr()
+    assert main(["launch", "--hosts", str(hosts), "--port", "29999", str(tmp_path / "p"), "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    per_rank = [line for line in out.splitlines() if "--dist-addr" in line]
+    assert [line.split("--rank ")[1].split()[0] for line in per_rank] == ["0", "1", "2"]
+    assert [line[1:line.index("]")] for line in per_rank] == expected
+    assert all(f"--world-size 3 --dist-addr {expected[0]}:29999" in line for line in per_rank)
+    assert "placed its ranks on measured links" in out and "does not follow it" in out
+    # --ssh runs those per-rank commands (a stand-in ssh that prints where each rank would run)
+    fake = tmp_path / "fake_ssh"
+    fake.write_text("#!/bin/sh\nhost=$1\nshift\ncase \"$*\" in *--rank\\ 0*) r=0;; *--rank\\ 1*) r=1;; "
+                    "*--rank\\ 2*) r=2;; esac\necho \"rank $r on $host\"\n")
+    fake.chmod(0o755)
+    proc = subprocess.run([sys.executable, "-m", "pipeshift", "launch", "--hosts", str(hosts), "--ssh",
+                           "--ssh-program", str(fake), str(tmp_path / "p")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(line.split("] ", 1)[1] for line in proc.stdout.splitlines()) == [
+        f"rank {r} on {h}" for r, h in enumerate(expected)], proc.stdout
+    # without the names in the hosts file, worker w is the w-th slot of the file
+    hosts.write_text("10.0.0.1\n10.0.0.2\n10.0.0.3\n")
+    assert main(["launch", "--hosts", str(hosts), str(tmp_path / "p")]) == 0
+    per_rank = [line for line in capsys.readouterr().out.splitlines() if "--dist-addr" in line]
+    assert [line[1:line.index("]")] for line in per_rank] == [f"10.0.0.{w + 1}" for w in doc["rank_to_worker"]]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rank_to_worker": [0, 0, 1]}, "rank_to_worker must list 3 distinct worker numbers"),
+    ({"rank_to_worker": "x"}, "rank_to_worker must list"),
+    ({"rank_to_worker": [0, 1, 7], "topology": {}}, "worker 7; the hosts file has 3 slots"),
+])
+def test_launch_refuses_a_placement_it_cannot_honour(tmp_path: Path, capsys, change: dict, message: str) -> None:
+    write_graph_txt(chain(ACTS), tmp_path / "g.txt")
+    (tmp_path / "t.json").write_text(json.dumps(matrix(3, 1e9, [(0, 1), (1, 2)])))
+    assert main(["plan", str(tmp_path / "g.txt"), "--topology", str(tmp_path / "t.json"), "--straight-pipeline",
+                 "-q", "-o", str(tmp_path / "p")]) == 0
+    doc = json.loads((tmp_path / "p" / "plan.json").read_text())
+    (tmp_path / "p" / "plan.json").write_text(json.dumps({**doc, **change}))
+    (tmp_path / "hosts.txt").write_text("a\nb\nc\n")
+    capsys.readouterr()
+    assert main(["launch", "--hosts", str(tmp_path / "hosts.txt"), str(tmp_path / "p")]) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err

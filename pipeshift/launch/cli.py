@@ -9,6 +9,10 @@ Everything after the launcher's own flags is passed to ``pipeshift train`` uncha
   the first host — and the explicit-rank alternative (``--rank R --world-size W --dist-addr``,
   one process per rank, for fixed rank placement). With ``--ssh`` it runs the torchrun commands
   over ssh, prefixing every output line with its host, and fails if any machine fails.
+  When the package's plan placed its ranks on a measured link matrix (``plan --topology`` with
+  netcheck's matrix: ``rank_to_worker``), the per-rank commands put each rank on the machine the
+  plan chose, and ``--ssh`` runs those instead: torchrun's rendezvous numbers ranks in the order
+  machines join, which would undo the placement.
 
 * ``--local N --elastic`` runs them under pipeshift's supervisor instead (``supervisor.py``):
   restarted from the last checkpoint when a rank fails or a resize is asked for, possibly on
@@ -92,10 +96,13 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise PipeshiftError(f"--port {args.port}: not a port number")
     workdir = args.workdir or os.getcwd()
+    placed = placed_hosts(train_args, hosts)
     plans = host_commands(python, hosts, args.port, train_args)
     if not args.ssh:
-        print(describe(plans, hosts, args.port, workdir, python, train_args))
+        print(describe(plans, hosts, args.port, workdir, python, train_args, placed))
         return 0
+    if placed is not None:
+        return _run_ssh(args.ssh_program, explicit_commands(python, hosts, args.port, train_args, placed), workdir)
     return _run_ssh(args.ssh_program, plans, workdir)
 
 
@@ -183,22 +190,62 @@ def host_commands(python: str, hosts: list[tuple[str, int]], port: int, train_ar
     return out
 
 
-def explicit_commands(python: str, hosts: list[tuple[str, int]], port: int,
-                      train_args: list[str]) -> list[tuple[str, list[str]]]:
-    """One command per rank, ranks numbered host by host in file order."""
-    world = sum(s for _, s in hosts)
-    addr = f"{_bracket(hosts[0][0])}:{port}"
-    out, rank = [], 0
-    for host, slots in hosts:
-        for _ in range(slots):
-            out.append((host, [python, "-m", "pipeshift", "train", *train_args, "--rank", str(rank),
-                               "--world-size", str(world), "--dist-addr", addr]))
-            rank += 1
-    return out
+def explicit_commands(python: str, hosts: list[tuple[str, int]], port: int, train_args: list[str],
+                      rank_hosts: list[str] | None = None) -> list[tuple[str, list[str]]]:
+    """One command per rank: rank r on ``rank_hosts[r]`` when given, else host by host in file order."""
+    if rank_hosts is None:
+        rank_hosts = [host for host, slots in hosts for _ in range(slots)]
+    world = len(rank_hosts)
+    # rank 0 runs the process group's store, so the address every rank dials is rank 0's machine
+    addr = f"{_bracket(rank_hosts[0])}:{port}"
+    return [(host, [python, "-m", "pipeshift", "train", *train_args, "--rank", str(rank), "--world-size", str(world),
+                    "--dist-addr", addr]) for rank, host in enumerate(rank_hosts)]
 
 
-def describe(plans, hosts, port: int, workdir: str, python: str, train_args: list[str]) -> str:
-    world = sum(s for _, s in hosts)
+def placed_hosts(train_args: list[str], hosts: list[tuple[str, int]]) -> list[str] | None:
+    """The machine of each rank, when the package's plan placed its ranks on measured links; else None.
+
+    The plan says which *worker* runs each rank (``rank_to_worker``) and, when planned on a
+    netcheck matrix, which machine each worker was (``topology.hosts``): ranks go to those machines
+    when the hosts file lists them, else worker w is the w-th slot of the hosts file.
+    """
+    from pipeshift.plan import plan_file, read_plan
+
+    package = next((a for a in train_args if not a.startswith("-")), None)
+    if package is None or not plan_file(package).is_file():
+        return None
+    plan = read_plan(package)
+    doc = plan.doc
+    if doc.get("placement") != "measured links":
+        return None
+    source = str(plan_file(package))
+    r2w = doc.get("rank_to_worker")
+    if (not isinstance(r2w, list) or len(r2w) != plan.world_size
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in r2w)
+            or len(set(r2w)) != len(r2w)):
+        raise InputFileError(source, None, f"rank_to_worker must list {plan.world_size} distinct worker numbers, "
+                                           "one per rank (as `pipeshift plan` writes it)")
+    slots = dict(hosts)
+    topo = doc.get("topology")
+    named = topo.get("hosts") if isinstance(topo, dict) else None
+    if isinstance(named, list) and all(isinstance(h, str) for h in named) and max(r2w) < len(named) \
+            and all(h in slots for h in named):
+        rank_hosts = [named[w] for w in r2w]
+        for host in set(rank_hosts):
+            if rank_hosts.count(host) > slots[host]:
+                raise PipeshiftError(f"the plan places {rank_hosts.count(host)} ranks on {host}; the hosts file gives "
+                                     f"it {slots[host]} slot(s)")
+        return rank_hosts
+    by_slot = [host for host, n in hosts for _ in range(n)]
+    if max(r2w) >= len(by_slot):
+        raise PipeshiftError(f"the plan places a rank on worker {max(r2w)}; the hosts file has {len(by_slot)} slots "
+                             "(list the machines in the order netcheck measured them)")
+    return [by_slot[w] for w in r2w]
+
+
+def describe(plans, hosts, port: int, workdir: str, python: str, train_args: list[str],
+             placed: list[str] | None = None) -> str:
+    world = sum(s for _, s in hosts) if placed is None else len(placed)
     lines = [f"# {world} ranks on {len(hosts)} machines. Run on each machine (torchrun, c10d rendezvous at "
              f"{hosts[0][0]}:{port}; --local-addr is the address the other machines reach it by, is_host=true "
              "marks the machine that runs the rendezvous store; each rank binds the interface that routes to "
@@ -206,10 +253,18 @@ def describe(plans, hosts, port: int, workdir: str, python: str, train_args: lis
     if "--master" in train_args or any(a.startswith("--master=") for a in train_args):
         lines[-1:-1] = [f"# The master's token is not written here: set {TOKEN_ENV} or pass --master-token-file "
                         "on every machine."]
+    if placed is not None:
+        where = ", ".join(f"{r} -> {h}" for r, h in enumerate(placed))
+        lines[-1:-1] = [f"# The plan placed its ranks on measured links (rank -> machine: {where}). torchrun's "
+                        "rendezvous numbers ranks in the order machines join and does not follow it: use the "
+                        "per-rank commands below (`--ssh` does)."]
     for host, cmd in plans:
         lines.append(f"[{host}] cd {shlex.quote(workdir)} && {shlex.join(cmd)}")
-    lines += ["", "# Or, to fix which ranks run where (stage_to_rank_map), one process per rank:", ""]
-    for host, cmd in explicit_commands(python, hosts, port, train_args):
+    if placed is None:
+        lines += ["", "# Or, to fix which ranks run where (stage_to_rank_map), one process per rank:", ""]
+    else:
+        lines += ["", "# One process per rank, on the machines the plan chose:", ""]
+    for host, cmd in explicit_commands(python, hosts, port, train_args, placed):
         lines.append(f"[{host}] cd {shlex.quote(workdir)} && {shlex.join(cmd)} &")
     return "\n".join(lines)
 
