@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml setup.py
 test: $(STAMP)
 	$(PY) -m ruff check pipeshift tests benchmarks repro
 	$(PY) -m mypy
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 demo: $(STAMP)
 	$(PY) -m pipeshift demo
