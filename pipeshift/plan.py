@@ -79,6 +79,7 @@ class StageCosts:
     link_bandwidth: float = math.inf  # bytes/s of the link to the next stage
     link_latency: float = 0.0
     allreduce_s: float = 0.0
+    tie_allreduce_s: float = 0.0  # summing the tied parameters it shares with other stages, per step
     parameter_bytes: float = 0.0
     stash_bytes: float = 0.0  # activations kept per microbatch in flight
 
@@ -368,5 +369,6 @@ def _costs(costs: Any, at: JsonPath, bad: Any) -> StageCosts | None:
         forward_s=num(costs, "forward_s", None, where), backward_s=num(costs, "backward_s", None, where),
         output_bytes=num(costs, "output_bytes", 0.0, where), link_bandwidth=bandwidth,
         link_latency=num(link, "latency_s", 0.0, lpath), allreduce_s=num(costs, "allreduce_s", 0.0, where),
+        tie_allreduce_s=num(costs, "tie_allreduce_s", 0.0, where),
         parameter_bytes=num(costs, "parameter_bytes", 0.0, where),
         stash_bytes=num(costs, "stash_bytes_per_microbatch", 0.0, where))

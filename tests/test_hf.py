@@ -289,6 +289,17 @@ def test_gpt2_tied_head_trains_as_one_parameter_and_exports_once(gpt2, tmp_path:
     assert fresh.lm_head.weight is fresh.transformer.wte.weight
 
 
+def test_gpt2_plan_counts_the_tie_on_both_holders_and_charges_its_all_reduce(gpt2) -> None:
+    prof = json.loads((gpt2["root"] / "prof" / "profile.json").read_text())
+    holders = {m["fqn"] for m in prof["nodes"].values() if "transformer.wte.weight" in m.get("shared_parameters", {})}
+    assert holders == {"transformer.wte", "lm_head"}
+    doc = json.loads((gpt2["plan2"] / "plan.json").read_text())
+    wte = 256 * 32 * 4
+    for st in doc["stages"]:
+        assert st["costs"]["tie_allreduce_s"] > 0
+        assert st["costs"]["parameter_bytes"] >= wte
+
+
 def test_without_the_tie_all_reduce_the_copies_drift_apart(gpt2, tmp_path: Path) -> None:
     """The tie is what keeps training right: drop it from conf.json and the run leaves the reference."""
     import shutil

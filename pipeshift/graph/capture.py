@@ -191,6 +191,9 @@ class NodeGroup:
     parameter_bytes: int = 0
     buffer_bytes: int = 0
     input_index: int | None = None  # for raw model inputs: position in forward's arguments
+    # parameters this node holds that other nodes hold too (tied weights, a module called twice):
+    # first name -> bytes. Its parameter_bytes count them; the planner counts them once per stage.
+    shared_parameters: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def meta(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -300,6 +303,7 @@ def group_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], policy:
 
     order = {n.name: i for i, n in enumerate(nodes)}
     by_name = {n.name: n for n in nodes}
+    held: dict[str, list[torch.Tensor]] = {}  # node id -> the parameters it holds
     counter = 0
     for n in nodes:
         if n.op == "output" or not tensorish[n.name]:
@@ -310,19 +314,24 @@ def group_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], policy:
         value = values.get(n.name)
         tensors = flat_tensors(value)
         params = bufs = 0
+        mine: list[torch.Tensor] = []
         if n.op == "call_module":
             mod = modules[str(n.target)]
-            params = sum(_tensor_bytes(p) for p in mod.parameters())
+            mine = list(mod.parameters())
+            params = sum(_tensor_bytes(p) for p in mine)
             bufs = sum(_tensor_bytes(b) for b in mod.buffers())
         elif n.op == "get_attr":
             params = sum(_tensor_bytes(t) for t in tensors)
+            mine = [t for t in tensors if isinstance(t, nn.Parameter)]
         for h in helpers:
             state = values.get(h) if by_name[h].op == "get_attr" else None
             if torch.is_tensor(state):
                 if isinstance(state, nn.Parameter):
                     params += _tensor_bytes(state)
+                    mine.append(state)
                 else:
                     bufs += _tensor_bytes(state)
+        held[node_id] = mine
         if n.op == "placeholder":
             desc = f"Input{input_pos[n.name]}"
         else:
@@ -350,6 +359,7 @@ def group_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], policy:
             )
         )
         group_of[n.name] = node_id
+    _mark_shared(groups, held, gm)
     output_ids: list[str] = []
     for m in _flatten_args(out_node.args):
         if isinstance(m, torch.fx.Node):
@@ -357,6 +367,28 @@ def group_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], policy:
                 raise TraceError(f"the model returns a non-tensor value ({m.name}); pipeline stages exchange tensors only")
             output_ids.append(group_of[m.name])
     return CapturedGraph(gm=gm, groups=groups, output_ids=output_ids, policy=policy)
+
+
+def _mark_shared(groups: list[NodeGroup], held: dict[str, list[torch.Tensor]], gm: torch.fx.GraphModule) -> None:
+    """Fill ``shared_parameters`` of the groups holding a parameter another group holds too.
+
+    Found by tensor identity, not by name (GPT-2's head *is* its embedding's weight), and named
+    by the parameter's first name in the module, as ``named_parameters`` reports it.
+    """
+    names = {id(p): name for name, p in gm.named_parameters()}
+    holders: dict[int, list[str]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    for node_id, params in held.items():
+        for p in params:
+            if node_id not in holders.setdefault(id(p), []):
+                holders[id(p)].append(node_id)
+                tensors[id(p)] = p
+    by_id = {g.node_id: g for g in groups}
+    for key, nodes in holders.items():
+        if len(nodes) > 1:
+            p = tensors[key]
+            for node_id in nodes:
+                by_id[node_id].shared_parameters[names.get(key, f"<unnamed {tuple(p.shape)}>")] = _tensor_bytes(p)
 
 
 def _flatten_args(a: Any) -> Iterable[Any]:

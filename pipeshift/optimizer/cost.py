@@ -25,6 +25,16 @@ profiled batch); every time below is seconds per microbatch in steady state.
   machine are not known yet: it assumes all of them (a safe over-estimate for the inner stages;
   exact for one level).
 
+**Tied parameters** (GPT-2's head and embedding, a module called in two stages): a stage
+counts a tied weight once however many of its nodes hold it (weights, gradients and optimizer
+state are per copy, so every stage holding it pays for one copy). A stage holding *part* of a
+tie — some of its holders but not all — sums the tie's gradient with the other holders before
+every step (:mod:`pipeshift.runtime.ties`): a ring all-reduce of the tie's bytes over its own
+replicas and, as many again, the other holder's (exact for the usual two-holder tie with equal
+replica counts), once per ``sync`` microbatches like the replicas' all-reduce, on the link of the
+level being solved. In a hierarchy each level whose range splits a tie charges it on that
+level's link: an upper bound, as the ring is paced by its slowest link.
+
 A level sees the level below as slots whose time for a range is the lower level's optimum; the
 slowest slot type in a replica group sets the group's pace.
 
@@ -136,6 +146,21 @@ def ring_allreduce(params: Num, replicas: Num, bandwidth: float, latency: float)
     return np.where(r > 1, 2.0 * (r - 1) / r * params / bandwidth + 2.0 * (r - 1) * latency, 0.0)
 
 
+def tie_allreduce(nbytes: Num, ties: Num, replicas: Num, bandwidth: float, latency: float) -> np.ndarray:
+    """Summing ``ties`` tied parameters of ``nbytes`` in all between a stage's replicas and as many
+    holders elsewhere: one ring over twice the replicas per tie (see the module docstring)."""
+    k = 2.0 * np.asarray(replicas, dtype=np.float64)
+    return np.where(np.asarray(ties) > 0, 2.0 * (k - 1) / k * nbytes / bandwidth + 2.0 * (k - 1) * latency * ties, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TieArrays:
+    """(S+1, S) range sums over the ties a range holds only part of: their bytes and their count."""
+
+    split_bytes: np.ndarray
+    split_count: np.ndarray
+
+
 @dataclasses.dataclass(frozen=True)
 class TPArrays:
     """Per allowed TP degree: range sums (S+1, S) of node time and of parameter bytes per worker."""
@@ -167,8 +192,10 @@ class PipeshiftLevel:
         memory: Memory | None,
         outer_downstream: int,
         tp: TPArrays | None = None,
+        ties: TieArrays | None = None,
     ):
         self.times = times
+        self.ties = ties if ties is not None and ties.split_count.any() else None
         self.slot_types = np.asarray(slot_types, dtype=np.int64)
         self.params, self.stash, self.cut_bytes = params, stash, cut_bytes
         self.bandwidth, self.latency = bandwidth, latency
@@ -191,9 +218,15 @@ class PipeshiftLevel:
         self.by_mp = self.homogeneous and self.memory is None
 
     # -- pieces ---------------------------------------------------------------------------
-    def _stage_time(self, compute: Num, params: Num, replicas: Num) -> np.ndarray:
+    def _stage_time(self, compute: Num, params: Num, replicas: Num, rows=None, cols=None) -> np.ndarray:
+        """Compute share + the replicas' all-reduce + (range ``rows, cols``) the split ties' all-reduce."""
         s = self.schedule
         ar = ring_allreduce(params, replicas, self.bandwidth, self.latency)
+        if self.ties is not None and rows is not None:
+            nbytes, count = self.ties.split_bytes[rows, cols], self.ties.split_count[rows, cols]
+            if np.ndim(params) > np.ndim(nbytes):  # params carry the replica-count axis already
+                nbytes, count = nbytes[..., None], count[..., None]
+            ar = ar + tie_allreduce(nbytes, count, replicas, self.bandwidth, self.latency)
         return compute * s.share(replicas) + ar / s.sync(replicas)
 
     def _fits(self, params, stash, downstream, replicas) -> np.ndarray | bool:
@@ -217,7 +250,7 @@ class PipeshiftLevel:
         ok = workers % t == 0
         groups = np.where(ok, workers / t, 1.0)
         par = tp.params[k][rows, cols][..., None]
-        time = self._stage_time(tp.times[k][rows, cols][..., None], par, groups)
+        time = self._stage_time(tp.times[k][rows, cols][..., None], par, groups, rows, cols)
         if cut is not None:
             time = np.maximum(time, self.schedule.directions * (self.latency + cut / self.bandwidth)[..., None] / groups)
         fits = self._fits(par, self.stash[rows, cols][..., None], downstream, groups)
@@ -248,7 +281,7 @@ class PipeshiftLevel:
         else:
             comp = self._group_time(self.times[:, rows], self._single_member)
         par = self.params[rows][:, :, None]
-        t = self._stage_time(comp, par, replicas)
+        t = self._stage_time(comp, par, replicas, rows[:, None], np.arange(self.params.shape[1])[None, :])
         fits = self._fits(par, self.stash[rows][:, :, None], N - (m + 1), replicas)
         t = np.where(fits, t, INF)
         if self.straight:
@@ -268,7 +301,7 @@ class PipeshiftLevel:
         if self.homogeneous:
             mp = np.arange(1, (2 if self.straight else N), dtype=np.float64)
             comp = self.times[0][np.ix_(rows, js)][:, :, None]
-            t = self._stage_time(comp, par, mp)
+            t = self._stage_time(comp, par, mp, rows[:, None], js[None, :])
             link = self.schedule.directions * (self.latency + self.cut_bytes[ks] / self.bandwidth)[:, None, None] / mp
             t = np.maximum(t, link)
             if self.by_mp:
@@ -277,7 +310,7 @@ class PipeshiftLevel:
         else:
             mp = self.pair_mp.astype(np.float64)
             comp = self._group_time(self.times[:, rows][:, :, js], self._pair_member)
-            t = self._stage_time(comp, par, mp)
+            t = self._stage_time(comp, par, mp, rows[:, None], js[None, :])
             link = self.schedule.directions * (self.latency + self.cut_bytes[ks] / self.bandwidth)[:, None, None] / mp
             t = np.maximum(t, link)
         if self.memory is not None:
@@ -289,7 +322,7 @@ class PipeshiftLevel:
 
     def charge(self, value: float, row: int, end: int, slots: int, first: bool) -> float:
         """What this level charges a range whose inner time is ``value`` (the DP's formula)."""
-        t = float(self._stage_time(np.float64(value), np.float64(self.params[row, end]), np.float64(slots)))
+        t = float(self._stage_time(np.float64(value), np.float64(self.params[row, end]), np.float64(slots), row, end))
         if not first:
             t = max(t, self.schedule.directions * (self.latency + float(self.cut_bytes[row - 1]) / self.bandwidth)
                     / slots)

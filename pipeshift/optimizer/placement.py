@@ -91,12 +91,16 @@ def solve(
     schedule: ps_cost.Schedule,
     memory: ps_cost.Memory,
     fewer: bool,
+    extra: np.ndarray | None = None,
 ) -> Placement | None:
     """The best straight pipeline and placement; None when none exists.
 
     ``comp``/``params``/``stash`` are (S+1, S) range sums (row r: after state r-1; inf/0 where
-    illegal), ``cut[k]`` the bytes crossing the cut after state k, ``speeds`` one per worker.
+    illegal), ``cut[k]`` the bytes crossing the cut after state k, ``speeds`` one per worker;
+    ``extra`` (S+1, S): seconds a stage pays besides its compute, whatever its worker's speed
+    (the all-reduce of tied parameters it shares with other stages).
     """
+    add = extra if extra is not None else np.zeros_like(comp)
     S = len(successors)
     N = links.num_workers
     M = 1 << N
@@ -117,7 +121,7 @@ def solve(
     B = np.full((S, M, N), np.inf)
     came_k = np.full((S, M, N), -1, dtype=np.int32)
     came_h = np.full((S, M, N), -1, dtype=np.int8)
-    first = comp[0][:, None] / speeds[None, :]  # (S, N): the first stage, on one worker
+    first = comp[0][:, None] / speeds[None, :] + add[0][:, None]  # (S, N): the first stage, on one worker
     ok = fits(np.zeros(S, dtype=np.int64), np.arange(S), np.zeros(1, dtype=np.int64))[:, 0]
     B[:, bit, np.arange(N)] = np.where(ok[:, None], first, np.inf)
     # every (used set, next worker) pair with the worker not yet in the set
@@ -138,7 +142,7 @@ def solve(
         if not live.any():
             continue
         pu, ph, pt, pb, y = pair_u[live], pair_h[live], pair_target[live], pair_before[live], y[live]
-        stage = comp[k + 1, js][:, None] / speeds[ph][None, :]  # (J, P)
+        stage = comp[k + 1, js][:, None] / speeds[ph][None, :] + add[k + 1, js][:, None]  # (J, P)
         new = np.maximum(y[None, :], stage)
         if memory.limit is not None:
             before = np.unique(pb)
@@ -165,10 +169,10 @@ def solve(
     while True:
         k = int(came_k[j, u, h])
         if k < 0:
-            stages.append(PlacedStage(0, j, h, float(comp[0, j] / speeds[h]), None))
+            stages.append(PlacedStage(0, j, h, float(comp[0, j] / speeds[h] + add[0, j]), None))
             break
         prev = int(came_h[j, u, h])
-        pace = max(float(comp[k + 1, j] / speeds[h]), float(links.cut_time(cut[k])[prev, h]))
+        pace = max(float(comp[k + 1, j] / speeds[h] + add[k + 1, j]), float(links.cut_time(cut[k])[prev, h]))
         stages.append(PlacedStage(k + 1, j, h, pace, prev))
         j, u, h = k, u & ~(1 << h), prev
     stages.reverse()

@@ -147,6 +147,29 @@ def _range_sums(per_state: np.ndarray, valid: np.ndarray, fill: float) -> np.nda
     return np.where(valid, rows, fill)
 
 
+def _tie_ranges(g: GraphArrays, states: StateSpace, valid: np.ndarray, degrees: tuple[int, ...] = (1,),
+                shard: np.ndarray | None = None) -> tuple[list[np.ndarray], ps_cost.TieArrays]:
+    """Per TP degree, the (S+1, S) bytes a range counts more than once (a tied parameter several of
+    its nodes hold: node sums count it per node, the stage holds it once), and the ties a range
+    splits with other stages (cost.py's docstring). At degree t a tie with a sharded holder is
+    counted at 1/t, the smaller copy."""
+    S = states.size
+    dups = [np.zeros((S + 1, S)) for _ in degrees]
+    split_bytes, split_count = np.zeros((S + 1, S)), np.zeros((S + 1, S))
+    if g.tie_bytes.size:
+        counts = states.members.astype(np.float64) @ g.tie_nodes.T.astype(np.float64)  # (S, T)
+        for t, nbytes in enumerate(g.tie_bytes):
+            c = _range_sums(counts[:, t], valid, 0.0)
+            extra = np.maximum(c - 1.0, 0.0)
+            for i, d in enumerate(degrees):
+                sharded = shard is not None and d > 1 and bool(shard[g.tie_nodes[t]].any())
+                dups[i] += extra * (nbytes / d if sharded else nbytes)
+            split = (c > 0) & (c < g.tie_nodes[t].sum())
+            split_bytes += split * nbytes
+            split_count += split
+    return dups, ps_cost.TieArrays(split_bytes, split_count)
+
+
 def _estimated_work(S: int, topology: Topology, straight: bool) -> float:
     work = 0.0
     for i, level in enumerate(topology.levels):
@@ -199,16 +222,17 @@ def _solve_pipedream(g: GraphArrays, states: StateSpace, topo: Topology, opt: Pl
     return _Solved(levels, slot_sigs, 0)
 
 
-def _tp_arrays(g: GraphArrays, states: StateSpace, valid: np.ndarray, opt: PlanOptions, level, speed: float
-               ) -> ps_cost.TPArrays:
-    """Range sums of node time and per-worker parameters at every allowed TP degree (innermost level)."""
+def _tp_arrays(g: GraphArrays, states: StateSpace, valid: np.ndarray, opt: PlanOptions, level, speed: float,
+               dups: list[np.ndarray]) -> ps_cost.TPArrays:
+    """Range sums of node time and per-worker parameters at every allowed TP degree (innermost level);
+    ``dups``: per degree, the tied bytes a range's node sums count twice."""
     members = states.members.astype(np.float64)
     base = opt.compute_ms(g) / 1000.0
     times, params = [], []
-    for t in opt.tp.degrees:
+    for t, dup in zip(opt.tp.degrees, dups):
         times.append(_range_sums(members @ opt.tp.node_time_s(base, t, level.bandwidth, level.latency), valid,
                                  np.inf) / speed)
-        params.append(_range_sums(members @ opt.tp.node_params(g.parameter, t), valid, 0.0))
+        params.append(_range_sums(members @ opt.tp.node_params(g.parameter, t), valid, 0.0) - dup)
     return ps_cost.TPArrays(tuple(opt.tp.degrees), np.stack(times), np.stack(params))
 
 
@@ -246,7 +270,9 @@ def _solve_pipeshift(g: GraphArrays, states: StateSpace, topo: Topology, opt: Pl
     valid = _valid_rows(states)
     members = states.members.astype(np.float64)
     comp = _range_sums(members @ (opt.compute_ms(g) / 1000.0), valid, np.inf)
-    par = _range_sums(members @ g.parameter, valid, 0.0)
+    tp_degrees = opt.tp.degrees if opt.tp.active else ()
+    dups, ties = _tie_ranges(g, states, valid, (1, *tp_degrees), opt.tp.shard)
+    par = _range_sums(members @ g.parameter, valid, 0.0) - dups[0]
     stash = _range_sums(members @ opt.held_bytes(g), valid, 0.0)
     cut = frontier_bytes(g, states.members)
     if opt.compression is not None:
@@ -277,7 +303,7 @@ def _solve_pipeshift(g: GraphArrays, states: StateSpace, topo: Topology, opt: Pl
                 slot_types = np.array([type_values.index(s) for s in sig])
                 times = np.stack([comp / v for v in type_values])
                 slots_here[sid] = tuple(slot_types)
-                tp = _tp_arrays(g, states, valid, opt, level, type_values[0]) if opt.tp.active else None
+                tp = _tp_arrays(g, states, valid, opt, level, type_values[0], dups[1:]) if opt.tp.active else None
             else:
                 type_values = sorted(set(sig))
                 slot_types = np.array([type_values.index(s) for s in sig])
@@ -297,6 +323,7 @@ def _solve_pipeshift(g: GraphArrays, states: StateSpace, topo: Topology, opt: Pl
                 memory if i == 0 else None,
                 topo.num_workers - g0 if (i == 0 and n_levels > 1) else 0,
                 tp,
+                ties,
             )
             sol = solve_level(costs, succ, all_rows=not final, fewer=opt.fewer_machines)
             solved_here[sid] = (costs, sol)
@@ -632,11 +659,17 @@ def _best_placement(g: GraphArrays, topo: Topology, opt: PlanOptions, closure, n
         cut = frontier_bytes(g, states.members)
         if opt.compression is not None:
             cut = cut / opt.compression
+        dups, ties = _tie_ranges(g, states, valid)
+        # a split tie's ring, priced on the matrix's slowest link (which pair holds its other copy
+        # is not known until the placement is)
+        off = ~np.eye(links.num_workers, dtype=bool)
+        tie_s = ps_cost.tie_allreduce(ties.split_bytes, ties.split_count, 1.0, float(links.bandwidth[off].min()),
+                                      float(links.latency[off].max())) / opt.schedule.sync(1.0)
         found = placement.solve(
             _range_sums(members @ (opt.compute_ms(g) / 1000.0), valid, np.inf),
-            _range_sums(members @ g.parameter, valid, 0.0),
+            _range_sums(members @ g.parameter, valid, 0.0) - dups[0],
             _range_sums(members @ opt.held_bytes(g), valid, 0.0),
-            cut, states.successors(), links, speeds, opt.schedule, memory, opt.fewer_machines,
+            cut, states.successors(), links, speeds, opt.schedule, memory, opt.fewer_machines, extra=tie_s,
         )
         if found is None:
             continue

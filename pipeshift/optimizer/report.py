@@ -34,6 +34,35 @@ def _fqns(graph: Graph, nodes: list[str]) -> list[str]:
     return list(seen)
 
 
+def _tie_terms(graph: Graph, result: PlanResult, topo: Topology) -> tuple[list[float], list[float]]:
+    """Per stage: the tied bytes its node sums count more than once (it holds one copy), and the
+    seconds of one all-reduce of the ties it shares with other stages — a ring over every rank of
+    every holder, on the outermost level a cut between the holders crosses (cost.py's docstring)."""
+    K = len(result.stages)
+    stage_of = {nid: i for i, st in enumerate(result.stages) for nid in st.nodes}
+    count: dict[str, dict[int, int]] = {}
+    size: dict[str, float] = {}
+    for nid, i in stage_of.items():
+        for name, nbytes in ((graph[nid].meta or {}).get("shared_parameters") or {}).items():
+            count.setdefault(name, {}).setdefault(i, 0)
+            count[name][i] += 1
+            size[name] = float(nbytes)
+    dup, tie_s = [0.0] * K, [0.0] * K
+    for name, per_stage in count.items():
+        for i, c in per_stage.items():
+            dup[i] += (c - 1) * size[name]
+        if len(per_stage) < 2:
+            continue
+        lo, hi = min(per_stage), max(per_stage)
+        level = max((result.stages[s].cut_level or 0) for s in range(lo + 1, hi + 1))
+        ranks = sum(result.stages[s].replicas * result.stages[s].tp for s in per_stage)
+        ring = float(ps_cost.ring_allreduce(np.float64(size[name]), ranks, topo.levels[level].bandwidth,
+                                            topo.levels[level].latency))
+        for i in per_stage:
+            tie_s[i] += ring
+    return dup, tie_s
+
+
 def stage_table(graph: Graph, result: PlanResult, topo: Topology, opt: PlanOptions) -> list[dict[str, Any]]:
     """Per-stage facts and predictions, in pipeline order (the ``stages`` of plan.json)."""
     stage_of = {nid: i for i, st in enumerate(result.stages) for nid in st.nodes}
@@ -50,11 +79,12 @@ def stage_table(graph: Graph, result: PlanResult, topo: Topology, opt: PlanOptio
     downstream = [sum(st.replicas for st in result.stages[i + 1 :]) for i in range(K)]
     memory = opt.memory()
     index = {nid: i for i, nid in enumerate(result.arrays.node_ids)}
+    tied_twice, tie_s = _tie_terms(graph, result, topo) if opt.cost_model == "pipeshift" else ([0.0] * K, [0.0] * K)
     for i, st in enumerate(result.stages):
         nodes = [graph[n] for n in st.nodes]
         fwd = sum(n.forward_ms for n in nodes) / 1000.0
         bwd = 0.0 if opt.serving else sum(n.backward_ms for n in nodes) / 1000.0
-        params = float(sum(n.parameter_size for n in nodes))
+        params = float(sum(n.parameter_size for n in nodes)) - tied_twice[i]
         tp_extra: dict[str, Any] = {}
         if st.tp > 1:  # the cost model's view of the TP group (cost.py): shards' share, all-reduces, 1/t weights
             fwd, bwd, params, tp_extra = _tp_stage(st, nodes, index, result, topo, opt, fwd, bwd)
@@ -105,6 +135,7 @@ def stage_table(graph: Graph, result: PlanResult, topo: Topology, opt: PlanOptio
                     "output_bytes": cut_bytes[i] if i + 1 < K else 0.0,
                     "output_link": link,
                     "allreduce_s": allreduce,
+                    **({"tie_allreduce_s": tie_s[i]} if tie_s[i] and not opt.serving else {}),
                     **tp_extra,
                 },
             }
@@ -151,7 +182,9 @@ def plan_document(
 ) -> dict[str, Any]:
     stages = stage_table(graph, result, topo, opt)
     total_compute = sum(n.forward_ms + (0.0 if opt.serving else n.backward_ms) for n in graph) / 1000.0
-    total_params = float(sum(n.parameter_size for n in graph))
+    g = result.arrays
+    # one replica of the whole model holds each tied parameter once
+    total_params = float(sum(n.parameter_size for n in graph)) - float(((g.tie_nodes.sum(axis=1) - 1) * g.tie_bytes).sum())
     if opt.cost_model == "pipedream":
         comp = result.arrays.compute_ms.sum() / 1000.0
         dp = pd_cost.data_parallel_time(comp, float(result.arrays.parameter.sum()), [(lv.workers, lv.bandwidth) for lv in topo.levels])

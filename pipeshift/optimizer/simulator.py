@@ -25,7 +25,7 @@ from typing import Any
 from pipeshift.errors import PipeshiftError
 from pipeshift.plan import Plan, as_plan
 from pipeshift.schedule import actions as A
-from pipeshift.schedule.actions import Action, pipeline_actions
+from pipeshift.schedule.actions import Action, chain_role, pipeline_actions
 from pipeshift.schedule.registry import schedule_kind
 
 COMPUTE, COMM = 0, 1
@@ -41,6 +41,7 @@ class SimStage:
     link_bandwidth: float = math.inf
     link_latency: float = 0.0
     allreduce_s: float = 0.0
+    tie_allreduce_s: float = 0.0  # the tied parameters' all-reduce, before the same step
     parameter_bytes: float = 0.0
     stash_bytes: float = 0.0
 
@@ -93,7 +94,11 @@ def rank_lists(stages: Sequence[SimStage], kind: str, microbatches: int, steps: 
     :func:`pipeshift.schedule.actions.rank_actions`; so does the simulator, and it replays the
     compute and all-reduce actions (transfers are timed from the sends' completion instead).
     """
-    return pipeline_actions(kind, stage_ranks(stages), microbatches, minibatches=steps)
+    n = len(stages)
+    # a stage sharing tied parameters synchronises gradients before its step like a replica does
+    roles = [dataclasses.replace(chain_role(n, s, st.replicas), replicated=st.replicas > 1 or st.tie_allreduce_s > 0)
+             for s, st in enumerate(stages)]
+    return pipeline_actions(kind, stage_ranks(stages), microbatches, minibatches=steps, roles=roles)
 
 
 def stage_ranks(stages: Sequence[SimStage]) -> list[list[int]]:
@@ -158,7 +163,7 @@ def simulate(
                     ready = 0.0 if s == S - 1 else bwd_arrival[s].get(mb)
                     dur = st.backward_s
                 else:
-                    ready, dur = 0.0, st.allreduce_s
+                    ready, dur = 0.0, st.allreduce_s + st.tie_allreduce_s
                 if ready is None:
                     break
                 start = max(free[i], ready)
@@ -222,7 +227,7 @@ def stages_from_plan(plan: Plan | Mapping[str, Any], source: str = "plan.json") 
             out.append(SimStage(
                 forward_s=c.forward_s, backward_s=c.backward_s, replicas=st.replicas, ranks=st.ranks,
                 output_bytes=c.output_bytes, link_bandwidth=c.link_bandwidth, link_latency=c.link_latency,
-                allreduce_s=c.allreduce_s, parameter_bytes=c.parameter_bytes, stash_bytes=c.stash_bytes,
+                allreduce_s=c.allreduce_s, tie_allreduce_s=c.tie_allreduce_s, parameter_bytes=c.parameter_bytes, stash_bytes=c.stash_bytes,
             ))
         elif st.compute_s is not None:  # a hand-written plan: forward ≈ one third of the step, as in most profiles
             comp = st.compute_s

@@ -34,7 +34,31 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from pipeshift.errors import PipeshiftError
 from pipeshift.graph import Graph
+
+
+def tied_parameters(graph: Graph, node_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The parameters several of ``node_ids`` hold (node meta ``shared_parameters``: name → bytes,
+    recorded by the profiler): a (T, n) holder mask and each one's bytes. A tie held by only one
+    of the planned nodes costs nothing extra and is left out."""
+    holders: dict[str, list[int]] = {}
+    size: dict[str, float] = {}
+    for i, nid in enumerate(node_ids):
+        shared = (graph[nid].meta or {}).get("shared_parameters") or {}
+        if not isinstance(shared, dict) or not all(
+                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                for k, v in shared.items()):
+            raise PipeshiftError(f"profile.json: node {nid}: 'shared_parameters' must map parameter names to "
+                                 f"byte counts, got {shared!r:.80}")
+        for name, nbytes in shared.items():
+            holders.setdefault(name, []).append(i)
+            size[name] = max(size.get(name, 0.0), float(nbytes))
+    tied = [name for name, nodes in holders.items() if len(nodes) > 1]
+    mask = np.zeros((len(tied), len(node_ids)), dtype=bool)
+    for t, name in enumerate(tied):
+        mask[t, holders[name]] = True
+    return mask, np.array([size[name] for name in tied], dtype=np.float64)
 
 
 @dataclasses.dataclass
@@ -53,6 +77,9 @@ class GraphArrays:
     parameter: np.ndarray
     stash: np.ndarray
     base: np.ndarray  # nodes pinned before every cut (raw inputs)
+    # tied parameters (profile.json's ``shared_parameters``): which nodes hold each, its bytes
+    tie_nodes: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0), dtype=bool))  # (T, n)
+    tie_bytes: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))  # (T,)
 
     @property
     def n(self) -> int:
@@ -110,6 +137,7 @@ class GraphArrays:
         base_mask = np.zeros(n, dtype=bool)
         for nid in base:
             base_mask[index[nid]] = True
+        tie_nodes, tie_bytes = tied_parameters(graph, node_ids)
         return cls(
             node_ids=list(node_ids),
             adj=adj,
@@ -119,6 +147,8 @@ class GraphArrays:
             parameter=col(lambda nd: nd.parameter_size),
             stash=col(stash_of),
             base=base_mask,
+            tie_nodes=tie_nodes,
+            tie_bytes=tie_bytes,
         )
 
     def closure(self) -> np.ndarray:
