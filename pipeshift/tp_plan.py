@@ -56,6 +56,8 @@ class TPPlan:
     modules: Mapping[str, str]
     source: str
     notes: tuple[str, ...] = ()
+    # graph nodes that are whole modules holding sharded layers (see :func:`with_leaves`)
+    leaves: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
 
     def sharded(self) -> dict[str, str]:
         return {f: s for f, s in self.modules.items() if s in SHARDING_STYLES}
@@ -328,8 +330,33 @@ def resolve(model: nn.Module, gm: torch.fx.GraphModule | None, user: Mapping[str
                   tuple(notes))
 
 
+def with_leaves(plan: TPPlan, model: nn.Module, gm: torch.fx.GraphModule) -> TPPlan:
+    """``plan`` with, for every graph node that is a whole module holding sharded layers (a
+    decoder block the capture kept as one node), the share of its weights those layers hold
+    and how many of them are row-parallel (each ends in an all-reduce): what the planner needs
+    to price a block it cannot see into."""
+    sharded = plan.sharded()
+    leaves: dict[str, dict[str, float]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or str(node.target) in plan.modules:
+            continue
+        fqn = str(node.target)
+        inside = {f: st for f, st in sharded.items() if f.startswith(fqn + ".")}
+        if not inside:
+            continue
+        block = model.get_submodule(fqn)
+        total = sum(p.numel() for p in block.parameters())
+        split = sum(p.numel() for f in inside for p in model.get_submodule(f).parameters())
+        leaves[fqn] = {"sharded_fraction": split / total if total else 0.0,
+                       "row_parallel": float(sum(1 for st in inside.values() if st.startswith("rowwise")))}
+    return dataclasses.replace(plan, leaves=leaves)
+
+
 def to_json(plan: TPPlan) -> dict[str, Any]:
-    return {"source": plan.source, "modules": dict(sorted(plan.modules.items()))}
+    out: dict[str, Any] = {"source": plan.source, "modules": dict(sorted(plan.modules.items()))}
+    if plan.leaves:
+        out["leaves"] = {k: dict(v) for k, v in sorted(plan.leaves.items())}
+    return out
 
 
 def dumps(plan: TPPlan) -> str:

@@ -138,3 +138,24 @@ def test_conf_json_tensor_parallel_fields_are_checked(tmp_path) -> None:
                          ({"stage_to_tp_degree": {"0": 2}, "tp_plan": {}}, "shards nothing")]:
         with pytest.raises(InputFileError, match=message):
             parse_tensor_parallel(bad, path, ranks)
+
+
+def test_a_block_kept_whole_records_its_sharded_share() -> None:
+    """A traced block left as one node (a decoder layer under a leaf policy) carries the share of
+    its weights the plan shards and its row-parallel count, for the planner to price it."""
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, Block) or super().is_leaf_module(m, qualname)
+
+    model = nn.Sequential(Block(), nn.Linear(16, 16))
+    gm = torch.fx.GraphModule(model, Tracer().trace(model))
+    plan = T.with_leaves(T.TPPlan(T.expand({"0.attn.*": "colwise", "0.attn.o": "rowwise", "0.up": "colwise",
+                                            "0.gate": "colwise", "0.down": "rowwise"}, model, strict=True), "test"),
+                         model, gm)
+    block = model[0]
+    split = sum(p.numel() for m in (block.attn.q, block.attn.k, block.attn.v, block.attn.o, block.up, block.gate,
+                                    block.down) for p in m.parameters())
+    want = split / sum(p.numel() for p in block.parameters())
+    assert plan.leaves == {"0": {"sharded_fraction": pytest.approx(want), "row_parallel": 2.0}}
+    assert T.to_json(plan)["leaves"]["0"]["row_parallel"] == 2.0

@@ -182,7 +182,13 @@ def _with_tp_plan(opt: PlanOptions, profile: dict[str, Any], graph, graph_path: 
     if not isinstance(modules, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in modules.items()):
         raise InputFileError(str(side), None, "--tp needs the 'tp_plan' that `pipeshift profile` records "
                                               "(an object {\"modules\": {FQN: style}}); re-run profile")
-    opt = dataclasses.replace(opt, tp=dataclasses.replace(opt.tp, modules=modules))
+    leaves = recorded.get("leaves", {}) if isinstance(recorded, dict) else {}
+    if not isinstance(leaves, dict) or not all(
+            isinstance(v, dict) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v.values())
+            for v in leaves.values()):
+        raise InputFileError(str(side), None, "tp_plan.leaves must be an object {FQN: {\"sharded_fraction\": "
+                                              "number, \"row_parallel\": number}}")
+    opt = dataclasses.replace(opt, tp=dataclasses.replace(opt.tp, modules=modules, leaves=leaves))
     return with_tp_nodes(graph, planning_graph(graph, opt.cost_model), opt)
 
 

@@ -43,7 +43,12 @@ slowest slot type in a replica group sets the group's pace.
 fastest. Per node, a layer the TP plan shards (profile.json's ``tp_plan``) takes
 ``time / (t · efficiency)`` (its matrix products split evenly; ``--tp-efficiency`` is the
 fraction of that ideal reached) and holds ``1/t`` of its weights, gradients and optimizer state;
-every other node of the stage is computed whole on each rank of the group. Each row-parallel
+every other node of the stage is computed whole on each rank of the group. A node that is a
+whole block holding sharded layers (a decoder layer kept as one graph node) is split in the
+proportion of its weights that are sharded (profile.json's ``tp_plan.leaves``). Activations
+held per microbatch in flight are ``1/t`` where they are shards: what a node saves between a
+column-parallel layer and its row-parallel partner (and the row-parallel layer's input); a
+block's in the proportion of its sharded weights; everything else whole on every rank. Each row-parallel
 layer adds its pair's all-reduces of its output (one forward after it, one backward before the
 column-parallel layers; serving: forward only), a ring all-reduce over t on the TP link
 (``--tp-bandwidth``/``--tp-latency``, default the innermost level's). A TP group crosses a
@@ -168,6 +173,7 @@ class TPArrays:
     degrees: tuple[int, ...]
     times: np.ndarray  # (T, S+1, S) seconds per microbatch on one TP group (slowest-worker speed applied)
     params: np.ndarray  # (T, S+1, S) parameter bytes each worker of the group holds
+    held: np.ndarray  # (T, S+1, S) activation bytes each worker holds per microbatch in flight
 
 
 class PipeshiftLevel:
@@ -253,7 +259,7 @@ class PipeshiftLevel:
         time = self._stage_time(tp.times[k][rows, cols][..., None], par, groups, rows, cols)
         if cut is not None:
             time = np.maximum(time, self.schedule.directions * (self.latency + cut / self.bandwidth)[..., None] / groups)
-        fits = self._fits(par, self.stash[rows, cols][..., None], downstream, groups)
+        fits = self._fits(par, tp.held[k][rows, cols][..., None], downstream, groups)
         return np.where(ok & fits, time, INF)
 
     def best_tp(self, row: int, end: int, slots: int, first: bool) -> int:

@@ -50,28 +50,50 @@ class TPOptions:
 
     degrees: tuple[int, ...] = (1,)
     modules: Mapping[str, str] = dataclasses.field(default_factory=dict)  # profile.json's tp_plan: FQN -> style
+    # profile.json's tp_plan "leaves": a graph node that is a whole module holding sharded layers
+    # (a decoder block kept as one node) -> {"sharded_fraction": of its weights, "row_parallel": layers}
+    leaves: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
     bandwidth: float | None = None  # bytes/s of a TP group's link (None: the innermost level's)
     latency: float | None = None
     efficiency: float = 1.0  # fraction of the ideal 1/t a sharded node reaches
-    # per planning-graph node, filled by the planner: sharded?, bytes all-reduced per microbatch
+    # per planning-graph node, filled by the planner: the fraction of its weights and work that is
+    # sharded, the fraction of its held activations that is, bytes all-reduced per microbatch
     shard: np.ndarray | None = dataclasses.field(default=None, compare=False)
+    held_shard: np.ndarray | None = dataclasses.field(default=None, compare=False)
     allreduce_bytes: np.ndarray | None = dataclasses.field(default=None, compare=False)
 
     @property
     def active(self) -> bool:
         return any(t > 1 for t in self.degrees)
 
-    def node_time_s(self, base_s: np.ndarray, t: int, level_bw: float, level_lat: float) -> np.ndarray:
-        """Seconds per microbatch of every node at degree t: shards' share plus their all-reduces."""
+    @staticmethod
+    def _split(values: np.ndarray, fraction: np.ndarray | None, divisor: float) -> np.ndarray:
+        if fraction is None:
+            return values
+        return values * (1.0 - fraction) + values * fraction / divisor
+
+    def node_time_s(self, base_s: np.ndarray, t: int, level_bw: float, level_lat: float,
+                    ids: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """Seconds per microbatch of nodes ``ids`` at degree t: shards' share plus their all-reduces."""
         if t == 1:
             return base_s
+        assert self.shard is not None and self.allreduce_bytes is not None
         bw = self.bandwidth or level_bw
         lat = level_lat if self.latency is None else self.latency
-        ring = 2.0 * (t - 1) / t * self.allreduce_bytes / bw + np.where(self.allreduce_bytes > 0, 2.0 * (t - 1) * lat, 0.0)
-        return np.where(self.shard, base_s / (t * self.efficiency), base_s) + ring
+        nbytes = self.allreduce_bytes[ids]
+        ring = 2.0 * (t - 1) / t * nbytes / bw + np.where(nbytes > 0, 2.0 * (t - 1) * lat, 0.0)
+        return self.node_compute(base_s, t, ids) + ring
 
-    def node_params(self, params: np.ndarray, t: int) -> np.ndarray:
-        return np.where(self.shard, params / t, params) if t > 1 else params
+    def node_compute(self, base_s: np.ndarray, t: int, ids: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """The compute alone: the sharded share of each node at ``1 / (t · efficiency)``."""
+        return self._split(base_s, None if self.shard is None else self.shard[ids], t * self.efficiency)
+
+    def node_params(self, params: np.ndarray, t: int, ids: np.ndarray | slice = slice(None)) -> np.ndarray:
+        return self._split(params, None if self.shard is None else self.shard[ids], t) if t > 1 else params
+
+    def node_held(self, held: np.ndarray, t: int, ids: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """Bytes a microbatch in flight holds per rank of the group: a shard's share where activations are split."""
+        return self._split(held, None if self.held_shard is None else self.held_shard[ids], t) if t > 1 else held
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,16 +246,39 @@ def _solve_pipedream(g: GraphArrays, states: StateSpace, topo: Topology, opt: Pl
 
 def _tp_arrays(g: GraphArrays, states: StateSpace, valid: np.ndarray, opt: PlanOptions, level, speed: float,
                dups: list[np.ndarray]) -> ps_cost.TPArrays:
-    """Range sums of node time and per-worker parameters at every allowed TP degree (innermost level);
-    ``dups``: per degree, the tied bytes a range's node sums count twice."""
+    """Range sums of node time, per-worker parameters and held activations at every allowed TP
+    degree (innermost level); ``dups``: per degree, the tied bytes a range's node sums count twice."""
     members = states.members.astype(np.float64)
     base = opt.compute_ms(g) / 1000.0
-    times, params = [], []
+    times, params, held = [], [], []
     for t, dup in zip(opt.tp.degrees, dups):
         times.append(_range_sums(members @ opt.tp.node_time_s(base, t, level.bandwidth, level.latency), valid,
                                  np.inf) / speed)
         params.append(_range_sums(members @ opt.tp.node_params(g.parameter, t), valid, 0.0) - dup)
-    return ps_cost.TPArrays(tuple(opt.tp.degrees), np.stack(times), np.stack(params))
+        held.append(_range_sums(members @ opt.tp.node_held(opt.held_bytes(g), t), valid, 0.0))
+    return ps_cost.TPArrays(tuple(opt.tp.degrees), np.stack(times), np.stack(params), np.stack(held))
+
+
+def _sharded_activations(g: GraphArrays, styles: list[str | None], serving: bool) -> np.ndarray:
+    """Which nodes' held activations are shards (1) on a TP rank, from the graph's column/row pairs.
+
+    A column-parallel layer's output is a shard, and so is everything computed from it before a
+    row-parallel layer (activations, attention per head): those nodes save shards. A
+    row-parallel layer saves its (sharded) input and outputs a whole tensor again; a
+    column-parallel one saves its whole input. Training holds what a node saves, serving its
+    output: the column-parallel layer's output counts there, the row-parallel one's does not.
+    """
+    col = np.array([s is not None and s.startswith("colwise") and s not in ("colwise_rep", "colwise_gather_output")
+                    for s in styles])
+    row = np.array([s is not None and s.startswith("rowwise") for s in styles])
+    inside = np.zeros(g.n, dtype=bool)
+    todo = list(np.flatnonzero(col))
+    while todo:
+        for b in np.flatnonzero(g.adj[todo.pop()]):
+            if not inside[b] and not row[b] and not col[b]:
+                inside[b] = True
+                todo.append(b)
+    return (inside | (col if serving else row)).astype(np.float64)
 
 
 def with_tp_nodes(graph: Graph, g: GraphArrays, opt: PlanOptions) -> PlanOptions:
@@ -251,18 +296,31 @@ def with_tp_nodes(graph: Graph, g: GraphArrays, opt: PlanOptions) -> PlanOptions
     if not tp.modules:
         raise PipeshiftError("--tp: profile.json records no TP plan (nothing to shard); re-run `pipeshift profile` "
                              "(it records the model's own plan or the generic rule; --tp-plan sets one)")
-    shard = np.zeros(g.n, dtype=bool)
+    shard = np.zeros(g.n)
     allreduce = np.zeros(g.n)
+    directions = 1.0 if opt.serving else 2.0
+    styles: list[str | None] = []
+    leaf = np.zeros(g.n)
     for i, nid in enumerate(g.node_ids):
-        style = tp.modules.get(str((graph[nid].meta or {}).get("fqn", "")))
+        fqn = str((graph[nid].meta or {}).get("fqn", ""))
+        style = tp.modules.get(fqn)
+        styles.append(style if style in SHARDING_STYLES else None)
         if style in SHARDING_STYLES:
-            shard[i] = True
+            shard[i] = 1.0
             if not style.startswith("colwise") or style in ("colwise_rep", "colwise_gather_output"):
                 # the pair's all-reduce (or the gather) of this node's whole output
-                allreduce[i] = g.activation[i] * (1.0 if opt.serving else 2.0)
+                allreduce[i] = g.activation[i] * directions
+        elif fqn in tp.leaves:
+            # a block kept whole: its sharded layers' share of its weights (and so of its matrix
+            # work and, as a model, of what it holds); each row-parallel layer inside all-reduces
+            # a tensor the size of the block's output (a residual stream)
+            share = tp.leaves[fqn]
+            shard[i] = leaf[i] = min(max(float(share.get("sharded_fraction", 0.0)), 0.0), 1.0)
+            allreduce[i] = g.activation[i] * directions * float(share.get("row_parallel", 0))
     if not shard.any():
         raise PipeshiftError("--tp: none of the graph's nodes is a module the TP plan shards")
-    return dataclasses.replace(opt, tp=dataclasses.replace(tp, shard=shard, allreduce_bytes=allreduce))
+    held = np.maximum(_sharded_activations(g, styles, opt.serving), leaf)
+    return dataclasses.replace(opt, tp=dataclasses.replace(tp, shard=shard, held_shard=held, allreduce_bytes=allreduce))
 
 
 def _solve_pipeshift(g: GraphArrays, states: StateSpace, topo: Topology, opt: PlanOptions,

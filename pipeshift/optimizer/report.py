@@ -149,15 +149,13 @@ def _tp_stage(st: Any, nodes: list[Any], index: dict[str, int], result: PlanResu
     t, tp = st.tp, opt.tp
     assert tp.shard is not None
     level = topo.levels[0]
-    ids = [index[n.node_id] for n in nodes if n.node_id in index]
+    ids = np.array([index[n.node_id] for n in nodes if n.node_id in index], dtype=np.int64)
     g = result.arrays
-    shard = tp.shard[ids]
-    split = np.where(shard, 1.0 / (t * tp.efficiency), 1.0)
-    f = float((g.forward_ms[ids] * split).sum()) / 1000.0
-    b = 0.0 if opt.serving else float((g.backward_ms[ids] * split).sum()) / 1000.0
-    comm = float(tp.node_time_s(np.zeros(len(ids)), t, level.bandwidth, level.latency).sum())  # the rings alone
-    params = float(tp.node_params(g.parameter[ids], t).sum())
-    shard_fqns = int(shard.sum())
+    f = float(tp.node_compute(g.forward_ms[ids], t, ids).sum()) / 1000.0
+    b = 0.0 if opt.serving else float(tp.node_compute(g.backward_ms[ids], t, ids).sum()) / 1000.0
+    comm = float(tp.node_time_s(np.zeros(len(ids)), t, level.bandwidth, level.latency, ids).sum())  # the rings alone
+    params = float(tp.node_params(g.parameter[ids], t, ids).sum())
+    shard_fqns = int(np.count_nonzero(tp.shard[ids]))
     return f, b, params, {"tp_allreduce_s": comm, "tp_sharded_nodes": shard_fqns,
                           "tp_bandwidth_bytes_per_s": tp.bandwidth or level.bandwidth}
 

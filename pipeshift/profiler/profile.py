@@ -19,6 +19,7 @@ from torch import nn
 from pipeshift.tp_plan import TPPlan
 from pipeshift.tp_plan import resolve as resolve_tp_plan
 from pipeshift.tp_plan import to_json as tp_plan_json
+from pipeshift.tp_plan import with_leaves as with_tp_leaves
 from pipeshift.errors import PipeshiftError
 from pipeshift.graph.capture import CapturedGraph, LeafPolicy, capture, to_graph
 from pipeshift.graph.ir import Graph
@@ -233,7 +234,7 @@ def _profile(
     what = spec.callable if spec is not None else type(model).__name__
     _check_runs(model, inputs, what)
     captured = capture(model, inputs, policy)
-    tp_plan = resolve_tp_plan(model, captured.gm, tp_rules)
+    tp_plan = with_tp_leaves(resolve_tp_plan(model, captured.gm, tp_rules), model, captured.gm)
     runner = GroupRunner(captured)
     saved = saved_bytes_per_node(model, runner, inputs)
     clock = clock_for(dev)
