@@ -37,7 +37,7 @@ from pipeshift.runtime.comm import _META_LEN as _META_ROW
 from pipeshift.runtime.comm import ACT, GRAD, Communicator, PendingRecv, TensorMeta
 from pipeshift.runtime.metrics import COMM, COMPUTE, Tracer
 from pipeshift.runtime.stage import Stage, StageEntry
-from pipeshift.runtime.tp import TensorParallel, dp_groups, local, tp_groups
+from pipeshift.runtime.tp import TensorParallel, dp_groups, local, make_tp_groups
 from pipeshift.runtime.ties import Tie, TieSync
 from pipeshift.runtime.topology import LOSS, TARGET, Topology, build_topology
 
@@ -167,15 +167,12 @@ class Pipeline:
             if any(len(r) > 1 for r in topo.stage_ranks):
                 raise PipeshiftError("replicated or tensor-parallel stages need torch.distributed to be initialised")
             return None, None
-        tp, replica_group = None, None
         timeout = _timedelta(self.comm.timeout_s)
+        tp = make_tp_groups(topo.stage_ranks, [topo.tp_degree(s) for s in range(topo.num_stages)], self.rank,
+                            self.device, timeout)
+        replica_group = None
         for s, ranks in enumerate(topo.stage_ranks):
             t = topo.tp_degree(s)
-            if t > 1:
-                for group_ranks in tp_groups(ranks, t):
-                    group = dist.new_group(group_ranks, timeout=timeout)
-                    if self.rank in group_ranks:
-                        tp = TensorParallel(group_ranks, self.rank, group, self.device)
             if len(ranks) > t:
                 for group_ranks in dp_groups(ranks, t):
                     group = dist.new_group(group_ranks, timeout=timeout)

@@ -80,6 +80,23 @@ def dp_groups(ranks: Sequence[int], degree: int) -> list[list[int]]:
     return [[g[i] for g in groups] for i in range(degree)]
 
 
+def make_tp_groups(stage_ranks: Sequence[Sequence[int]], degrees: Sequence[int], rank: int, device: torch.device,
+                   timeout: Any) -> TensorParallel | None:
+    """Create every stage's TP groups (a collective over the world: every rank calls this in one
+    order) and return this rank's, or None when its stage is not tensor-parallel."""
+    import torch.distributed as dist
+
+    mine = None
+    for ranks, t in zip(stage_ranks, degrees):
+        if t <= 1:
+            continue
+        for group_ranks in tp_groups(ranks, t):
+            group = dist.new_group(group_ranks, timeout=timeout)
+            if rank in group_ranks:
+                mine = TensorParallel(group_ranks, rank, group, device)
+    return mine
+
+
 def check_shardable(module: nn.Module, fqn: str, style: str, degree: int, where: str) -> None:
     """A clear error before DTensor's own, for a style that does not fit the module."""
     if not is_sharding(style) and style != "sequence_parallel":

@@ -232,13 +232,13 @@ def _serve(args: argparse.Namespace, info) -> int:
         if pkg.world_size != info.world_size:
             raise PipeshiftError(f"{pkg.path / 'conf.json'}: the stages use {pkg.world_size} ranks but "
                                  f"{info.world_size} were started (pipeshift serve --local {pkg.world_size})")
-        if pkg.tp_degrees and info.rank == args.frontend_rank:
-            print("pipeshift serve: note: tensor-parallel stages are served unsharded, each rank of a TP group as a "
-                  "replica of the whole stage (outputs are the same; serving does not shard yet)", file=sys.stderr)
         if not 0 <= args.frontend_rank < info.world_size:
             raise PipeshiftError(f"--frontend-rank {args.frontend_rank}: the job has ranks 0..{info.world_size - 1}")
-        built = _build(pkg, info.rank, args.init_from,
-                       bool(args.repartition_at or args.allow_repartition or args.policy == "auto"))
+        switches = bool(args.repartition_at or args.allow_repartition or args.policy == "auto")
+        if pkg.tp_degrees and switches:
+            raise PipeshiftError(f"{pkg.path / 'conf.json'}: tensor-parallel stages cannot repartition while "
+                                 "serving (drop --repartition-at/--allow-repartition/--policy auto)")
+        built = _build(pkg, info.rank, args.init_from, switches)
         if args.policy == "auto" and info.rank == args.frontend_rank:
             policy = _policy(args, pkg)
         config = {"package": pkg.digest(), "world_size": info.world_size, "frontend_rank": args.frontend_rank,
@@ -257,7 +257,11 @@ def _serve(args: argparse.Namespace, info) -> int:
     worker = StageWorker(info.rank, entries, module_to_stage, pkg.stage_to_rank, frontend=args.frontend_rank,
                          link=wire.Link(info.rank, mailbox, args.timeout, who), device=info.device,
                          timeout_s=args.timeout, repartitioner=repartitioner, slowdowns=_slowdowns(args.slowdown),
-                         source=str(pkg.path / "conf.json"))
+                         source=str(pkg.path / "conf.json"), tp_degrees=pkg.tp_degrees, tp_plan=pkg.tp_plan)
+    if worker.tp is not None and worker.tp.is_leader:
+        from pipeshift.runtime.tp import describe_sharding
+
+        print(f"pipeshift serve: {describe_sharding(worker)}", file=sys.stderr, flush=True)
     if info.rank != args.frontend_rank:
         worker.run()
         return 0

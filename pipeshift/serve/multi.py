@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -184,6 +185,11 @@ def _build(name: str, stages: str, weights: str | None, rank: int):
     local = package_entries(pkg, bundle.model, NoLoss(), rank, weights)
     routing = build_routing([(ins, outs) for _, ins, outs in local.entries], pkg.module_to_stage, pkg.stage_to_rank,
                             source=f"model {name}: {pkg.path / 'conf.json'}")
+    if pkg.tp_degrees and rank == 0:
+        # residency swaps whole per-rank copies in and out; shards of a TP group would have to move together
+        print(f"pipeshift serve: note: model {name}: with several models, tensor-parallel stages are served "
+              "unsharded (each rank of a TP group as a replica of the stage; outputs are the same)",
+              file=sys.stderr, flush=True)
     built = SimpleNamespace(name=name, pkg=pkg, bundle=bundle, entries=local.entries, routing=routing,
                             aliases=tensor_aliases(bundle.model), weights=weights)
     built.bytes_per_rank = bytes_per_rank(built)  # now: a shard built over these tensors empties them

@@ -5,13 +5,14 @@ too; serving drops both. The package's last entry is the criterion reading
 ``[output, …, "target"]``: its other inputs are the model's outputs, which go back to the
 front end from whichever stage makes them. Raw inputs come from the front end to every stage
 that reads them. Batch ``b`` of stage ``s`` runs on replica ``b % replicas(s)``, so both ends of
-every transfer know their peer without asking (as in training).
+every transfer know their peer without asking (as in training); a replica of a tensor-parallel
+stage is its TP group, whose first rank talks to the others.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from pipeshift.errors import PipeshiftError
 from pipeshift.runtime.topology import TARGET, Topology, build_topology
@@ -46,14 +47,24 @@ class Routing:
     def rank_for(self, stage: int, batch: int) -> int:
         return self.topology.rank_for(stage, batch)
 
+    def group_for(self, stage: int, batch: int) -> list[int]:
+        """The ranks of ``stage`` that compute ``batch``: one rank, or a whole TP group (leader first)."""
+        leader = self.rank_for(stage, batch)
+        ranks = self.stage_ranks[stage]
+        start = ranks.index(leader)
+        return list(ranks[start:start + self.topology.tp_degree(stage)])
+
     def ranks_for(self, batch: int) -> list[int]:
-        """The rank of every stage that runs ``batch``."""
-        return [self.rank_for(s, batch) for s in range(self.num_stages)]
+        """Every rank that runs ``batch`` (all of a TP group: its ranks compute together)."""
+        return [r for s in range(self.num_stages) for r in self.group_for(s, batch)]
 
 
 def build_routing(io: Sequence[tuple[Sequence[str], Sequence[str]]], module_to_stage: Sequence[int],
-                  stage_ranks, source: str = "conf.json") -> Routing:
-    topo = build_topology(io, module_to_stage, stage_ranks, source=source)  # checks the contract
+                  stage_ranks, source: str = "conf.json", tp_degrees: Mapping[int, int] | None = None) -> Routing:
+    """``tp_degrees``: a TP stage's group computes each batch together and only its first rank
+    (the leader, :meth:`Topology.rank_for`) receives and sends; None serves every rank of a
+    stage as a replica of it."""
+    topo = build_topology(io, module_to_stage, stage_ranks, source=source, tp_degrees=tp_degrees)
     io = [(tuple(i), tuple(o)) for i, o in io]
     crit = len(io) - 1
     outputs = tuple(n for n in io[crit][0] if n != TARGET)

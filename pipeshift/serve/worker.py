@@ -9,6 +9,10 @@ this batch), runs its modules under ``torch.inference_mode``, and sends on. A ba
 rejects (or that arrived as a skip) travels on as a skip with the reason, so every downstream
 rank and the front end stay in step and every request gets its answer.
 
+A tensor-parallel stage (:mod:`pipeshift.serve.tp`) runs sharded on its TP group: the group's
+leader receives and sends as a plain stage rank does, and shares each batch's inputs with the
+rest of the group, which computes with it and sends nothing.
+
 A switch reuses training's mechanism (:class:`~pipeshift.runtime.repartition.Repartitioner`):
 this object offers the executor interface it needs (``comm``, ``stage``, ``optimizer``,
 ``rebuild``); a forward-only stage has no optimizer state, so only weights move.
@@ -19,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -29,6 +33,7 @@ from pipeshift.runtime.comm import Communicator, PeerError
 from pipeshift.runtime.stage import Stage, StageEntry
 from pipeshift.serve import wire
 from pipeshift.serve.routing import FRONTEND, Routing, build_routing
+from pipeshift.serve.tp import GroupInputs, tp_group
 
 
 def first_line(e: BaseException) -> str:
@@ -42,7 +47,8 @@ class StageWorker:
     def __init__(self, rank: int, entries: Sequence[StageEntry], module_to_stage: Sequence[int], stage_ranks,
                  *, frontend: int, link: wire.Link, device: torch.device, timeout_s: float,
                  repartitioner: Any = None, slowdowns: Sequence[tuple[int, float, int]] = (),
-                 source: str = "conf.json"):
+                 source: str = "conf.json", tp_degrees: Mapping[int, int] | None = None,
+                 tp_plan: Mapping[str, str] | None = None):
         self.rank = rank
         self.frontend = frontend
         self.link = link
@@ -56,15 +62,38 @@ class StageWorker:
         self.prepared: tuple[str, Any] | None = None  # (plan text, Repartitioner.prepare's result)
         self.comm = Communicator(rank, stage_of=lambda r: self.routing.stage_of(r), tags={}, device=device,
                                  timeout_s=timeout_s)
+        # tensor-parallel stages (serve/tp.py): the groups exist before any stage is sharded
+        self.tp_degrees = {s: t for s, t in (tp_degrees or {}).items() if t > 1}
+        self.tp_plan = dict(tp_plan or {})
+        self.tp = None
+        self.group_inputs: GroupInputs | None = None
+        self.tp_applied: list[tuple[str, str]] = []
+        if self.tp_degrees:
+            if repartitioner is not None:
+                raise PipeshiftError("tensor-parallel stages cannot repartition while serving (a switch would "
+                                     "move shards); serve a package for the new plan instead")
+            stages = build_routing([(i, o) for _, i, o in entries], module_to_stage, stage_ranks,
+                                   source=source).stage_ranks
+            self.tp = tp_group(stages, self.tp_degrees, rank, device, timeout_s)
+            if self.tp is not None:
+                self.group_inputs = GroupInputs(self.tp, timeout_s, link.who)
         self._build(entries, module_to_stage, stage_ranks, source)
 
     # -- the executor interface a Repartitioner uses ----------------------------------------
 
     def _build(self, entries, module_to_stage, stage_ranks, source: str) -> None:
         io = [(ins, outs) for _, ins, outs in entries]
-        self.routing: Routing = build_routing(io, module_to_stage, stage_ranks, source=source)
+        self.routing: Routing = build_routing(io, module_to_stage, stage_ranks, source=source,
+                                              tp_degrees=self.tp_degrees or None)
         self.stage_id = self.routing.stage_of(self.rank)
-        self.stage = Stage(self.stage_id, [entries[i] for i in self.routing.modules[self.stage_id]], self.device)
+        self.replica = self.routing.topology.replica_of(self.rank)
+        mine = [entries[i] for i in self.routing.modules[self.stage_id]]
+        if self.tp is not None:
+            self.tp_applied = self.tp.shard([m for m, _, _ in mine], self.tp_plan,
+                                            f"stage {self.stage_id} (tensor-parallel degree {self.tp.degree})")
+        self.stage = Stage(self.stage_id, mine, self.device, tp=self.tp)
+        s = self.stage_id
+        self._inputs = [n for names in self.routing.inbound[s].values() for n in names]
         self.stage.train(False)
         params = list(self.stage.params.values()) or [torch.nn.Parameter(torch.empty(0))]
         self.optimizer = torch.optim.SGD(params, lr=0.0)  # holds no state: nothing of it moves
@@ -103,7 +132,8 @@ class StageWorker:
         r, s = self.routing, self.stage_id
         env: dict[str, torch.Tensor] = {}
         skip: str | None = None
-        for src, names in r.inbound[s].items():
+        talks = self.tp is None or self.tp.is_leader  # the rest of a TP group hears from its leader
+        for src, names in (r.inbound[s] if talks else {}).items():
             if src == FRONTEND:
                 msg = self.link.recv(self.frontend, wire.RAW)
             else:
@@ -118,6 +148,10 @@ class StageWorker:
                                 f"expected {list(names)}")
             else:
                 env.update((n, t.to(self.device, non_blocking=True)) for n, t in zip(names, msg.tensors))
+        if self.group_inputs is not None:
+            skip = self.group_inputs.share(b, self._inputs, env, skip)
+            if not talks:
+                env = {n: t.to(self.device, non_blocking=True) for n, t in env.items()}
         t0 = time.perf_counter()
         if skip is None:
             try:
@@ -131,6 +165,9 @@ class StageWorker:
             time.sleep((factor - 1.0) * elapsed)
         self.compute_s += time.perf_counter() - t0
         self.batches += 1
+
+        if not talks:
+            return  # the leader sends the group's (identical) outputs
 
         def message(names: Sequence[str]) -> wire.Message:
             if skip is not None:
