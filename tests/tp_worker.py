@@ -8,7 +8,10 @@ Ranks 0-3 run one stage of the tiny Llama as 2 replicas × TP degree 2. Each ran
    to the replicas, shard-wise all-reduce over the replicas) against single-process gradient
    accumulation,
 
-and writes the largest relative errors to ``OUT/rankR.json``.
+and writes the largest relative errors to ``OUT/rankR.json``. Given a second package (two stages ×
+TP 2 over the same ranks), it then trains it with gpipe and with 1f1b (:data:`SCHEDULES`, two
+microbatches of 2 per minibatch), and each TP group's leader saves its stage's full weights to
+``OUT/SCHEDULE_stageS.pt`` for the test to compare with single-process references.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+
+SCHEDULES = (("gpipe", 2), ("1f1b", 3))  # schedule, minibatches
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -81,6 +87,22 @@ def main() -> None:
         report["per_weight"] = {n: rel(t, ref_state[n]) for n, t in mine.items()}
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{rank}.json").write_text(json.dumps(report))
+
+    # 3. the other schedules on two stages × TP 2, each from fresh weights: the leaders save their stage
+    if len(sys.argv) > 3:
+        staged = load_stage_package(Path(sys.argv[3]))
+        for schedule, steps in SCHEDULES:
+            fresh = staged.bundle()
+            two = Pipeline(rank, staged.module.model(fresh.criterion(), fresh.model), staged.module_to_stage,
+                           staged.stage_to_rank, schedule=schedule, microbatches=2,
+                           optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+                           tp_degrees=staged.tp_degrees, tp_plan=staged.tp_plan, timeout_s=60)
+            feed = fresh.data(2, "train", 0)
+            minibatches = [next(feed) for _ in range(2 * steps)]
+            two.run(two.actions(steps), lambda mb, mbs=minibatches: mbs[mb], train=True)
+            state = two.stage.full_state_dict()
+            if two.tp is not None and two.tp.is_leader:
+                torch.save(state, out / f"{schedule}_stage{two.stage_id}.pt")
     dist.barrier()
     dist.destroy_process_group()
 
