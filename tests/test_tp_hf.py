@@ -44,6 +44,8 @@ def test_hf_llama_profile_plan_tp_codegen_train(tmp_path: Path) -> None:
     run_cli("codegen", str(tmp_path / "plan"), "-o", str(tmp_path / "stages"))
     conf = json.loads((tmp_path / "stages" / "conf.json").read_text())
     assert conf["stage_to_tp_degree"] == {str(s): 2 for s in range(len(plan.stages))}
+    # the capture keeps each decoder layer as one node; its projections are sharded all the same
+    assert conf["tp_plan"] == recorded["modules"]
 
     args = ["--schedule", "flush", "--microbatches", "2", "--steps", "2", "--batch-size", "4", "--lr", "0.1",
             "--momentum", "0.9", *flags, "--checkpoint-dir", str(tmp_path / "ck")]

@@ -235,8 +235,13 @@ def stage_tp_plan(plan: Plan, lay: Layout, model: nn.Module, rules: dict[str, st
     tp_stages = {st.stage_id for st in plan.stages if st.tp > 1}
     keep = {}
     for n in lay.captured.gm.graph.nodes:
-        if n.op == "call_module" and str(n.target) in tp.modules and stage_of.get(n.name) in tp_stages:
-            keep[str(n.target)] = tp.modules[str(n.target)]
+        if n.op != "call_module" or stage_of.get(n.name) not in tp_stages:
+            continue
+        target = str(n.target)
+        if target in tp.modules:
+            keep[target] = tp.modules[target]
+        # a block the capture kept whole (a decoder layer): its sharded layers, pairs and all, are in this stage
+        keep.update((f, style) for f, style in tp.modules.items() if f.startswith(target + "."))
     check_pairs_within(lay.captured.gm, keep, stage_of)
     return TPPlan(keep, tp.source, tp.notes)
 
