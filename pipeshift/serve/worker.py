@@ -31,6 +31,7 @@ import torch
 from pipeshift.errors import PipeshiftError
 from pipeshift.runtime.comm import Communicator, PeerError
 from pipeshift.runtime.stage import Stage, StageEntry
+from pipeshift.runtime.tp import TensorParallel
 from pipeshift.serve import wire
 from pipeshift.serve.routing import FRONTEND, Routing, build_routing
 from pipeshift.serve.tp import GroupInputs, tp_group
@@ -65,7 +66,7 @@ class StageWorker:
         # tensor-parallel stages (serve/tp.py): the groups exist before any stage is sharded
         self.tp_degrees = {s: t for s, t in (tp_degrees or {}).items() if t > 1}
         self.tp_plan = dict(tp_plan or {})
-        self.tp = None
+        self.tp: TensorParallel | None = None
         self.group_inputs: GroupInputs | None = None
         self.tp_applied: list[tuple[str, str]] = []
         if self.tp_degrees:
