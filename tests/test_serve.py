@@ -1,7 +1,8 @@
 """Serving: outputs equal the unsplit model, back-pressure, a dead rank, repartitioning under load, metrics.
 
-Two servers of a tiny GPT: ``--local 3`` (three stages, its last rank slowed so that a burst
-overflows the queue, a bearer token; its last test kills a rank) and ``--local 2`` (two stages,
+Two servers of a tiny GPT: ``--local 4 --frontend-rank 3`` (three stages and a front end on a
+rank of its own, the last stage's rank slowed so that a burst overflows the queue, a bearer
+token; its last test kills a rank) and ``--local 2`` (two stages,
 switching to another cut under load). Every expected output is the unsplit model's forward on
 the same inputs, computed here.
 """
@@ -41,8 +42,10 @@ def three(tmp_path_factory, nodes):
     d = tmp_path_factory.mktemp("serve3")
     n = len(nodes)
     pkg = package(d, GPT, [n // 3, 2 * n // 3], [[0], [1], [2]], nodes)
-    server = Server(d, pkg, 3, ["--max-batch", str(MAX_BATCH), "--max-body-bytes", "100000", "--queue", "16",
-                                "--inflight", "2", "--timeout", "20", "--slowdown", "2:60"], token="s3cret")
+    # the front end on a rank of its own (rank 3, no stage); the two-stage server keeps it on rank 0
+    server = Server(d, pkg, 4, ["--frontend-rank", "3", "--max-batch", str(MAX_BATCH), "--max-body-bytes", "100000",
+                                "--queue", "16", "--inflight", "2", "--timeout", "20", "--slowdown", "2:60"],
+                    token="s3cret")
     yield server
     server.close()
 
@@ -211,7 +214,7 @@ def test_metrics_parse(three):
     batches = [s for s in families["pipeshift_serve_batch_size"].samples if s.name.endswith("_count")]
     assert batches and batches[0].value >= 1
     ranks = {s.labels["rank"] for s in families["pipeshift_serve_stage_compute_seconds"].samples}
-    assert ranks == {"0", "1", "2"}
+    assert ranks == {"0", "1", "2"}  # the stage ranks; the front end's own rank runs none
     assert "pipeshift_serve_queue_depth" in families and "pipeshift_serve_request_latency_seconds" in families
 
 

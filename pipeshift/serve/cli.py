@@ -41,7 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rank", type=int, default=None, help="explicit launch: this process's rank")
     g.add_argument("--world-size", type=int, default=None, help="explicit launch: number of ranks")
     g.add_argument("--dist-addr", default=None, help="explicit launch: HOST:PORT where rank 0 listens")
-    g.add_argument("--frontend-rank", type=int, default=0, help="the rank that serves HTTP (default 0)")
+    g.add_argument("--frontend-rank", type=int, default=0,
+                   help="the rank that serves HTTP (default 0); one past the package's last rank: a front-end "
+                        "process of its own, with no stage (start one rank more)")
     g.add_argument("--timeout", type=float, default=30.0,
                    help="seconds without an answer from a rank before it counts as dead (default %(default)s)")
     g.add_argument("--threads", type=int, default=None, help="torch intra-op threads per rank")
@@ -66,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-delay-ms", type=float, default=5.0,
                    help="wait at most this long after a batch's first request for more (default %(default)s)")
     g.add_argument("--queue", type=int, default=64, help="requests waiting at most; more get 503 (default %(default)s)")
-    g.add_argument("--inflight", type=int, default=None, help="batches in the pipeline at once (default: 2 x ranks)")
+    g.add_argument("--inflight", type=int, default=None, help="batches in the pipeline at once (default: 2 x stage ranks)")
     g = p.add_argument_group("repartitioning while serving (needs a package written by `pipeshift codegen`)")
     g.add_argument("--allow-repartition", action="store_true",
                    help="keep every layer on every rank so that POST /v1/admin/repartition can switch plans")
@@ -191,6 +193,7 @@ def _serve_rank(args: argparse.Namespace) -> int:
         if args.package is not None:  # several models: the job's size is --local's or torchrun's
             conf = Path(args.package) / "conf.json"
             expected = sum(len(r) for r in parse_conf(read_json_object(conf, "conf.json of the stage package"), conf)[1].values())
+            expected += args.frontend_rank == expected  # a front end of its own: one rank more
     except PipeshiftError:
         pass  # reported by the start-up agreement, on every rank
     launched = args.rank is not None or "RANK" in os.environ
@@ -224,20 +227,32 @@ def _serve(args: argparse.Namespace, info) -> int:
     from pipeshift.runtime.package import load_stage_package
     from pipeshift.runtime.trainer import agree
     from pipeshift.serve import wire
-    from pipeshift.serve.worker import StageWorker
+    from pipeshift.serve.routing import build_routing
+    from pipeshift.serve.worker import FrontendOnly, StageWorker
 
     error, pkg, built, config, policy = None, None, None, {}, None
     try:
         pkg = load_stage_package(args.package)
-        if pkg.world_size != info.world_size:
-            raise PipeshiftError(f"{pkg.path / 'conf.json'}: the stages use {pkg.world_size} ranks but "
-                                 f"{info.world_size} were started (pipeshift serve --local {pkg.world_size})")
-        if not 0 <= args.frontend_rank < info.world_size:
-            raise PipeshiftError(f"--frontend-rank {args.frontend_rank}: the job has ranks 0..{info.world_size - 1}")
+        if not 0 <= args.frontend_rank <= pkg.world_size:
+            raise PipeshiftError(f"--frontend-rank {args.frontend_rank}: the stages run on ranks "
+                                 f"0..{pkg.world_size - 1}, and {pkg.world_size} gives the front end a rank of its own")
+        own = args.frontend_rank == pkg.world_size
+        if pkg.world_size + own != info.world_size:
+            alone = f" and the front end rank {pkg.world_size}" if own else ""
+            raise PipeshiftError(f"{pkg.path / 'conf.json'}: the stages use {pkg.world_size} ranks{alone} but "
+                                 f"{info.world_size} were started (pipeshift serve --local {pkg.world_size + own}"
+                                 f"{f' --frontend-rank {pkg.world_size}' if own else ''})")
         switches = bool(args.repartition_at or args.allow_repartition or args.policy == "auto")
         if pkg.tp_degrees and switches:
             raise PipeshiftError(f"{pkg.path / 'conf.json'}: tensor-parallel stages cannot repartition while "
                                  "serving (drop --repartition-at/--allow-repartition/--policy auto)")
+        if own and pkg.tp_degrees:
+            raise PipeshiftError(f"--frontend-rank {args.frontend_rank} (a front end without a stage) does not serve "
+                                 "tensor-parallel stages yet: put the front end on a stage rank")
+        if own and switches:
+            raise PipeshiftError(f"--frontend-rank {args.frontend_rank} (a front end without a stage) cannot "
+                                 "repartition yet: leave out --allow-repartition, --repartition-at and --policy auto, "
+                                 "or put the front end on a stage rank")
         built = _build(pkg, info.rank, args.init_from, switches)
         if args.policy == "auto" and info.rank == args.frontend_rank:
             policy = _policy(args, pkg)
@@ -252,16 +267,23 @@ def _serve(args: argparse.Namespace, info) -> int:
     stage_of = {r: s for s, ranks in pkg.stage_to_rank.items() for r in ranks}
 
     def who(rank: int) -> str:
-        return f"rank {rank} (stage {stage_of[rank]})" if rank in stage_of else f"rank {rank}"
+        return f"rank {rank} (stage {stage_of[rank]})" if rank in stage_of else f"rank {rank} (the front end)"
 
-    worker = StageWorker(info.rank, entries, module_to_stage, pkg.stage_to_rank, frontend=args.frontend_rank,
-                         link=wire.Link(info.rank, mailbox, args.timeout, who), device=info.device,
-                         timeout_s=args.timeout, repartitioner=repartitioner, slowdowns=_slowdowns(args.slowdown),
-                         source=str(pkg.path / "conf.json"), tp_degrees=pkg.tp_degrees, tp_plan=pkg.tp_plan)
-    if worker.tp is not None and worker.tp.is_leader:
-        from pipeshift.runtime.tp import describe_sharding
+    link = wire.Link(info.rank, mailbox, args.timeout, who)
+    worker: StageWorker | FrontendOnly
+    if info.rank in stage_of:
+        worker = StageWorker(info.rank, entries, module_to_stage, pkg.stage_to_rank, frontend=args.frontend_rank,
+                             link=link, device=info.device, timeout_s=args.timeout, repartitioner=repartitioner,
+                             slowdowns=_slowdowns(args.slowdown), source=str(pkg.path / "conf.json"),
+                             tp_degrees=pkg.tp_degrees, tp_plan=pkg.tp_plan)
+        if worker.tp is not None and worker.tp.is_leader:
+            from pipeshift.runtime.tp import describe_sharding
 
-        print(f"pipeshift serve: {describe_sharding(worker)}", file=sys.stderr, flush=True)
+            print(f"pipeshift serve: {describe_sharding(worker)}", file=sys.stderr, flush=True)
+    else:
+        routing = build_routing([(ins, outs) for _, ins, outs in entries], module_to_stage, pkg.stage_to_rank,
+                                source=str(pkg.path / "conf.json"))
+        worker = FrontendOnly(info.rank, routing, frontend=args.frontend_rank, link=link)
     if info.rank != args.frontend_rank:
         worker.run()
         return 0
@@ -430,8 +452,9 @@ def _frontend(args, info, pkg, bundle, worker, mailbox, who, policy) -> int:
     from pipeshift.serve.http import build_app
     from pipeshift.serve.metrics import ServeMetrics
 
+    stage_ranks = {r for ranks in pkg.stage_to_rank.values() for r in ranks}
     cfg = Config(max_batch=args.max_batch, max_delay_s=args.max_delay_ms / 1000.0, queue_size=args.queue,
-                 inflight=args.inflight or 2 * info.world_size, timeout_s=args.timeout)
+                 inflight=args.inflight or 2 * len(stage_ranks), timeout_s=args.timeout)
     frontend = Frontend(info.rank, info.world_size, worker, mailbox, cfg, who=who)
     frontend.forced = _forced(args.repartition_at)
     frontend.policy = policy

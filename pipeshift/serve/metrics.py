@@ -33,6 +33,8 @@ class _RankCollector:
                                    "time a rank waited for messages, cumulative", labels=["stage", "rank"])
         batches = CounterMetricFamily("pipeshift_serve_stage_batches", "batches a rank ran", labels=["stage", "rank"])
         for rank, d in sorted(info.items()):
+            if d.get("stage") is None:  # a front end of its own: no stage to report
+                continue
             labels = [str(d.get("stage", "")), str(rank)]
             compute.add_metric(labels, float(d.get("compute_s", 0.0)))
             wait.add_metric(labels, float(d.get("wait_s", 0.0)))

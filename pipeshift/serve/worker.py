@@ -203,3 +203,39 @@ class StageWorker:
         report = self.repartitioner.switch(self, plan, where=where)
         self.switches.append(report)
         return report
+
+
+class FrontendOnly:
+    """The loop of a rank that runs no stage: a front end of its own.
+
+    A stage sharing a process with the HTTP server waits for the interpreter lock after every
+    operator whenever the HTTP thread is busy, so under load its forward runs several times
+    slower than alone. ``--frontend-rank`` one past the package's last rank gives the front end
+    a process of its own; this loop is that rank's side of the control stream, so pings, readiness
+    and stopping work exactly as on a stage rank. It never receives a batch.
+    """
+
+    repartitioner = None
+    stage_id = None
+
+    def __init__(self, rank: int, routing: Routing, *, frontend: int, link: wire.Link):
+        self.rank = rank
+        self.routing = routing
+        self.frontend = frontend
+        self.link = link
+
+    def counters(self) -> dict[str, Any]:
+        return {"rank": self.rank, "stage": None, "pid": os.getpid(), "compute_s": 0.0, "wait_s": 0.0,
+                "batches": 0, "switches": 0}
+
+    def run(self) -> None:
+        while True:
+            msg = self.link.recv(self.frontend, wire.CTRL)
+            if msg.kind == wire.PING:
+                self.link.send(wire.Message(wire.PONG, msg.batch, text=json.dumps(self.counters())),
+                               self.frontend, wire.PONGS)
+            elif msg.kind == wire.STOP:
+                return
+            else:
+                raise PeerError(f"rank {self.rank} runs no stage but got a {wire.KIND_NAMES.get(msg.kind, msg.kind)} "
+                                f"control message")
