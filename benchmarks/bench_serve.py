@@ -10,6 +10,10 @@ batching (``--max-batch``, ``--max-delay-ms``):
   (``-n 2 --straight-pipeline``), one thread per rank;
 * **--local 2, replicated**: the DP's own choice on two workers (``-n 2``): serving replicates
   for free, so one stage on both ranks — data-parallel serving.
+* each layout again with the front end on a rank of its own (``--local N+1 --frontend-rank N``):
+  the HTTP server and batcher in a process without a stage, so no stage's forward waits for the
+  interpreter lock the HTTP thread holds. "one stage + front-end rank" is the one-process model
+  with only that change, so the pipeline's own gain reads off the rows below it.
 
 For each: the saturation throughput (closed loop, ``--concurrency`` clients), then an open loop
 (Poisson arrivals, ``pipeshift loadtest --rate``) at 50 % and 90 % of that throughput for
@@ -53,14 +57,19 @@ def prepare(work: Path, args: argparse.Namespace) -> dict[str, Path]:
 
 
 class Served:
-    def __init__(self, work: Path, pkg: Path, ranks: int, threads: int, args: argparse.Namespace):
-        port_file = work / f"port-{pkg.name}-{threads}.txt"
+    def __init__(self, work: Path, pkg: Path, ranks: int, threads: int, args: argparse.Namespace,
+                 own_frontend: bool = False):
+        label = f"{pkg.name}-{threads}{'-fe' if own_frontend else ''}"
+        port_file = work / f"port-{label}.txt"
         port_file.unlink(missing_ok=True)
-        self.cmd = [PY, "-m", "pipeshift", "serve", str(pkg), "--local", str(ranks), "--threads", str(threads),
+        # a front end of its own: one rank more than the package's, numbered after its last
+        placement = ["--local", str(ranks + 1), "--frontend-rank", str(ranks)] if own_frontend else \
+            ["--local", str(ranks)]
+        self.cmd = [PY, "-m", "pipeshift", "serve", str(pkg), *placement, "--threads", str(threads),
                     "--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms),
                     "--queue", "4096", "--port", "0", "--port-file", str(port_file)]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-        self.log = open(work / f"serve-{pkg.name}-{threads}.log", "w")
+        self.log = open(work / f"serve-{label}.log", "w")
         self.proc = subprocess.Popen(self.cmd, cwd=work, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.monotonic() + 300
@@ -86,6 +95,17 @@ class Served:
         self.log.close()
 
 
+def mean_batch(url: str) -> float:
+    """Samples per batch so far, from the server's own histogram (how well requests were batched)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = {s.name: s.value for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)
+              for s in f.samples if s.name.startswith("pipeshift_serve_batch_size")}
+    count = values.get("pipeshift_serve_batch_size_count", 0.0)
+    return values.get("pipeshift_serve_batch_size_sum", 0.0) / count if count else float("nan")
+
+
 def measure(served: Served, args: argparse.Namespace) -> dict:
     load(served.url, concurrency=args.concurrency, requests=args.warmup)  # warm-up
     sats = []
@@ -93,7 +113,7 @@ def measure(served: Served, args: argparse.Namespace) -> dict:
         summary, _ = load(served.url, concurrency=args.concurrency, requests=args.requests)
         sats.append(summary.throughput)
     saturation = Spread.of(sats)
-    out = {"saturation": saturation}
+    out = {"saturation": saturation, "batch": mean_batch(served.url)}
     for frac in (0.5, 0.9):
         summary, _ = load(served.url, rate=frac * saturation.median, duration=args.duration, seed=1)
         out[frac] = summary
@@ -120,17 +140,21 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     load_before = load_average()
     pkgs = prepare(work, args)
-    runs = [("one process, 1 thread", pkgs["one"], 1, 1), ("one process, 2 threads", pkgs["one"], 1, 2),
-            ("pipelined, --local 2", pkgs["pipelined"], 2, 1), ("--local 2, replicated", pkgs["replicated"], 2, 1)]
+    runs = [("one process, 1 thread", pkgs["one"], 1, 1, False), ("one process, 2 threads", pkgs["one"], 1, 2, False),
+            ("one stage + front-end rank", pkgs["one"], 1, 1, True),
+            ("pipelined, --local 2", pkgs["pipelined"], 2, 1, False),
+            ("pipelined + front-end rank", pkgs["pipelined"], 2, 1, True),
+            ("--local 2, replicated", pkgs["replicated"], 2, 1, False),
+            ("replicated + front-end rank", pkgs["replicated"], 2, 1, True)]
     results, commands = [], []
-    for label, pkg, ranks, threads in runs:
-        served = Served(work, pkg, ranks, threads, args)
+    for label, pkg, ranks, threads, own in runs:
+        served = Served(work, pkg, ranks, threads, args, own_frontend=own)
         try:
             results.append((label, measure(served, args)))
             commands.append((label, shlex.join(served.cmd[2:])))
         finally:
             served.close()
-    best_one = max(r["saturation"].median for label, r in results if label.startswith("one"))
+    best_one = max(r["saturation"].median for label, r in results if label.startswith("one process"))
     one_p50 = next(r[0.5].p50_s for label, r in results if label == "one process, 1 thread")
 
     def ms(v: float | None) -> str:
@@ -139,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for label, r in results:
         sat = r["saturation"]
-        rows.append([label, sat.format(lambda x: f"{x:.0f}"), f"{sat.median / best_one:.2f}x",
+        rows.append([label, sat.format(lambda x: f"{x:.0f}"), f"{sat.median / best_one:.2f}x", f"{r['batch']:.1f}",
                      ms(r[0.5].p50_s), ms(r[0.5].p99_s), ms(r[0.9].p50_s), ms(r[0.9].p99_s),
                      f"{r[0.5].p99_s / one_p50:.2f}x" if r[0.5].p99_s and one_p50 else "–"])
     print(f"MLP width {args.width}, depth {args.depth}; --max-batch {args.max_batch} --max-delay-ms "
@@ -147,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
           f"× {args.repeats}; 50 %/90 %: Poisson arrivals for {args.duration:g} s. Load average {load_before:.1f} "
           f"before, {load_average():.1f} after.\n")
     print(markdown_table(["served as", "saturation req/s, median (min–max)", "vs best one-process",
-                          "p50 ms @50%", "p99 ms @50%", "p50 ms @90%", "p99 ms @90%",
-                          "p99 @50% / one-process p50 @50%"], rows, right=range(1, 8)))
+                          "samples per batch", "p50 ms @50%", "p99 ms @50%", "p50 ms @90%", "p99 ms @90%",
+                          "p99 @50% / one-process p50 @50%"], rows, right=range(1, 9)))
     print("\nCommands (in the work directory):\n")
     for label, cmd in commands:
         print(f"* {label}: `{cmd}`")

@@ -11,6 +11,8 @@ request the server lists in ``GET /v1/models``. Prints requests, seconds, throug
 with status 200 per second), p50/p90/p99 latency of the 200s and the count of every status
 (``error``: no HTTP answer at all); ``--csv`` writes one row per request. Only loopback
 addresses unless ``--allow-remote``; everything is bounded (``--max-outstanding``, ``--timeout``).
+The requests go out through aiohttp: a generator on the server's own cores must cost little, and
+httpx's async client spent about ten times aiohttp's CPU per request here (5.1–5.6 ms against 0.55).
 """
 
 from __future__ import annotations
@@ -110,31 +112,38 @@ def endpoint(url: str, allow_remote: bool) -> tuple[str, str]:
     return base, path
 
 
-async def _one(client, path: str, body: bytes, headers: dict[str, str], index: int, t0: float) -> Result:
-    import httpx
+async def _one(session, url: str, body: bytes, headers: dict[str, str], index: int, t0: float) -> Result:
+    import aiohttp
 
     start = time.perf_counter()
     try:
-        response = await client.post(path, content=body, headers=headers)
-        status: int | str = response.status_code
-    except httpx.HTTPError:
+        async with session.post(url, data=body, headers=headers) as response:
+            await response.read()
+            status: int | str = response.status
+    except (aiohttp.ClientError, asyncio.TimeoutError):
         status = "error"
     return Result(index, start - t0, time.perf_counter() - start, status)
 
 
+def _session(connections: int, timeout: float):
+    """An aiohttp client: its per-request work is a fraction of httpx's, and the load generator shares the
+    server's cores, so every cycle it spends is one the server under test does not get."""
+    import aiohttp
+
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections, force_close=False),
+                                 timeout=aiohttp.ClientTimeout(total=timeout))
+
+
 async def closed_loop(base: str, path: str, body: bytes, headers: dict[str, str], concurrency: int,
                       requests: int, timeout: float) -> tuple[list[Result], float]:
-    import httpx
-
     results: list[Result] = []
     counter = iter(range(requests))
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base, timeout=timeout, limits=limits) as client:
+    async with _session(concurrency, timeout) as session:
         t0 = time.perf_counter()
 
         async def client_loop() -> None:
             for index in counter:
-                results.append(await _one(client, path, body, headers, index, t0))
+                results.append(await _one(session, base + path, body, headers, index, t0))
 
         await asyncio.gather(*(client_loop() for _ in range(concurrency)))
         return results, time.perf_counter() - t0
@@ -142,16 +151,13 @@ async def closed_loop(base: str, path: str, body: bytes, headers: dict[str, str]
 
 async def open_loop(base: str, path: str, body: bytes, headers: dict[str, str], rate: float, duration: float,
                     seed: int, timeout: float, max_outstanding: int) -> tuple[list[Result], float]:
-    import httpx
-
     rng = random.Random(seed)
     arrivals, t = [], rng.expovariate(rate)
     while t < duration:
         arrivals.append(t)
         t += rng.expovariate(rate)
     gate = asyncio.Semaphore(max_outstanding)
-    limits = httpx.Limits(max_connections=max_outstanding, max_keepalive_connections=min(max_outstanding, 256))
-    async with httpx.AsyncClient(base_url=base, timeout=timeout, limits=limits) as client:
+    async with _session(max_outstanding, timeout) as session:
         t0 = time.perf_counter()
 
         async def fire(index: int, at: float) -> Result:
@@ -159,7 +165,7 @@ async def open_loop(base: str, path: str, body: bytes, headers: dict[str, str], 
             if delay > 0:
                 await asyncio.sleep(delay)
             async with gate:
-                return await _one(client, path, body, headers, index, t0)
+                return await _one(session, base + path, body, headers, index, t0)
 
         results = await asyncio.gather(*(fire(i, at) for i, at in enumerate(arrivals)))
         return list(results), time.perf_counter() - t0
