@@ -48,6 +48,16 @@ CONFIGS = {
     "llama-untied": lambda: transformers.LlamaConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=256, max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0),
+    "mistral": lambda: transformers.MistralConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=256, max_position_embeddings=64, sliding_window=8, tie_word_embeddings=False, bos_token_id=0,
+        eos_token_id=0),
+    "qwen2": lambda: transformers.Qwen2Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=256, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0),
+    "t5": lambda: transformers.T5Config(
+        d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=4, vocab_size=256,
+        dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
     "bert": lambda: transformers.BertConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=256,
         max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
@@ -55,7 +65,8 @@ CONFIGS = {
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=8,
         patch_size=4, num_channels=1, num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
 }
-TASKS = {"gpt2": "causal-lm", "llama": "causal-lm", "llama-untied": "causal-lm", "bert": "seq-cls", "vit": "image-cls"}
+TASKS = {"gpt2": "causal-lm", "llama": "causal-lm", "llama-untied": "causal-lm", "mistral": "causal-lm",
+         "qwen2": "causal-lm", "t5": "seq2seq-lm", "bert": "seq-cls", "vit": "image-cls"}
 
 
 def model_dir(root: Path, name: str, **overrides) -> Path:
@@ -97,6 +108,21 @@ def labelled_text(root: Path) -> list[str]:
     return ["--data", "pipeshift.data:tensor_file", "--data-arg", f"path={root / 'docs.safetensors'}"]
 
 
+def continuations(root: Path) -> list[str]:
+    """Real text-to-text pairs: a window of this repository's documentation, and the window after it
+    (the decoder reads that target shifted right, from token 0, as T5's ``labels=`` would)."""
+    from safetensors.torch import save_file
+
+    tokens = torch.frombuffer(bytearray(corpus(root / "corpus.txt").read_bytes()), dtype=torch.uint8).long()
+    g = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, len(tokens) - 2 * SEQ, (300,), generator=g)
+    source = torch.stack([tokens[s:s + SEQ] for s in starts.tolist()])
+    target = torch.stack([tokens[s + SEQ:s + 2 * SEQ] for s in starts.tolist()])
+    decoder = torch.cat([torch.zeros(len(target), 1, dtype=torch.long), target[:, :-1]], dim=1)
+    save_file({"input0": source, "input1": decoder, "target": target}, root / "pairs.safetensors")
+    return ["--data", "pipeshift.data:tensor_file", "--data-arg", f"path={root / 'pairs.safetensors'}"]
+
+
 def digit_images(root: Path) -> list[str]:
     """Real images: scikit-learn's 8x8 handwritten digits."""
     from safetensors.torch import save_file
@@ -109,8 +135,9 @@ def digit_images(root: Path) -> list[str]:
     return ["--data", "pipeshift.data:tensor_file", "--data-arg", f"path={root / 'digits.safetensors'}"]
 
 
-DATA = {"gpt2": text_data, "llama": text_data, "llama-untied": text_data, "bert": labelled_text, "vit": digit_images}
-LOSS = {"causal-lm": "pipeshift.losses:causal_lm", "seq-cls": "torch.nn:CrossEntropyLoss",
+DATA = {"gpt2": text_data, "llama": text_data, "llama-untied": text_data, "mistral": text_data, "qwen2": text_data,
+        "t5": continuations, "bert": labelled_text, "vit": digit_images}
+LOSS = {"causal-lm": "pipeshift.losses:causal_lm", "seq2seq-lm": "pipeshift.losses:causal_lm", "seq-cls": "torch.nn:CrossEntropyLoss",
         "image-cls": "torch.nn:CrossEntropyLoss"}
 
 
@@ -318,6 +345,40 @@ def test_without_the_tie_all_reduce_the_copies_drift_apart(gpt2, tmp_path: Path)
     assert relative_error(got["transformer.wte.weight"], want.transformer.wte.weight) > 1e-3
 
 
+def test_gpt2_tie_survives_switches_that_move_its_holders(gpt2, tmp_path: Path) -> None:
+    """Flush on 3 ranks with two switches: the head moves to another stage (replicated on two
+    ranks), then both holders move to other ranks. The weights end equal to single-process
+    training of the tied model, and the export keeps the tie."""
+    plan3 = json.loads((gpt2["plan3"] / "plan.json").read_text())
+    nodes = [st["nodes"] for st in plan3["stages"]]
+
+    def switch(name: str, groups: list[list[int]], ranks: list[list[int]]) -> Path:
+        stages = [{"stage_id": k, "nodes": [n for s in group for n in nodes[s]], "replicas": len(r), "ranks": r}
+                  for k, (group, r) in enumerate(zip(groups, ranks))]
+        doc = {**plan3, "graph": str((gpt2["plan3"] / plan3["graph"]).resolve()), "stages": stages}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(doc))
+        return path
+
+    head_moves = switch("P1", [[0], [1, 2]], [[0], [1, 2]])  # lm_head: stage 2 → stage 1, on ranks 1 and 2
+    both_move = switch("P2", [[0], [1], [2]], [[2], [0], [1]])  # wte: rank 0 → 2; lm_head: ranks 1, 2 → 1
+    pkg = gpt2["stages3"]
+    train_ranks(tmp_path, pkg, 3, "--schedule", "flush", "--microbatches", "2", "--steps", "3", "--batch-size", "4",
+                "--lr", "0.1", "--momentum", "0.9", *gpt2["flags"], "--checkpoint-dir", str(tmp_path / "ck"),
+                "--repartition-at", f"1:{head_moves}", "--repartition-at", f"2:{both_move}")
+    log = [json.loads(line) for line in (tmp_path / "out" / "repartitions.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["event"] == "repartition"] == [1, 2]
+    where = ckpt.resolve(tmp_path / "ck")
+    meta = ckpt.read_meta(where)
+    assert meta["tied_parameters"] == [{"lm_head.weight": [2], "transformer.wte.weight": [0]}]
+    got = ckpt.assemble_state_dict(ckpt.stage_files(where, meta), where, meta["tied_parameters"])
+    spec = ModelSpec.from_json(plan3["model"])
+    want = reference(spec, gpt2["flags"], steps=3, m=2, b=4, lr=0.1, momentum=0.9)
+    for key, value in want.state_dict().items():
+        assert relative_error(got[key], value) <= 1e-5 or float((got[key] - value).abs().max()) <= 1e-7, key
+    assert got["lm_head.weight"] is got["transformer.wte.weight"]
+
+
 # -- generated stages: shapes and modes not baked in ---------------------------------------------
 
 
@@ -353,7 +414,11 @@ def test_gpt2_stages_run_at_other_shapes_and_follow_the_mode(gpt2) -> None:
 
 # -- the model matrix (slow: `pytest -m slow tests/test_hf.py`) -----------------------------------
 
-TIED = {"llama": [{"lm_head.weight": [1], "model.embed_tokens.weight": [0]}], "llama-untied": [], "bert": [], "vit": []}
+TIED = {"llama": [{"lm_head.weight": [1], "model.embed_tokens.weight": [0]}], "llama-untied": [], "mistral": [],
+        "qwen2": [{"lm_head.weight": [1], "model.embed_tokens.weight": [0]}], "bert": [], "vit": [],
+        # T5's one embedding: the encoder's and the decoder's input, and the head
+        "t5": [{"decoder.embed_tokens.weight": [0], "encoder.embed_tokens.weight": [0], "lm_head.weight": [1],
+                "shared.weight": [1]}]}
 
 
 @pytest.mark.slow
@@ -370,9 +435,11 @@ def test_model_end_to_end(name: str, tmp_path: Path) -> None:
             m.eval()
         assert all("input0" not in ins for _m, ins, _o in stages[1:])
         for batch, seq in ((4, SEQ), (3, 2 * SEQ)):
-            x = torch.randn(batch, 1, 8, 8) if name == "vit" else torch.randint(0, 256, (batch, seq))
+            x = (torch.randn(batch, 1, 8, 8),) if name == "vit" else (torch.randint(0, 256, (batch, seq)),)
+            if name == "t5":  # a decoder input of another length than the encoder's
+                x = (*x, torch.randint(0, 256, (batch, seq - 3)))
             with torch.no_grad():
-                assert torch.allclose(chain(stages, x), model(x), atol=1e-5), (n, batch, seq)
+                assert torch.allclose(chain(stages, *x), model(*x), atol=1e-5), (n, batch, seq)
     pkg = prepared["stages2"]
     assert json.loads((pkg / "conf.json").read_text()).get("tied_parameters", []) == TIED[name]
     results = flush_train(prepared, tmp_path, pkg, "--eval-steps", "2")

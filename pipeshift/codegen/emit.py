@@ -30,7 +30,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from pipeshift.codegen.partition import CodegenError, Layout, StageLayout, Structure, Flow, leaf_count
+from pipeshift.codegen.partition import NONE, CodegenError, Flow, Layout, StageLayout, Structure, leaf_count
 from pipeshift.codegen.support import FQN_RE
 from pipeshift.graph.capture import describe
 
@@ -412,6 +412,8 @@ def pack(t: Flow) -> str:
         if structure is None:
             name = next(leaves)
             return (name or "None", name is not None)
+        if structure == NONE:
+            return ("None", False)
         kind, children = structure
         parts = [build(c, leaves) for c in children]
         if not any(present for _, present in parts):
@@ -435,6 +437,8 @@ def unpack(t: Flow) -> str:
     def target(structure: Structure, leaves: Iterator[str | None]) -> str:
         if structure is None:
             return next(leaves) or "_"
+        if structure == NONE:
+            return "_"
         items = [target(c, leaves) for c in structure[1]]
         return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
 

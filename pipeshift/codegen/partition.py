@@ -34,6 +34,7 @@ from pipeshift.plan import Plan
 # The shape of a group's value: None for a tensor, (kind, children) for a tuple/list. ``kind``
 # is "tuple", "list", or the qualified name of a torch.return_types structseq.
 Structure = Any
+NONE: Structure = ("none", ())  # a None inside a tuple value: no tensor, no leaf
 
 
 class CodegenError(PipeshiftError):
@@ -87,8 +88,12 @@ class Layout:
 
 # -- value structure -------------------------------------------------------------------
 def _structure(value: Any, where: str) -> Structure:
+    """``None`` for a tensor; ``(kind, children)`` for a tuple or list; ``NONE`` for a ``None``
+    inside one (a constant: nothing is sent for it, the receiver writes ``None``)."""
     if torch.is_tensor(value):
         return None
+    if value is None:
+        return NONE
     if isinstance(value, (tuple, list)):
         cls = type(value)
         if cls is tuple:

@@ -159,10 +159,12 @@ def trace_with_fallback(
 
 # -- grouping --------------------------------------------------------------------------
 def _is_tensorish(value: Any) -> bool:
+    """A tensor, or a (nested) tuple/list of tensors; ``None`` may fill places (T5's blocks return
+    ``(hidden, position_bias, None)``) as long as some tensor is there."""
     if torch.is_tensor(value):
         return True
     if isinstance(value, (tuple, list)) and value:
-        return all(_is_tensorish(v) for v in value)
+        return all(v is None or _is_tensorish(v) for v in value) and any(v is not None for v in value)
     return False
 
 
