@@ -345,35 +345,33 @@ def test_without_the_tie_all_reduce_the_copies_drift_apart(gpt2, tmp_path: Path)
     assert relative_error(got["transformer.wte.weight"], want.transformer.wte.weight) > 1e-3
 
 
-def test_gpt2_tie_survives_switches_that_move_its_holders(gpt2, tmp_path: Path) -> None:
-    """Flush on 3 ranks with two switches: the head moves to another stage (replicated on two
-    ranks), then both holders move to other ranks. The weights end equal to single-process
-    training of the tied model, and the export keeps the tie."""
+def test_gpt2_tie_survives_a_switch_that_moves_both_holders(gpt2, tmp_path: Path) -> None:
+    """Flush on 3 ranks, one switch after step 1: the head moves to another stage (replicated on
+    two ranks) and the embedding to another rank. The weights end equal to single-process
+    training of the tied model, and the tie is one tensor in the re-assembled state."""
+    from test_runtime import finish, start_ranks
+
     plan3 = json.loads((gpt2["plan3"] / "plan.json").read_text())
     nodes = [st["nodes"] for st in plan3["stages"]]
-
-    def switch(name: str, groups: list[list[int]], ranks: list[list[int]]) -> Path:
-        stages = [{"stage_id": k, "nodes": [n for s in group for n in nodes[s]], "replicas": len(r), "ranks": r}
-                  for k, (group, r) in enumerate(zip(groups, ranks))]
-        doc = {**plan3, "graph": str((gpt2["plan3"] / plan3["graph"]).resolve()), "stages": stages}
-        path = tmp_path / f"{name}.json"
-        path.write_text(json.dumps(doc))
-        return path
-
-    head_moves = switch("P1", [[0], [1, 2]], [[0], [1, 2]])  # lm_head: stage 2 → stage 1, on ranks 1 and 2
-    both_move = switch("P2", [[0], [1], [2]], [[2], [0], [1]])  # wte: rank 0 → 2; lm_head: ranks 1, 2 → 1
-    pkg = gpt2["stages3"]
-    train_ranks(tmp_path, pkg, 3, "--schedule", "flush", "--microbatches", "2", "--steps", "3", "--batch-size", "4",
-                "--lr", "0.1", "--momentum", "0.9", *gpt2["flags"], "--checkpoint-dir", str(tmp_path / "ck"),
-                "--repartition-at", f"1:{head_moves}", "--repartition-at", f"2:{both_move}")
+    # wte: stage 0 on rank 0 -> stage 0 on rank 2; lm_head: stage 2 on rank 2 -> stage 1 on ranks 0 and 1
+    stages = [{"stage_id": 0, "nodes": nodes[0], "replicas": 1, "ranks": [2]},
+              {"stage_id": 1, "nodes": nodes[1] + nodes[2], "replicas": 2, "ranks": [0, 1]}]
+    switch = tmp_path / "switch.json"
+    switch.write_text(json.dumps({**plan3, "graph": str((gpt2["plan3"] / plan3["graph"]).resolve()), "stages": stages}))
+    args = ["--schedule", "flush", "--microbatches", "4", "--steps", "2", "--batch-size", "4", "--lr", "0.1",
+            "--momentum", "0.9", *gpt2["flags"], "--checkpoint-dir", str(tmp_path / "ck"),
+            "--repartition-at", f"1:{switch}", "--timeout", "120"]
+    # three ranks each capturing GPT-2 (torch.export) share two cores: a longer limit than the default
+    results = finish(start_ranks(tmp_path, gpt2["stages3"], 3, args), limit=400)
+    for r, (rc, _o, e) in enumerate(results):
+        assert rc == 0, f"rank {r} exited {rc}:\n{e[-3000:]}"
     log = [json.loads(line) for line in (tmp_path / "out" / "repartitions.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log if r["event"] == "repartition"] == [1, 2]
+    assert [r["step"] for r in log if r["event"] == "repartition"] == [1]
     where = ckpt.resolve(tmp_path / "ck")
     meta = ckpt.read_meta(where)
-    assert meta["tied_parameters"] == [{"lm_head.weight": [2], "transformer.wte.weight": [0]}]
+    assert meta["tied_parameters"] == [{"lm_head.weight": [1], "transformer.wte.weight": [0]}]
     got = ckpt.assemble_state_dict(ckpt.stage_files(where, meta), where, meta["tied_parameters"])
-    spec = ModelSpec.from_json(plan3["model"])
-    want = reference(spec, gpt2["flags"], steps=3, m=2, b=4, lr=0.1, momentum=0.9)
+    want = reference(ModelSpec.from_json(plan3["model"]), gpt2["flags"], steps=2, m=4, b=4, lr=0.1, momentum=0.9)
     for key, value in want.state_dict().items():
         assert relative_error(got[key], value) <= 1e-5 or float((got[key] - value).abs().max()) <= 1e-7, key
     assert got["lm_head.weight"] is got["transformer.wte.weight"]
