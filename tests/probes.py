@@ -743,28 +743,24 @@ def p_resize_bignum(s: Scratch) -> Outcome:
 
 def p_repartition_batch(s: Scratch) -> Outcome:
     """A plan identical to the running one but for its batch size is refused before anyone switches."""
-    from pipeshift.runtime.repartition import check_plan
-
     base = json.loads((s.base / "plan2" / "plan.json").read_text())
-    bad = {**base, "batch_size": 10 ** 12}
-    return _must_raise(lambda: check_plan(bad, 2, 4, base["model"], source="ctl repartition", **_running(base)))
+    bad = {**base, "batch_size": 2 * int(base.get("batch_size") or 8) + 1}
+    return _must_raise(lambda: _check_against(bad, base))
 
 
-def _running(base: dict[str, Any]) -> dict[str, Any]:
-    import inspect
-
+def _check_against(bad: dict[str, Any], base: dict[str, Any]) -> None:
+    """The check every rank makes before a switch: ``bad`` proposed while ``base`` runs."""
+    from pipeshift.plan import parse_plan
     from pipeshift.runtime.repartition import check_plan
 
-    return {"running": base} if "running" in inspect.signature(check_plan).parameters else {}
+    check_plan(parse_plan(bad, "ctl repartition"), 2, 4, running=parse_plan(base, "the running plan"))
 
 
 def p_repartition_seed(s: Scratch) -> Outcome:
-    from pipeshift.runtime.repartition import check_plan
-
     base = json.loads((s.base / "plan2" / "plan.json").read_text())
     bad = json.loads(json.dumps(base))
     bad["model"]["seed"] = 99
-    return _must_raise(lambda: check_plan(bad, 2, 4, base["model"], source="ctl repartition", **_running(base)))
+    return _must_raise(lambda: _check_against(bad, base))
 
 
 def p_ctl_token_printed(s: Scratch) -> Outcome:

@@ -24,6 +24,7 @@ from pipeshift.launch import protocol
 from pipeshift.launch.client import CtlClient, MasterClient, MasterUnavailable, RequestRefused, connect
 from pipeshift.launch.master import Master, PolicyDriver
 from pipeshift.launch.protocol import AuthError, ProtocolError
+from pipeshift.plan import parse_plan
 from pipeshift.runtime.policy import Chain, PolicyConfig
 
 pytestmark = pytest.mark.timeout(90)
@@ -190,9 +191,9 @@ def test_bad_requests_are_answered_and_the_connection_survives(master):
         assert w.report(2, {0: {"compute_s": 0.5}}) == 0
     with CtlClient(master.address, TOKEN) as c:
         with pytest.raises(RequestRefused, match="invalid plan"):
-            c.repartition({"stages": [{"nodes": ["a"]}, {"nodes": ["a"]}]})
+            c.request({"type": "repartition", "plan": {"stages": [{"nodes": ["a"]}, {"nodes": ["a"]}]}})
         with pytest.raises(RequestRefused, match="unknown ctl request"):
-            c._conn.request({"type": "report"})
+            c.request({"type": "report"})
         assert c.status()["commands"] == []
 
 
@@ -266,15 +267,15 @@ def test_ctl_repartition_delivers_the_plan_to_every_worker(master, tmp_path, cap
     assert workers[1].heartbeat(force=True) == 1  # heartbeats say a command is waiting
     commands = [w.poll() for w in workers]
     for command in commands:
-        assert command["type"] == "repartition" and command["plan"] == PLAN and command["at_step"] == 43
-        assert command["source"] == "operator"
+        assert command.type == "repartition" and command.plan.to_json() == PLAN and command.at_step == 43
+        assert command.source == "operator" and command.error is None
     assert [w.poll() for w in workers] == [None, None]  # delivered once
-    workers[0].ack(commands[0]["id"], "applied")
+    workers[0].ack(commands[0].id, "applied")
     # A later plan with an explicit step; a worker that registers now only sees later commands.
     assert main(ctl(master, "repartition", "--plan", str(plan_file), "--at-step", "100")) == 0
     late = MasterClient.connect(master.address, TOKEN, rank=2, stage=1)
     assert late.poll() is None
-    assert workers[0].poll()["at_step"] == 100
+    assert workers[0].poll().at_step == 100
     status = status_of(master)
     assert [(c["id"], c["delivered_to"], c["acks"]) for c in status["commands"]] == [
         (1, [0, 1], {"0": "applied"}), (2, [0], {})]
@@ -354,7 +355,7 @@ def test_master_policy_repartitions_on_persistent_slowdown_and_logs_decisions(tm
     chain = Chain(node_ids=[f"node{i}" for i in range(4)], node_times_s=np.ones(4), activation_bytes=np.zeros(4),
                   state_bytes=np.full(4, 1e3), edges=np.array([(0, 1), (1, 2), (2, 3)]), fqns=[f"l{i}" for i in range(4)])
     config = PolicyConfig(persist_windows=2, cooldown_windows=1, fixed_pause_s=0.1)
-    driver = PolicyDriver(json.loads(json.dumps(PLAN)), chain, config, total_steps=1000)
+    driver = PolicyDriver(parse_plan(PLAN), chain, config, total_steps=1000)
     log_path = tmp_path / "decisions.jsonl"
     with open(log_path, "w") as log:
         m = Master(TOKEN, port=0, log=log, policy=driver)
@@ -368,11 +369,11 @@ def test_master_policy_repartitions_on_persistent_slowdown_and_logs_decisions(tm
                 assert w0.poll() is None
                 w1.report(step, {1: {"compute_s": 2.0, "wait_s": 4.0, "comm_s": 0.0}})
             command = w0.poll()
-            assert command["source"] == "policy" and command["at_step"] == 42  # taken at 41, switched after 42
-            assert [s["nodes"] for s in command["plan"]["stages"]] == [["node0"], ["node1", "node2", "node3"]]
-            assert [s["fqns"] for s in command["plan"]["stages"]] == [["l0"], ["l1", "l2", "l3"]]
-            assert [s["ranks"] for s in command["plan"]["stages"]] == [[0], [1]]
-            assert w1.poll()["id"] == command["id"]
+            assert command.source == "policy" and command.at_step == 42  # taken at 41, switched after 42
+            assert command.plan.node_lists == [["node0"], ["node1", "node2", "node3"]]
+            assert [list(s.fqns) for s in command.plan.stages] == [["l0"], ["l1", "l2", "l3"]]
+            assert command.plan.stage_ranks == [[0], [1]]
+            assert w1.poll().id == command.id
             assert status_of(m)["policy"]["last_decision"]["repartition"] is True
             w0.close()
             w1.close()
@@ -399,7 +400,7 @@ def test_master_policy_charges_the_pause_the_ranks_measured(announced_pause_s):
     try:
         w0 = MasterClient.connect(m.address, TOKEN, rank=0, stage=0)
         w1 = MasterClient.connect(m.address, TOKEN, rank=1, stage=1)
-        w0.announce_plan(json.loads(json.dumps(PLAN)), step=0, pause_s=announced_pause_s)
+        w0.announce_plan(parse_plan(PLAN), step=0, pause_s=announced_pause_s)
         for window in range(4):  # as above: warm-up, calibration, then stage 0 three times slower
             step = 10 * (window + 1)
             w0.report(step, {0: {"compute_s": 6.0 if window >= 2 else 2.0, "wait_s": 0.0, "comm_s": 0.0}})
@@ -429,7 +430,7 @@ def test_master_refuses_an_announced_pause_that_is_not_a_duration(master, pause)
 def test_policy_off_makes_no_decisions():
     chain = Chain(node_ids=[f"node{i}" for i in range(4)], node_times_s=np.ones(4), activation_bytes=np.zeros(4),
                   state_bytes=np.zeros(4), edges=np.zeros((0, 2), dtype=int), fqns=[None] * 4)
-    driver = PolicyDriver(json.loads(json.dumps(PLAN)), chain, PolicyConfig(persist_windows=1))
+    driver = PolicyDriver(parse_plan(PLAN), chain, PolicyConfig(persist_windows=1))
     m = Master(TOKEN, port=0, policy=driver, policy_enabled=False)
     m.start_in_thread()
     try:
@@ -440,7 +441,7 @@ def test_policy_off_makes_no_decisions():
             assert status_of(m)["policy"]["window"] == 0
         with CtlClient(m.address, TOKEN) as c:
             with pytest.raises(RequestRefused, match="does not match"):
-                c.repartition({"stages": [{"nodes": ["node0"]}, {"nodes": ["x"]}]})
+                c.repartition(parse_plan({"stages": [{"nodes": ["node0"]}, {"nodes": ["x"]}]}))
     finally:
         m.stop()
 
@@ -512,8 +513,8 @@ def test_master_cli_with_plan_and_graph_runs_the_policy(tmp_path):
                 assert w.poll() is None
                 w.report(step, {0: {"compute_s": 0.008}, 1: {"compute_s": 0.004}})
             command = w.poll()
-        assert [s["nodes"] for s in command["plan"]["stages"]] == [["node1", "node2"], ["node3", "node4", "node5"]]
-        assert command["plan"]["predicted"]["time_per_minibatch_s"] == pytest.approx(0.006)
+        assert command.plan.node_lists == [["node1", "node2"], ["node3", "node4", "node5"]]
+        assert command.plan.predicted["time_per_minibatch_s"] == pytest.approx(0.006)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
@@ -558,8 +559,8 @@ def test_a_rejection_reason_from_the_ranks_shows_in_ctl_status(master):
 
     worker = MasterClient.connect(master.address, TOKEN, rank=0, stage=0)
     with CtlClient(master.address, TOKEN) as c:
-        queued = c.repartition(json.loads(json.dumps(PLAN)))
-    assert worker.poll()["id"] == queued["id"]
+        queued = c.repartition(parse_plan(PLAN))
+    assert worker.poll().id == queued["id"]
     worker.ack(queued["id"], "rejected: the run ends at the next step")
     text = format_status(status_of(master))
     assert f"  #{queued['id']} rejected by rank 0: the run ends at the next step" in text
@@ -570,16 +571,16 @@ def test_a_plan_that_changes_the_running_job_is_refused_before_it_is_queued(mast
     running = {**PLAN, "model": {"callable": "pipeshift.models:mlp", "kwargs": {}, "seed": 0}, "batch_size": 8,
                "memory": {"limit_bytes": 1e9}}
     with MasterClient.connect(master.address, TOKEN, rank=0, stage=0) as w:
-        w.announce_plan(running, step=3)
+        w.announce_plan(parse_plan(running), step=3)
     changed = {"batch_size": 10 ** 12, "model": {**running["model"], "seed": 1},
                "memory_per_worker_bytes": [5e9, 1e8]}
     with CtlClient(master.address, TOKEN) as c:
         for key, value in changed.items():
             with pytest.raises(RequestRefused, match="batch_size|model spec|memory limit"):
-                c.repartition({**running, key: value})
+                c.request({"type": "repartition", "plan": {**running, key: value}})
         with pytest.raises(RequestRefused, match="ranks"):
-            c.repartition({**running, "stages": [{**running["stages"][0], "ranks": [0]},
-                                                 {**running["stages"][1], "ranks": [2]}]})
-        assert c.repartition({**running, "stages": [{**st, "nodes": n} for st, n in
-                                                   zip(running["stages"], (["node0"], ["node1", "node2", "node3"]))]})
+            c.request({"type": "repartition", "plan": {**running, "stages": [{**running["stages"][0], "ranks": [0]},
+                                                                            {**running["stages"][1], "ranks": [2]}]}})
+        assert c.repartition(parse_plan({**running, "stages": [
+            {**st, "nodes": n} for st, n in zip(running["stages"], (["node0"], ["node1", "node2", "node3"]))]}))
         assert len(c.status()["commands"]) == 1

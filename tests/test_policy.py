@@ -7,6 +7,7 @@ import pytest
 
 from pipeshift.errors import PipeshiftError
 from pipeshift.graph.ir import Graph, Node
+from pipeshift.plan import parse_plan
 from pipeshift.runtime.policy import (
     Chain,
     PolicyConfig,
@@ -83,7 +84,7 @@ def test_cut_and_boundary_bytes_agree_on_skip_connections():
 
 # -- plan diffs -----------------------------------------------------------------------------
 def test_diff_plans_moves_exactly_the_changed_nodes():
-    old = {"stages": [{"stage_id": 0, "nodes": ["a", "b", "c"]}, {"stage_id": 1, "nodes": ["d", "e"]}]}
+    old = parse_plan({"stages": [{"stage_id": 0, "nodes": ["a", "b", "c"]}, {"stage_id": 1, "nodes": ["d", "e"]}]})
     new = [["a", "b"], ["c", "d", "e"]]
     node_bytes = {"a": 1.0, "b": 2.0, "c": 4.0, "d": 8.0, "e": 16.0}
     moves = diff_plans(old, new, node_bytes, {"c": "layer.c"})
@@ -114,7 +115,7 @@ def test_diff_plans_rejects_plans_over_different_nodes():
 )
 def test_stages_of_rejects_malformed_plans(plan, message):
     with pytest.raises(PipeshiftError, match=message):
-        stages_of(plan)
+        stages_of(parse_plan(plan) if isinstance(plan, dict) else plan)
 
 
 def test_replace_stages_keeps_ranks_and_updates_predictions():
@@ -125,13 +126,14 @@ def test_replace_stages_keeps_ranks_and_updates_predictions():
             {"stage_id": 1, "nodes": ["c"], "fqns": ["fc"], "ranks": [1], "replicas": 1},
         ],
     }
-    out = replace_stages(plan, [["a"], ["b", "c"]], [1.0, 2.0])
+    new = replace_stages(parse_plan(plan), [["a"], ["b", "c"]], [1.0, 2.0])
+    out = new.to_json()
     assert [s["nodes"] for s in out["stages"]] == [["a"], ["b", "c"]]
     assert [s["fqns"] for s in out["stages"]] == [["fa"], ["fb", "fc"]]
     assert [s["ranks"] for s in out["stages"]] == [[0], [1]]
     assert out["predicted"]["time_per_minibatch_s"] == 2.0
     assert plan["stages"][0]["nodes"] == ["a", "b"]  # the input is not modified
-    assert stages_of(out) == [["a"], ["b", "c"]]
+    assert stages_of(new) == [["a"], ["b", "c"]]
 
 
 def test_chain_from_graph_reads_times_bytes_and_order():

@@ -17,6 +17,7 @@ from torch import nn
 
 import repartition_helpers as h
 from pipeshift.errors import PipeshiftError
+from pipeshift.plan import parse_plan, read_plan
 from pipeshift.runtime.job import parse_repartition_at
 from pipeshift.runtime.restart import load_chain, replan_for_workers
 from pipeshift.runtime.policy import Chain, ReplanRequest, builtin_replan
@@ -27,7 +28,9 @@ from pipeshift.testing.slowdown import parse_slowdowns, slowdown_at
 
 
 def partition(ranks, keys) -> Partition:
-    return Partition({}, tuple(tuple(r) for r in ranks), tuple(frozenset(k) for k in keys))
+    plan = parse_plan({"stages": [{"nodes": [f"node{s}"], "ranks": list(r), "replicas": len(r)}
+                                  for s, r in enumerate(ranks)]})
+    return Partition(plan, tuple(frozenset(k) for k in keys))
 
 
 def test_transfers_move_only_what_changes_owner():
@@ -72,18 +75,18 @@ def test_pack_and_unpack_round_trip_mixed_dtypes_and_scalars():
 
 def test_prepared_plan_builds_stages_over_the_full_model(tmp_path):
     h.package(tmp_path, [5, 9], [[0], [1], [2]])
-    new = json.loads(h.plan(tmp_path, "P", [3, 10], [[0], [1], [2]]).read_text())
-    start = json.loads((tmp_path / "plan.json").read_text())
+    new = read_plan(h.plan(tmp_path, "P", [3, 10], [[0], [1], [2]]))
+    start = read_plan(tmp_path / "plan.json")
     bundle = h.SPEC.build()
     full = bundle.model
     rp = Repartitioner(0, full, (bundle.criterion(), ["node12", "target"], ["loss"]),
-                       Partition.of(start, [[0], [1], [2]], [nn.Module()] * 3))
+                       Partition.of(start, [nn.Module()] * 3))
     prepared = rp.prepare(new)
     stage0 = prepared.entries[0][0]
     assert set(stage0.state_dict()) == {"layers.0.weight", "layers.0.bias"}
     assert stage0.state_dict()["layers.0.weight"].data_ptr() == full.layers[0].weight.data_ptr()  # adopted, not copied
     assert prepared.partition.stage_keys[2] == {"layers.10.weight", "layers.10.bias"}
-    assert prepared.stage_ranks == [[0], [1], [2]]
+    assert prepared.partition.stage_ranks == [[0], [1], [2]]
 
 
 # -- flags and plans ----------------------------------------------------------------------------
@@ -125,14 +128,14 @@ def test_policy_never_leaves_a_stage_with_only_the_inputs():
 
 def test_replan_for_fewer_workers_uses_the_profiled_times(tmp_path):
     h.package(tmp_path, [5, 9], [[0], [1], [2]])
-    base = json.loads((tmp_path / "plan.json").read_text())
-    chain = load_chain(base, tmp_path / "graph.txt", "momentum")
-    two = replan_for_workers(base, 2, chain)
+    base = read_plan(tmp_path / "plan.json")
+    chain = load_chain(tmp_path / "graph.txt", "momentum")
+    two = replan_for_workers(base, 2, chain).to_json()
     assert [st["ranks"] for st in two["stages"]] == [[0], [1]]
     assert sum(len(st["nodes"]) for st in two["stages"]) == 12
     # eleven equal operations: the cut leaves five or six on each side
     assert sorted(len(st["nodes"]) for st in two["stages"]) in ([6, 6], [5, 7])
-    blind = replan_for_workers(base, 4, None)
+    blind = replan_for_workers(base, 4, None).to_json()
     assert [len(st["nodes"]) for st in blind["stages"]] == [3, 3, 3, 3]
 
 

@@ -13,7 +13,7 @@ Typical use from a training loop (rank 0, or every rank)::
     ...
     if step % K == 0:
         client.report(step, {0: {"compute_s": c, "wait_s": w, "comm_s": m}}, window_steps=K)
-        command = client.poll()              # {"type": "repartition", "plan": {...}, "at_step": N, "id": i}
+        command = client.poll()              # a runtime.control.Command: its type, plan, at_step, id
         ...
         client.ack(command["id"], "applied")
     client.close()
@@ -31,6 +31,8 @@ from typing import Any
 from pipeshift.errors import PipeshiftError
 from pipeshift.launch import protocol
 from pipeshift.launch.protocol import AuthError, ProtocolError
+from pipeshift.plan import Plan
+from pipeshift.runtime.control import Command, parse_command
 
 log = logging.getLogger("pipeshift.master")
 
@@ -236,17 +238,20 @@ class MasterClient:
         self._last_heartbeat = time.monotonic()
         return None if reply is None else int(reply.get("commands_pending", 0))
 
-    def poll(self) -> dict[str, Any] | None:
-        """The next command for this rank (e.g. ``{"type": "repartition", "plan": …, "at_step": N}``) or None."""
+    def poll(self) -> Command | None:
+        """The next command for this rank, checked (a malformed one comes with its ``error``), or None."""
         reply = self._request({"type": "poll"})
-        return None if reply is None else reply.get("command")
+        command = None if reply is None else reply.get("command")
+        if command is None:
+            return None
+        return parse_command(command if isinstance(command, dict) else {"type": command})
 
     def ack(self, command_id: int, status: str = "applied") -> None:
         self._request({"type": "ack", "id": int(command_id), "status": status})
 
-    def announce_plan(self, plan: dict[str, Any], step: int | None = None, pause_s: float | None = None) -> None:
+    def announce_plan(self, plan: Plan, step: int | None = None, pause_s: float | None = None) -> None:
         """Tell the master which plan the job runs now (after a switch or a restart), so its policy follows."""
-        message: dict[str, Any] = {"type": "plan", "plan": plan}
+        message: dict[str, Any] = {"type": "plan", "plan": plan.to_json()}
         if step is not None:
             message["step"] = int(step)
         if pause_s is not None:
@@ -300,11 +305,15 @@ class CtlClient:
         self._conn = _Connection(address, token, {"role": "ctl"}, timeout_s)
         self._conn.sock.settimeout(timeout_s)
 
+    def request(self, message: dict[str, Any]) -> dict[str, Any]:
+        """One request as it is (the master checks every field; a refusal raises ``RequestRefused``)."""
+        return self._conn.request(message)
+
     def status(self) -> dict[str, Any]:
         return self._conn.request({"type": "status"})
 
-    def repartition(self, plan: dict[str, Any], at_step: int | None = None) -> dict[str, Any]:
-        message: dict[str, Any] = {"type": "repartition", "plan": plan}
+    def repartition(self, plan: Plan, at_step: int | None = None) -> dict[str, Any]:
+        message: dict[str, Any] = {"type": "repartition", "plan": plan.to_json()}
         if at_step is not None:
             message["at_step"] = int(at_step)
         return self._conn.request(message)

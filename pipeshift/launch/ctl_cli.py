@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
             status = ctl.status()
             print(json.dumps(status, indent=1) if args.json else format_status(status))
         elif args.action == "repartition":
-            reply = ctl.repartition(plan.to_json(), at_step=args.at_step)
+            reply = ctl.repartition(plan, at_step=args.at_step)
             print(f"queued repartition #{reply['id']} ({plan.num_stages} stages): the ranks switch after step "
                   f"{reply['at_step']}, queued "
                   f"at {time.strftime('%H:%M:%S')}")

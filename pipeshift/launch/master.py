@@ -27,7 +27,8 @@ from typing import Any, TextIO
 from pipeshift.errors import PipeshiftError
 from pipeshift.launch import protocol
 from pipeshift.launch.protocol import ProtocolError
-from pipeshift.runtime.policy import PolicyConfig, stages_of
+from pipeshift.plan import Plan, parse_plan
+from pipeshift.runtime.policy import PolicyConfig
 from pipeshift.runtime.policy_driver import PolicyDriver
 
 
@@ -147,7 +148,7 @@ class Master:
         self.total_steps = total_steps
         self._per_peer: dict[str, int] = {}
         self._refused_peers: set[str] = set()
-        self.running_plan: dict[str, Any] | None = policy.plan if policy is not None else None
+        self.running_plan: Plan | None = policy.plan if policy is not None else None
         self.log_file = log
         self.policy = policy
         self.policy_enabled = policy_enabled
@@ -423,7 +424,8 @@ class Master:
                 record.cursor = command["id"]
                 command["delivered_to"].append(record.rank)
                 self._event("command_delivered", id=command["id"], rank=record.rank)
-                return {"type": "command", "command": {k: v for k, v in command.items() if k != "delivered_to"}}
+                return {"type": "command", "command": {k: v.to_json() if isinstance(v, Plan) else v
+                                                       for k, v in command.items() if k != "delivered_to"}}
         return {"type": "command", "command": None}
 
     def _on_ack(self, record: WorkerRecord, message: dict[str, Any]) -> dict[str, Any]:
@@ -437,13 +439,13 @@ class Master:
 
     def _on_plan(self, record: WorkerRecord, message: dict[str, Any]) -> dict[str, Any]:
         """The job runs this plan now: the policy judges it from here on, stages follow its ranks."""
-        plan = _field(message, "plan", dict)
         step = self._step(message)
         pause = _field(message, "pause_s", (int, float), required=False)
         if pause is not None and not 0 <= pause <= MAX_PAUSE_S:
             raise MessageError(f"'pause_s' must be from 0 to {MAX_PAUSE_S:g} seconds, got {pause!r}"[:200])
         try:
-            stages = stages_of(plan)
+            plan = _plan(message, f"rank {record.rank}'s plan")
+            stages = plan.node_lists
             if self.policy is not None and stages != self.policy.policy.stages:  # not the policy's own decision
                 self.policy.adopt_plan(plan)
         except PipeshiftError as e:
@@ -451,8 +453,8 @@ class Master:
         self.running_plan = plan
         if pause is not None and self.policy is not None:
             self.policy.record_pause(float(pause))  # later switches must repay what this one cost
-        for k, stage in enumerate(plan["stages"]):
-            for rank in stage.get("ranks") or []:
+        for k, ranks in enumerate(plan.stage_ranks):
+            for rank in ranks:
                 if rank in self.workers:
                     self.workers[rank].stage = k
         self._event("plan_in_force", rank=record.rank, step=step, stages=stages)
@@ -475,7 +477,7 @@ class Master:
             })
         commands = [
             {"id": c["id"], "type": c["type"], "source": c["source"], "at_step": c["at_step"],
-             "stages": len(c["plan"]["stages"]) if "plan" in c else None, "world_size": c.get("world_size"),
+             "stages": c["plan"].num_stages if "plan" in c else None, "world_size": c.get("world_size"),
              "delivered_to": list(c["delivered_to"]),
              "acks": {str(r): s for r, s in self.acks.get(c["id"], {}).items()}}
             for c in self.commands
@@ -487,10 +489,9 @@ class Master:
                 "workers": workers, "policy": policy, "commands": commands}
 
     def _on_repartition(self, message: dict[str, Any]) -> dict[str, Any]:
-        plan = _field(message, "plan", dict)
         at_step = self._step(message, "at_step")
         try:
-            stages_of(plan)
+            plan = _plan(message, "the operator's plan")
             if self.policy is not None:
                 self.policy.check_plan(plan)
             if self.running_plan is not None:
@@ -554,12 +555,12 @@ class Master:
     def _last_command_id(self) -> int:
         return self.commands[-1]["id"] if self.commands else 0
 
-    def _queue_repartition(self, plan: dict[str, Any], at_step: int, source: str, **extra: Any) -> dict[str, Any]:
+    def _queue_repartition(self, plan: Plan, at_step: int, source: str, **extra: Any) -> dict[str, Any]:
         command = {"id": self._last_command_id() + 1, "type": "repartition", "plan": plan, "at_step": at_step,
                    "source": source, "issued_at": time.time(), "delivered_to": []}
         self.commands.append(command)
         self._event("repartition_queued", id=command["id"], source=source, at_step=at_step,
-                    stages=stages_of(plan), **extra)
+                    stages=plan.node_lists, **extra)
         return command
 
     # -- liveness -----------------------------------------------------------------------
@@ -577,23 +578,29 @@ class Master:
                     w.reported_dead = False
 
 
-def check_against_running(plan: dict[str, Any], running: dict[str, Any]) -> None:
+def _plan(message: dict[str, Any], source: str) -> Plan:
+    """The message's plan, checked (errors name ``source`` and the field)."""
+    return parse_plan(_field(message, "plan", dict), source)
+
+
+def check_against_running(plan: Plan, running: Plan) -> None:
     """A new plan may re-split the running job, not change it: same model, seed and batch size, same ranks,
     and no worker predicted beyond the job's memory limit."""
     for key in ("model", "batch_size"):
-        if key in running and plan.get(key) != running.get(key):
+        if key in running.doc and plan.doc.get(key) != running.doc.get(key):
             what = "model spec (callable, arguments or seed)" if key == "model" else key
             raise PipeshiftError(f"its {what} differs from the running job's; a repartition only moves layers")
-    limit = (running.get("memory") or {}).get("limit_bytes") if isinstance(running.get("memory"), dict) else None
-    need = plan.get("memory_per_worker_bytes")
+    memory = running.doc.get("memory")
+    limit = memory.get("limit_bytes") if isinstance(memory, dict) else None
+    need = plan.doc.get("memory_per_worker_bytes")
     if isinstance(limit, (int, float)) and isinstance(need, list) and need:
         worst = max((m for m in need if isinstance(m, (int, float)) and not isinstance(m, bool)), default=0)
         if worst > limit:
             raise PipeshiftError(f"it needs {worst:.3g} bytes on one worker, more than the job's memory limit "
                                  f"{limit:.3g}")
-    ranks = sorted(r for st in plan["stages"] if isinstance(st, dict) for r in (st.get("ranks") or []))
-    mine = sorted(r for st in running["stages"] if isinstance(st, dict) for r in (st.get("ranks") or []))
-    if ranks and mine and ranks != mine:
+    ranks = sorted(r for st in plan.stages for r in st.ranks)
+    mine = sorted(r for st in running.stages for r in st.ranks)
+    if ranks != mine:
         raise PipeshiftError(f"its stages use ranks {ranks[:8]} but the job runs on ranks {mine[:8]}; "
                              "use `ctl resize` to change the number of workers")
 
@@ -617,6 +624,6 @@ def load_policy_driver(plan_path: str, graph_path: str | None, config: PolicyCon
         graph_path = str(next((c for c in candidates if c.is_file()), candidates[0]))
     chain = chain_from_graph(read_graph_txt(graph_path), optimizer=optimizer)
     try:
-        return PolicyDriver(plan.to_json(), chain, config, total_steps)
+        return PolicyDriver(plan, chain, config, total_steps)
     except PipeshiftError as e:
         raise InputFileError(str(path), None, f"does not match {graph_path}: {e}") from None

@@ -27,7 +27,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,6 +37,9 @@ from pipeshift.runtime.hooks import Hooks
 from pipeshift.schedule.registry import SCHEDULES
 from pipeshift.runspec import add_data_arguments, add_loss_arguments, with_data_and_loss
 from pipeshift.spec import parse_model_args
+
+if TYPE_CHECKING:
+    from pipeshift.runtime.job import JobOptions
 
 # per-process settings that may legitimately differ between ranks
 _LOCAL_ARGS = ("command", "rank", "world_size", "dist_addr", "package", "no_progress", "threads", "device",
@@ -207,6 +210,16 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise PipeshiftError("--report-every must be >= 0")
 
 
+def job_options(args: argparse.Namespace) -> JobOptions:
+    """The flags that say what may repartition the job and how it restarts."""
+    from pipeshift.runtime.job import JobOptions, optimizer_state_kind
+
+    return JobOptions(repartition_at=tuple(args.repartition_at), master=args.master, policy=args.policy,
+                      policy_args=tuple(args.policy_arg), report_every=args.report_every,
+                      checkpoint_dir=args.checkpoint_dir, resume=args.resume, graph=args.graph,
+                      init_from=args.init_from, optimizer_state=optimizer_state_kind(str(args.optimizer), args.momentum))
+
+
 def _train(args: argparse.Namespace, info, connect: Connect | None,
            hooks: Hooks) -> int:
     from pipeshift.runtime.comm import Communicator
@@ -235,7 +248,7 @@ def _train(args: argparse.Namespace, info, connect: Connect | None,
             args.init_from = bundle.init_from  # weights that come with the model (a Hugging Face directory's)
         microbatches = args.microbatches or 2 * pkg.num_stages
         batch_size = args.batch_size or pkg.batch_size or 32
-        job = prepare_job(args, pkg, bundle, info.rank, info.world_size, connect, hooks,
+        job = prepare_job(job_options(args), pkg, bundle, info.rank, info.world_size, connect, hooks,
                           memory=_memory_check(args, pkg, microbatches, batch_size))
         entries = job.entries
         torch.manual_seed(args.seed)  # dropout's stream, whichever way the stages were built
@@ -279,7 +292,7 @@ def _train(args: argparse.Namespace, info, connect: Connect | None,
     job.entries = None
     if job.local is not None:
         job.local.entries = []  # the pipeline holds its stage; a layer given away later must be freeable
-    controller = job.controller(pipeline, cfg)
+    controller = job.controller(cfg.steps, cfg.output_dir)
     trainer = Trainer(pipeline, cfg, data=bundle.data, controller=controller, meta={
         "package": str(pkg.path), "model": pkg.spec.to_json() if pkg.spec else None,
         "world_size": info.world_size,

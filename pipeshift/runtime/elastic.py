@@ -39,12 +39,12 @@ from typing import Any
 import numpy as np
 
 from pipeshift.errors import PipeshiftError
+from pipeshift.plan import Plan, parse_plan
 from pipeshift.runtime import checkpoint as ckpt
+from pipeshift.runtime.control import Command
 from pipeshift.runtime.repartition import Repartitioner, check_plan
 
 from pipeshift.runtime.restart import ELASTIC_FILE, EXIT_REGROUP
-
-MAX_WORLD_SIZE = 1 << 16  # a resize beyond this is refused by rank 0 whatever the master let through
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +54,7 @@ class ForcedSwitch:
     index: int
     step: int
     path: str
-    plan: dict[str, Any]
+    plan: Plan
 
 
 # -- the controller -----------------------------------------------------------------------------
@@ -74,7 +74,7 @@ class _Scheduled:
     """A switch every rank has agreed on, to happen at the synchronisation point after ``step``."""
 
     step: int
-    plan: dict[str, Any]
+    plan: Plan
     source: str
     strict: bool  # a forced switch: a plan that does not fit is an error, not a logged refusal
     prepared: Any
@@ -103,7 +103,7 @@ class Controller:
         self.chain = chain
         self.applied: list[int] = []  # indices of forced switches already applied
         self.scheduled: list[_Scheduled] = []
-        self.pending: list[dict[str, Any]] = []  # rank 0: operator commands waiting for their at_step
+        self.pending: list[Command] = []  # rank 0: operator commands waiting for their at_step
         self._window = np.zeros(3)
         self._window_steps = 0
         self._ticks_since_switch = 0
@@ -118,7 +118,7 @@ class Controller:
         return self.config.report_every > 0 and (self.config.master or self.config.policy == "auto")
 
     @property
-    def plan(self) -> dict[str, Any] | None:
+    def plan(self) -> Plan | None:
         return None if self.repartitioner is None else self.repartitioner.plan
 
     def next_sync(self, step: int) -> int | None:
@@ -194,6 +194,8 @@ class Controller:
                                                                              f"{trainer.step}")]
             measured = _per_stage(everyone, p.topology.num_stages)
         message = self._decide(trainer, measured) if self.rank == 0 else None
+        if message is not None and isinstance(message.get("plan"), Plan):
+            message = {**message, "plan": message["plan"].to_json()}
         data = p.comm.broadcast_bytes(json.dumps(message).encode() if message else None,
                                       f"agreeing on the control decision at step {trainer.step}")
         decided = json.loads(data) if data else None
@@ -203,8 +205,9 @@ class Controller:
             if trainer.step + 1 >= self.config.total_steps:
                 self._reject(trainer, decided["source"], "the run ends at the next step")
                 ok = False
-            else:
-                ok = self._schedule(trainer, decided["plan"], decided["source"], strict=False,
+            else:  # checked on rank 0 before it was sent: every rank reads the same plan from the same bytes
+                plan = parse_plan(decided["plan"], decided["source"])
+                ok = self._schedule(trainer, plan, decided["source"], strict=False,
                                     command_id=decided.get("id"), at=trainer.step + 1) is not None
             if not ok and decided.get("id") is not None:
                 self._master("ack", decided["id"], f"rejected: {self.last_rejection}")
@@ -221,24 +224,22 @@ class Controller:
                 self.pending.append(command)
                 command = self._master("poll")
         for command in list(self.pending):
-            at = command.get("at_step")
-            if not isinstance(at, int) or isinstance(at, bool) or at < 0:
-                at = 0 if at is None else self.config.total_steps + 1  # malformed: never due
+            if command.error is not None:  # malformed: said once, acknowledged as rejected, never applied
+                self.pending.remove(command)
+                self._log("repartitions.jsonl", {"event": "command_ignored", "step": trainer.step,
+                                                 "id": command.id, "type": command.type, "reason": command.error})
+                if command.id is not None:
+                    self._master("ack", command.id, f"rejected: {command.error}")
+                continue
             # a repartition's at_step is the step it switches after (the one agreed here, plus one);
             # a resize's is the tick it stops at
-            ahead = 1 if command.get("type") == "repartition" else 0
-            if at <= trainer.step + ahead:
+            ahead = 1 if command.type == "repartition" else 0
+            if (command.at_step or 0) <= trainer.step + ahead:
                 self.pending.remove(command)
-                if command.get("type") == "repartition" and isinstance(command.get("plan"), dict):
-                    return {"action": "switch", "plan": command["plan"], "id": command.get("id"),
-                            "source": f"{command.get('source', 'operator')} command #{command.get('id')}"}
-                size = command.get("world_size")
-                if (command.get("type") == "resize" and isinstance(size, int) and not isinstance(size, bool)
-                        and 1 <= size <= MAX_WORLD_SIZE):
-                    return {"action": "resize", "world_size": command["world_size"], "id": command.get("id"),
-                            "source": f"{command.get('source', 'operator')} command #{command.get('id')}"}
-                self._log("repartitions.jsonl", {"event": "command_ignored", "step": trainer.step, "command":
-                                                 {k: v for k, v in command.items() if k != "plan"}})
+                if command.plan is not None:
+                    return {"action": "switch", "plan": command.plan, "id": command.id, "source": command.where}
+                return {"action": "resize", "world_size": command.world_size, "id": command.id,
+                        "source": command.where}
         if self.policy is None or measured is None or self.plan is None:
             return None
         self.policy.plan = self.plan
@@ -251,15 +252,14 @@ class Controller:
 
     # -- carrying it out ------------------------------------------------------------------------
 
-    def _schedule(self, trainer, plan: dict[str, Any], source: str, strict: bool, at: int, reserve: bool = True,
+    def _schedule(self, trainer, plan: Plan, source: str, strict: bool, at: int, reserve: bool = True,
                   forced_index: int | None = None, command_id: int | None = None) -> _Scheduled | None:
         """Check and render ``plan`` now (every rank alike) and reserve its landing buffers; None if refused."""
         rp = self.repartitioner
         if rp is None:
             raise PipeshiftError("repartitioning needs a stage package written by `pipeshift codegen`")
         try:
-            check_plan(plan, self.world_size, trainer.config.microbatches,
-                       (rp.plan or {}).get("model"), source=source, running=rp.plan)
+            check_plan(plan, self.world_size, trainer.config.microbatches, running=rp.plan, source=source)
             prepared, error = rp.prepare(plan), None
         except PipeshiftError as e:
             prepared, error = None, str(e)
@@ -287,7 +287,7 @@ class Controller:
         if item.command_id is not None:
             self._master("ack", item.command_id, "applied")
 
-    def _switch(self, trainer, plan: dict[str, Any], source: str, prepared) -> None:
+    def _switch(self, trainer, plan: Plan, source: str, prepared) -> None:
         p, rp = trainer.pipeline, self.repartitioner
         if trainer.config.checkpoint_dir and trainer.last_saved != trainer.step:
             trainer.save()  # the consistent state a failed migration restarts from
@@ -313,8 +313,8 @@ class Controller:
             self._master("announce_plan", plan, trainer.step, max(r["pause_s"] for r in everyone))
             record = {
                 "event": "repartition", "step": trainer.step, "source": source,
-                "stages": [st.get("nodes") for st in plan["stages"]],
-                "ranks": [st.get("ranks") for st in plan["stages"]],
+                "stages": plan.node_lists,
+                "ranks": plan.stage_ranks,
                 "keys_moved": everyone[0]["keys_moved_total"],
                 "bytes_moved": sum(r["bytes_sent"] for r in everyone),
                 "messages": sum(r["messages"] for r in everyone),
@@ -324,13 +324,13 @@ class Controller:
             }
             self._log("repartitions.jsonl", record)
             print(f"pipeshift train: repartitioned after step {trainer.step} ({source}): "
-                  f"{len(plan['stages'])} stages, {record['keys_moved']} tensors moved "
+                  f"{plan.num_stages} stages, {record['keys_moved']} tensors moved "
                   f"({record['bytes_moved'] / 1e6:.2f} MB), pause {record['pause_s']:.3f} s",
                   file=sys.stderr, flush=True)
         # every rank: one line and its own part of the record, beside its metrics
         mine = {"event": "repartition", "step": trainer.step, "source": source, **report}
         self._log_own(trainer, mine)
-        nodes = plan["stages"][report["stage"]].get("nodes") or []
+        nodes = plan.stages[report["stage"]].nodes
         print(f"pipeshift train: rank {self.rank}: switched after step {trainer.step} ({source}): now stage "
               f"{report['stage']} ({len(nodes)} nodes), sent {report['keys_sent']} tensors "
               f"({report['bytes_sent'] / 1e6:.2f} MB), received {report['keys_received']} "

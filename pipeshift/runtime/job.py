@@ -1,7 +1,8 @@
 """Setting a rank's job up from the command line: the partition it starts on and what may move it.
 
 :func:`prepare_job` runs before the start-up agreement (so an error here reaches every rank): it
-parses the repartitioning flags, picks the plan in force (the package's, or after a restart the
+reads the forced switches' plans (:class:`JobOptions` holds what the command line asked for),
+picks the plan in force (the package's, or after a restart the
 checkpoint's, see :mod:`pipeshift.runtime.restart`), builds this rank's stages, the
 repartitioner and the policy, and connects to the master through the control plane the command
 wired in. :meth:`Job.controller` then gives the trainer its :class:`~pipeshift.runtime.elastic.Controller`.
@@ -14,24 +15,56 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 
 from pipeshift.errors import InputFileError, PipeshiftError
-from pipeshift.plan import read_plan
+from pipeshift.plan import Plan, parse_plan, read_plan
 from pipeshift.runtime.control import Connect, ControlPlane
 from pipeshift.runtime.elastic import ControlConfig, Controller, ForcedSwitch
 from pipeshift.runtime.hooks import Hooks
 from pipeshift.runtime.local import LocalBuild, MemoryCheck, local_entries
 from pipeshift.runtime.repartition import Repartitioner
 from pipeshift.runtime.restart import find_graph, load_chain, resume_plan
+from pipeshift.runtime.stage import StageEntry
+
+if TYPE_CHECKING:
+    from pipeshift.runtime.package import StagePackage
+    from pipeshift.spec import ModelBundle
 
 
-# -- flags --------------------------------------------------------------------------------------
+# -- options ------------------------------------------------------------------------------------
 
 
-def read_plan_file(path: str) -> dict[str, Any]:
-    return read_plan(path).to_json()
+@dataclasses.dataclass(frozen=True)
+class JobOptions:
+    """What the command asks of a job besides training itself: what may repartition it, and how
+    it restarts. ``pipeshift train`` fills it from its flags; a test or another front end directly."""
+
+    repartition_at: Sequence[str] = ()  # "STEP:PLAN" items (--repartition-at)
+    master: str | None = None  # HOST:PORT of the control-plane master (--master)
+    policy: str = "off"  # "off" or "auto" (--policy)
+    policy_args: Sequence[str] = ()  # KEY=VALUE settings of the policy (--policy-arg)
+    report_every: int = 10  # the control tick, in minibatches (--report-every)
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    graph: str | None = None  # the profiled graph.txt, when the plan's 'graph' does not resolve
+    init_from: str | None = None  # weights to start from
+    optimizer_state: str = "adam"  # what the optimizer keeps per parameter: sgd, momentum, adam, adamw
+
+    @property
+    def may_repartition(self) -> bool:
+        return bool(self.repartition_at or self.master or self.policy == "auto")
+
+
+def optimizer_state_kind(optimizer: str, momentum: float | None) -> str:
+    """The optimizer's per-parameter state as the planner's memory model names it."""
+    name = optimizer.lower()
+    if name in ("adam", "adamw"):
+        return name
+    if name == "sgd":
+        return "momentum" if momentum else "sgd"
+    return "adam"  # unknown optimizers: assume two state tensors per parameter
 
 
 def parse_repartition_at(values: Sequence[str]) -> list[ForcedSwitch]:
@@ -40,42 +73,40 @@ def parse_repartition_at(values: Sequence[str]) -> list[ForcedSwitch]:
         step, sep, path = text.partition(":")
         if not sep or not step.strip().isdigit() or not path:
             raise PipeshiftError(f"--repartition-at {text!r}: expected STEP:PLAN_JSON, e.g. 20:plan3/plan.json")
-        out.append(ForcedSwitch(index, int(step), path, read_plan_file(path)))
+        out.append(ForcedSwitch(index, int(step), path, read_plan(path)))
     return sorted(out, key=lambda f: (f.step, f.index))
 
 
-def file_digest(paths: Sequence[str]) -> str:
+def plans_digest(plans: Sequence[Plan]) -> str:
     h = hashlib.sha256()
-    for path in paths:
-        h.update(json.dumps(read_plan_file(path), sort_keys=True).encode())
+    for plan in plans:
+        h.update(json.dumps(plan.to_json(), sort_keys=True).encode())
     return h.hexdigest()
 
 
 # -- setting a job up -----------------------------------------------------------------------------
 
 
-def package_plan(pkg) -> dict[str, Any] | None:
+def package_plan(pkg: StagePackage) -> Plan | None:
     """The package's plan.json with each stage's ranks taken from conf.json; None if it lists no stages."""
-    plan = pkg.plan
-    stages = plan.get("stages") if isinstance(plan, dict) else None
+    stages = pkg.plan.get("stages")
     if not isinstance(stages, list) or not stages:
         return None
+    source = str(pkg.path / "plan.json")
     if len(stages) != pkg.num_stages:
-        raise InputFileError(str(pkg.path / "plan.json"), None,
-                             f"lists {len(stages)} stages but conf.json has {pkg.num_stages}")
-    out = dict(plan)
-    out["stages"] = [{**st, "ranks": list(pkg.stage_to_rank[k]), "replicas": len(pkg.stage_to_rank[k])}
-                     for k, st in enumerate(stages)]
-    return out
+        raise InputFileError(source, None, f"lists {len(stages)} stages but conf.json has {pkg.num_stages}")
+    out = dict(pkg.plan)
+    out["stages"] = [_on_ranks(st, pkg.stage_to_rank[k]) for k, st in enumerate(stages)]
+    return parse_plan(out, source)
 
 
-def _optimizer_kind(args) -> str:
-    name = str(args.optimizer).lower()
-    if name in ("adam", "adamw"):
-        return name
-    if name == "sgd":
-        return "momentum" if args.momentum else "sgd"
-    return "adam"  # unknown optimizers: assume two state tensors per parameter
+def _on_ranks(stage: Any, ranks: Sequence[int]) -> Any:
+    """A plan.json stage on conf.json's ranks (anything else is left for the plan's checks to name)."""
+    if not isinstance(stage, dict):
+        return stage
+    tp = stage.get("tp", 1)
+    replicas = len(ranks) // tp if isinstance(tp, int) and not isinstance(tp, bool) and tp > 0 else 1
+    return {**stage, "ranks": list(ranks), "replicas": replicas}
 
 
 def policy_config(items: Sequence[str]):
@@ -97,10 +128,10 @@ def policy_config(items: Sequence[str]):
 class Job:
     """How this rank starts: its module list, the partition, and what drives repartitioning."""
 
-    entries: list | None
+    entries: list[StageEntry] | None
     rank: int
     world_size: int
-    args: Any
+    options: JobOptions
     repartitioner: Repartitioner | None = None
     module_to_stage: list[int] | None = None
     stage_ranks: list[list[int]] | None = None
@@ -115,44 +146,46 @@ class Job:
     chain: Any = None
     local: LocalBuild | None = None  # which tensors this rank materialised, and read from --init-from
 
-    def controller(self, pipeline, cfg) -> Controller | None:
-        args = self.args
-        if not (self.repartitioner or self.forced or args.master or args.policy == "auto"):
+    def controller(self, steps: int, output_dir: str | Path) -> Controller | None:
+        opts = self.options
+        if not (self.repartitioner or opts.may_repartition):
             return None  # nothing to decide, and the package's own partition: checkpoints need no plan
-        config = ControlConfig(report_every=args.report_every, policy=args.policy, master=bool(args.master),
-                               total_steps=cfg.steps, output_dir=Path(cfg.output_dir))
+        config = ControlConfig(report_every=opts.report_every, policy=opts.policy, master=bool(opts.master),
+                               total_steps=steps, output_dir=Path(output_dir))
         return Controller(self.rank, self.world_size, self.repartitioner, config, forced=self.forced,
                           master=self.master, policy=self.policy, chain=self.chain)
 
 
-def prepare_job(args, pkg, bundle, rank: int, world_size: int, connect: Connect | None = None,
-                hooks: Hooks | None = None, memory: MemoryCheck | None = None) -> Job:
+def prepare_job(opts: JobOptions, pkg: StagePackage, bundle: ModelBundle, rank: int, world_size: int,
+                connect: Connect | None = None, hooks: Hooks | None = None, memory: MemoryCheck | None = None) -> Job:
     """Everything this rank needs before the start-up agreement (errors then reach every rank).
 
     The plan in force is the package's, or after a restart the checkpoint's (re-planned when the
     number of ranks changed). Stages are built over this rank's full model whenever anything may
     repartition, so a switch moves references, not copies, for the layers a rank keeps.
     """
-    from pipeshift.runtime.repartition import Partition, plan_stage_ranks
+    from pipeshift.runtime.repartition import Partition
 
-    job = Job(entries=None, rank=rank, world_size=world_size, args=args, connect=connect)
-    job.forced = parse_repartition_at(args.repartition_at)
-    wants = bool(job.forced or args.master or args.policy == "auto")
+    job = Job(entries=None, rank=rank, world_size=world_size, options=opts, connect=connect)
+    job.forced = parse_repartition_at(opts.repartition_at)
+    wants = opts.may_repartition
     if job.forced:
-        job.agreed["repartition_plans"] = file_digest([f.path for f in job.forced])
+        job.agreed["repartition_plans"] = plans_digest([f.plan for f in job.forced])
     base = package_plan(pkg)
     chain = None
-    if base is not None and (args.policy == "auto" or args.resume):
-        chain = load_chain(base, find_graph(base, pkg.path, args.graph), _optimizer_kind(args))
-    plan, job.note = resume_plan(args.checkpoint_dir if args.resume else None, world_size, base, chain)
+    if base is not None and (opts.policy == "auto" or opts.resume):
+        chain = load_chain(find_graph(base, pkg.path, opts.graph), opts.optimizer_state)
+    plan, job.note = resume_plan(opts.checkpoint_dir if opts.resume else None, world_size, base, chain)
     if plan is not None:
         _same_model(plan, pkg, "the checkpoint's plan.json")
+    if bundle.criterion is None:
+        raise PipeshiftError(f"{pkg.path}: the model has no loss to train with (pass --loss)")
     criterion = bundle.criterion()
     if plan is None and not wants:
         if memory is not None:
             memory = dataclasses.replace(memory, stage_ranks=[pkg.stage_to_rank[k] for k in sorted(pkg.stage_to_rank)],
                                          plan_stages=_plan_stages(pkg.plan))
-        job.local = package_entries(pkg, bundle.model, criterion, rank, args.init_from, memory)
+        job.local = package_entries(pkg, bundle.model, criterion, rank, opts.init_from, memory)
         job.entries = job.local.entries
         return _connect(job, None)
     if base is None:
@@ -177,38 +210,38 @@ def prepare_job(args, pkg, bundle, rank: int, world_size: int, connect: Connect 
         def make(model):
             return [*build_stages(plan, model, model_capture=model_capture), (criterion, inputs, ["loss"])]
         job.source = "the checkpoint's plan.json"
-    stage_ranks = plan_stage_ranks(plan)
+    stage_ranks = plan.stage_ranks
     # Only this rank's stages are real; a switch installs the layers it receives and frees those it gives.
     mine = [k for k, ranks in enumerate(stage_ranks) if rank in ranks]
     if memory is not None:
-        memory = dataclasses.replace(memory, stage_ranks=stage_ranks, plan_stages=_plan_stages(plan))
+        memory = dataclasses.replace(memory, stage_ranks=stage_ranks, plan_stages=plan.to_json()["stages"])
     job.local = local_entries(make, full, list(range(len(stage_ranks))) + [len(stage_ranks) - 1], mine,
-                              seed=pkg.spec.seed if pkg.spec else 0, init_from=args.init_from,
+                              seed=pkg.spec.seed if pkg.spec else 0, init_from=opts.init_from,
                               who=f"rank {rank} (stage {', '.join(map(str, mine))})", memory=memory)
     job.entries = job.local.entries
     if job.source is not None:  # not the package's partition: its ties are not conf.json's
         from pipeshift.codegen.partition import find_ties
 
         job.ties = find_ties([m for m, _, _ in job.entries[:-1]])
-    job.stage_ranks = plan_stage_ranks(plan)
-    job.module_to_stage = list(range(len(job.stage_ranks))) + [len(job.stage_ranks) - 1]
-    partition = Partition.of(plan, job.stage_ranks, [m for m, _, _ in job.entries[:-1]])
+    job.stage_ranks = stage_ranks
+    job.module_to_stage = list(range(len(stage_ranks))) + [len(stage_ranks) - 1]
+    partition = Partition.of(plan, [m for m, _, _ in job.entries[:-1]])
     job.repartitioner = Repartitioner(rank, full, job.entries[-1], partition, model_capture, hooks=hooks)
-    job.agreed["start_plan"] = hashlib.sha256(json.dumps(plan.get("stages"), sort_keys=True).encode()).hexdigest()
-    if args.policy == "auto":
+    job.agreed["start_plan"] = hashlib.sha256(json.dumps(plan.to_json()["stages"], sort_keys=True).encode()).hexdigest()
+    if opts.policy == "auto":
         if chain is None:
             raise PipeshiftError("--policy auto needs the profiled graph.txt: pass --graph (the plan's "
-                                 f"'graph' {base.get('graph')!r} was not found)")
+                                 f"'graph' {base.graph!r} was not found)")
         from pipeshift.runtime.policy_driver import PolicyDriver
 
         job.chain = chain
-        job.policy = PolicyDriver(plan, chain, policy_config(args.policy_arg))
+        job.policy = PolicyDriver(plan, chain, policy_config(opts.policy_args))
     elif chain is not None:
         job.chain = chain
     return _connect(job, plan)
 
 
-def _same_model(plan: Mapping[str, Any], pkg, source: str) -> None:
+def _same_model(plan: Plan, pkg: StagePackage, source: str) -> None:
     """A plan read from a checkpoint is data: it may only re-split the package's own model.
 
     Its spec is what the stages would be built from, so a spec other than the package's would
@@ -217,7 +250,7 @@ def _same_model(plan: Mapping[str, Any], pkg, source: str) -> None:
     from pipeshift.spec import ModelSpec
 
     try:
-        spec = ModelSpec.from_json(plan.get("model"))
+        spec = ModelSpec.from_json(plan.model)
     except PipeshiftError as e:
         raise PipeshiftError(f"{source}: {e}") from None
     if pkg.spec is None or spec != pkg.spec:
@@ -282,16 +315,12 @@ def _accepts_original(fn) -> bool:
         return False
 
 
-def _connect(job: Job, plan: dict[str, Any] | None) -> Job:
+def _connect(job: Job, plan: Plan | None) -> Job:
     """Register with the master (every rank), through the control plane the command wired in."""
-    if not job.args.master:
+    if not job.options.master:
         return job
     if job.connect is None:
         raise PipeshiftError("--master: this command has no control-plane client (run `pipeshift train`)")
-    stage = 0
-    if plan is not None:
-        from pipeshift.runtime.repartition import plan_stage_ranks
-
-        stage = next((k for k, ranks in enumerate(plan_stage_ranks(plan)) if job.rank in ranks), 0)
+    stage = plan.stage_of_rank(job.rank) if plan is not None else 0
     job.master = job.connect(job.rank, stage)
     return job

@@ -42,7 +42,7 @@ import numpy as np
 
 from pipeshift.errors import PipeshiftError
 from pipeshift.graph.ir import Graph
-from pipeshift.plan import Plan, as_plan, parse_plan
+from pipeshift.plan import Plan
 
 # Optimizer state held per parameter byte: SGD none, momentum one buffer, Adam two moments.
 OPTIMIZER_STATE_FACTOR: dict[str, float] = {"sgd": 0.0, "momentum": 1.0, "adam": 2.0, "adamw": 2.0}
@@ -56,16 +56,14 @@ class PlanFormatError(PipeshiftError):
 Stages = list[list[str]]
 
 
-def stages_of(plan: Any) -> Stages:
-    """The node lists of a plan (a :class:`Plan`, a plan.json object, or already a list of node lists).
+def stages_of(plan: Plan | Sequence[Sequence[str]]) -> Stages:
+    """The node lists of a :class:`Plan`, or node lists a re-planner returned, checked.
 
-    A plan document is checked by :func:`pipeshift.plan.parse_plan`; bare node lists must be
-    non-empty lists of strings with no node twice.
+    A plan was checked when it was parsed; bare node lists must be non-empty lists of strings
+    with no node twice.
     """
     if isinstance(plan, Plan):
         return plan.node_lists
-    if isinstance(plan, Mapping):
-        return parse_plan(plan).node_lists
     if not isinstance(plan, Sequence) or isinstance(plan, str) or not plan:
         raise PlanFormatError("a plan must be a JSON object with 'stages'")
     seen: dict[str, int] = {}
@@ -100,7 +98,7 @@ class Move:
 
 
 def diff_plans(
-    old: Any, new: Any, node_bytes: Mapping[str, float], node_fqns: Mapping[str, str] | None = None
+    old: Plan | Sequence[Sequence[str]], new: Plan | Sequence[Sequence[str]], node_bytes: Mapping[str, float], node_fqns: Mapping[str, str] | None = None
 ) -> list[Move]:
     """The nodes that change stage between two plans, in the new plan's order, with their bytes.
 
@@ -367,7 +365,7 @@ class RepartitionPolicy:
     """Stateful wrapper around the rules above: feed it one window at a time via :meth:`observe`."""
 
     def __init__(
-        self, chain: Chain, stages: Any, config: PolicyConfig | None = None, replan: Replanner | None = None
+        self, chain: Chain, stages: Plan | Sequence[Sequence[str]], config: PolicyConfig | None = None, replan: Replanner | None = None
     ) -> None:
         self.chain = chain
         self.config = config or PolicyConfig()
@@ -384,7 +382,7 @@ class RepartitionPolicy:
     def num_stages(self) -> int:
         return len(self.stages)
 
-    def adopt(self, stages: Any, speed_factors: Sequence[float] | np.ndarray | None = None) -> None:
+    def adopt(self, stages: Plan | Sequence[Sequence[str]], speed_factors: Sequence[float] | np.ndarray | None = None) -> None:
         """Make ``stages`` the current split (after our own decision or an operator's).
 
         Without ``speed_factors`` each worker keeps the speed expected of it (worker k runs stage k
@@ -506,8 +504,8 @@ class RepartitionPolicy:
 
 # -- writing the new split back as a plan.json ------------------------------------------
 def replace_stages(
-    plan: Plan | Mapping[str, Any], new_stages: Stages, predicted_compute_s: Sequence[float] | None = None,
+    plan: Plan, new_stages: Stages, predicted_compute_s: Sequence[float] | None = None,
     node_fqns: Mapping[str, str] | None = None,
-) -> dict[str, Any]:
-    """A copy of ``plan`` (as plan.json) with new node lists; ranks and replicas stay with the stage."""
-    return as_plan(plan).with_stages(new_stages, predicted_compute_s, node_fqns).to_json()
+) -> Plan:
+    """``plan`` with new node lists; ranks and replicas stay with the stage."""
+    return plan.with_stages(new_stages, predicted_compute_s, node_fqns)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipeshift.errors import PipeshiftError
+from pipeshift.plan import Plan
 from pipeshift.runtime.policy import (
     Chain,
     Decision,
@@ -41,7 +42,7 @@ class PolicyDriver:
     """Warm-up, calibration and the policy's verdicts for one job (see the module docstring)."""
 
     def __init__(
-        self, plan: dict[str, Any], chain: Chain, config: PolicyConfig | None = None,
+        self, plan: Plan, chain: Chain, config: PolicyConfig | None = None,
         total_steps: int | None = None, replan: Replanner | None = None,
     ) -> None:
         self.plan = plan
@@ -57,21 +58,21 @@ class PolicyDriver:
     def config(self) -> PolicyConfig:
         return self.policy.config
 
-    def adopt_plan(self, plan: dict[str, Any]) -> None:
+    def adopt_plan(self, plan: Plan) -> None:
         """The job switched to ``plan`` (an operator's or a forced one): judge it from now on."""
         self.policy.adopt(plan)  # raises if the plan does not cover the graph; workers keep their speeds
         self.policy.cooldown_left = self.policy.config.cooldown_windows  # the switch disturbs timings
         self.plan = plan
         self._pending.clear()
 
-    def check_plan(self, plan: dict[str, Any]) -> None:
+    def check_plan(self, plan: Plan) -> None:
         self.chain.assignment(stages_of(plan))
 
     def record_pause(self, seconds: float) -> None:
         self.policy.record_pause(seconds)
 
     def observe(self, measured: list[float], step: int | None,
-                remaining_steps: int | None) -> tuple[Decision, dict[str, Any] | None]:
+                remaining_steps: int | None) -> tuple[Decision, Plan | None]:
         """Judge one window of per-stage compute seconds; the decision and the new plan, if any."""
         policy = self.policy
         values = np.asarray(measured, dtype=float)
@@ -101,7 +102,7 @@ class PolicyDriver:
                         speed_factors=p.expected_speed.tolist(), event=event)
 
     def on_report(self, rank: int, step: int, stage_times: dict[int, dict[str, float]],
-                  total_steps: int | None) -> tuple[Decision, dict[str, Any] | None] | None:
+                  total_steps: int | None) -> tuple[Decision, Plan | None] | None:
         """Record one rank's report; when every stage has reported, judge the window."""
         if total_steps is not None:
             self.total_steps = total_steps

@@ -36,7 +36,7 @@ from torch import nn
 
 from pipeshift.errors import PipeshiftError
 from pipeshift.materialize import install, release
-from pipeshift.plan import Plan, RankLayout, as_plan, parse_plan
+from pipeshift.plan import Plan
 from pipeshift.runtime.allocator import resident_bytes, return_freed_memory
 from pipeshift.runtime.hooks import Hooks
 from pipeshift.runtime.pipeline import Pipeline, optimizer_state_by_fqn
@@ -54,20 +54,21 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (
 
 
 @dataclasses.dataclass(frozen=True)
-class Partition(RankLayout):
-    """A plan as the runtime sees it: each stage's ranks and the state_dict keys it holds."""
+class Partition:
+    """A plan as the runtime sees it: the :class:`Plan` and the state_dict keys each of its stages holds."""
 
-    plan: dict[str, Any]
-    stage_ranks: tuple[tuple[int, ...], ...]
+    plan: Plan
     stage_keys: tuple[frozenset[str], ...]
 
     @classmethod
-    def of(cls, plan: Mapping[str, Any], stage_ranks: Sequence[Sequence[int]],
-           stage_modules: Sequence[nn.Module]) -> Partition:
-        if len(stage_ranks) != len(stage_modules):
-            raise PipeshiftError(f"{len(stage_modules)} stage modules for {len(stage_ranks)} stages")
-        keys = tuple(frozenset(m.state_dict().keys()) for m in stage_modules)
-        return cls(dict(plan), tuple(tuple(r) for r in stage_ranks), keys)
+    def of(cls, plan: Plan, stage_modules: Sequence[nn.Module]) -> Partition:
+        if plan.num_stages != len(stage_modules):
+            raise PipeshiftError(f"{len(stage_modules)} stage modules for {plan.num_stages} stages")
+        return cls(plan, tuple(frozenset(m.state_dict().keys()) for m in stage_modules))
+
+    @property
+    def stage_ranks(self) -> list[list[int]]:
+        return self.plan.stage_ranks
 
     def holders(self) -> dict[str, tuple[int, ...]]:
         """key -> the ranks holding it (every replica of every stage that has it), sorted."""
@@ -336,33 +337,28 @@ def _landing_buffer(item: _Item, destination: Mapping[str, torch.Tensor], device
 # -- the switch -----------------------------------------------------------------------------------
 
 
-def plan_stage_ranks(plan: Plan | Mapping[str, Any]) -> list[list[int]]:
-    """Each stage's ranks (default: contiguous, stage by stage)."""
-    return as_plan(plan).stage_ranks
-
-
-def check_plan(plan: Any, world_size: int, microbatches: int, model_spec: Any = None, source: str = "plan",
-               running: Plan | Mapping[str, Any] | None = None) -> None:
+def check_plan(plan: Plan, world_size: int, microbatches: int, running: Plan | None = None,
+               source: str | None = None) -> None:
     """The checks every rank makes, identically, before it touches anything for a new plan.
 
-    ``running`` is the plan in force: a new one may move layers, never change the batch size
-    (the data stream, the optimizer's arithmetic and every buffer depend on it).
+    ``running`` is the plan in force: a new one may move layers, never change the model or the
+    batch size (the data stream, the optimizer's arithmetic and every buffer depend on it).
+    Errors name ``source`` (default: the plan's).
     """
     from pipeshift.codegen.planfile import model_spec as spec_of
 
-    parsed = plan if isinstance(plan, Plan) else parse_plan(plan, source)
+    parsed, source = plan, source or plan.source
     if parsed.world_size != world_size:
         raise PipeshiftError(f"{source}: the stages use ranks 0..{parsed.world_size - 1} but this job has ranks "
                              f"0..{world_size - 1}")
-    if running is not None:
-        in_force = running.batch_size if isinstance(running, Plan) else running.get("batch_size")
-        if in_force is not None and parsed.batch_size != in_force:
-            raise PipeshiftError(f"{source}: the plan is for batch size {parsed.batch_size}, the running job's is "
-                                 f"{in_force}; a repartition only moves layers")
     spec = spec_of(parsed)
-    if model_spec is not None and spec.to_json() != model_spec:
-        raise PipeshiftError(f"{source}: the plan is for {spec.callable} with other arguments or seed than "
-                             "the running model")
+    if running is not None:
+        if running.batch_size is not None and parsed.batch_size != running.batch_size:
+            raise PipeshiftError(f"{source}: the plan is for batch size {parsed.batch_size}, the running job's is "
+                                 f"{running.batch_size}; a repartition only moves layers")
+        if running.model is not None and spec.to_json() != running.model:
+            raise PipeshiftError(f"{source}: the plan is for {spec.callable} with other arguments or seed than "
+                                 "the running model")
     stages = len(parsed.stages)
     if microbatches < stages:
         raise PipeshiftError(f"{source}: {stages} stages need at least {stages} microbatches (this job has "
@@ -394,7 +390,7 @@ class Repartitioner:
         self._pool_thread: threading.Thread | None = None
 
     @property
-    def plan(self) -> dict[str, Any]:
+    def plan(self) -> Plan:
         return self.partition.plan
 
     def capture(self) -> Any:
@@ -405,23 +401,23 @@ class Repartitioner:
             self._capture = capture_model(self.plan, weights=False)
         return self._capture
 
-    def entries(self, plan: Mapping[str, Any]) -> tuple[list[StageEntry], list[list[int]]]:
-        """The new plan's module list (stages over the full model, then the criterion) and stage ranks."""
+    def entries(self, plan: Plan) -> list[StageEntry]:
+        """The plan's module list: its stages over the full model, then the criterion."""
         from pipeshift.codegen import build_stages
 
-        stages = build_stages(dict(plan), self.full_model, model_capture=self.capture())
-        return [*stages, self.criterion], plan_stage_ranks(plan)
+        stages = build_stages(plan, self.full_model, model_capture=self.capture())
+        return [*stages, self.criterion]
 
-    def prepare(self, plan: Mapping[str, Any]) -> Prepared:
+    def prepare(self, plan: Plan) -> Prepared:
         """Render ``plan``: its stage modules and which keys each stage holds — deterministic, touches nothing.
 
         Every rank gets the same answer (or the same error) for the same plan, so a plan that
         cannot be rendered is refused by all ranks alike, without a word between them.
         """
         t0 = time.perf_counter()
-        entries, stage_ranks = self.entries(plan)
-        new = Partition.of(plan, stage_ranks, [m for m, _, _ in entries[:-1]])
-        return Prepared(entries, stage_ranks, new, time.perf_counter() - t0)
+        entries = self.entries(plan)
+        new = Partition.of(plan, [m for m, _, _ in entries[:-1]])
+        return Prepared(entries, new, time.perf_counter() - t0)
 
     def reserve(self, prepared: Prepared, optimizer: torch.optim.Optimizer, device: torch.device) -> int:
         """Allocate, in the background, the optimizer-state buffers this rank will receive; returns their bytes.
@@ -453,7 +449,7 @@ class Repartitioner:
         self._pool_thread = None
         self._pool = {}
 
-    def switch(self, pipeline: Pipeline, plan: Mapping[str, Any] | Prepared, where: str = "repartition") -> dict[str, Any]:
+    def switch(self, pipeline: Pipeline, plan: Plan | Prepared, where: str = "repartition") -> dict[str, Any]:
         """Move ``pipeline`` onto ``plan`` (every rank, together, at a synchronisation point).
 
         Returns this rank's account: what moved, how many bytes, and how long each part took.
@@ -496,7 +492,7 @@ class Repartitioner:
         install(self.full_model, arrived)
         given = self.partition.keys_of(self.rank) - mine
         released = release(self.full_model, given)
-        entries = prepared.entries if not (arrived or released) else self.entries(prepared.partition.plan)[0]
+        entries = prepared.entries if not (arrived or released) else self.entries(prepared.partition.plan)
         del current, full
         t_move = time.perf_counter()
         faults = _page_faults() - faults
@@ -507,7 +503,7 @@ class Repartitioner:
         from pipeshift.codegen.partition import find_ties
 
         module_to_stage = list(range(new.num_stages)) + [new.num_stages - 1]
-        pipeline.rebuild(entries, module_to_stage, prepared.stage_ranks,
+        pipeline.rebuild(entries, module_to_stage, new.stage_ranks,
                          optimizer_state={"state": state, "param_groups": [{**hyper, "params": sorted(mine)}]},
                          source=where, ties=find_ties([m for m, _, _ in prepared.entries[:-1]]))
         self.partition = new
@@ -531,10 +527,9 @@ class Repartitioner:
 
 @dataclasses.dataclass
 class Prepared:
-    """A rendered plan, ready to switch to: its module list, ranks and key ownership."""
+    """A rendered plan, ready to switch to: its module list and key ownership (its ``partition``)."""
 
     entries: list[StageEntry]
-    stage_ranks: list[list[int]]
     partition: Partition
     render_s: float
 

@@ -8,14 +8,13 @@ re-split for the new number of workers when that changed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeshift.errors import PipeshiftError
-from pipeshift.plan import read_plan
+from pipeshift.plan import Plan, parse_plan, read_plan
 from pipeshift.runtime import checkpoint as ckpt
 
 if TYPE_CHECKING:  # the policy (numpy, the graph) is imported only when a restart re-plans
@@ -28,21 +27,15 @@ ELASTIC_FILE = "elastic.json"
 # -- plans after a restart ----------------------------------------------------------------------
 
 
-def plan_world_size(plan: Mapping[str, Any]) -> int:
-    from pipeshift.runtime.repartition import plan_stage_ranks
-
-    return sum(len(r) for r in plan_stage_ranks(plan))
-
-
-def find_graph(plan: Mapping[str, Any], package_dir: Path | None, explicit: str | None) -> Path | None:
+def find_graph(plan: Plan, package_dir: Path | None, explicit: str | None) -> Path | None:
     """The profiled graph.txt behind ``plan``: ``--graph``, else the plan's ``graph`` where it resolves."""
     if explicit:
         p = Path(explicit)
         if not p.is_file():
             raise PipeshiftError(f"--graph {explicit}: no such file")
         return p
-    named = plan.get("graph")
-    if not isinstance(named, str) or not named or "\x00" in named:
+    named = plan.graph
+    if named is None or "\x00" in named:
         return None
     g = Path(named)
     candidates = [g]
@@ -51,7 +44,7 @@ def find_graph(plan: Mapping[str, Any], package_dir: Path | None, explicit: str 
     return next((c for c in candidates if c.is_file()), None)
 
 
-def load_chain(plan: Mapping[str, Any], graph: Path | None, optimizer: str) -> Chain | None:
+def load_chain(graph: Path | None, optimizer: str) -> Chain | None:
     """The policy's view of the model (per-node times); ``None`` without a graph."""
     if graph is None:
         return None
@@ -61,7 +54,7 @@ def load_chain(plan: Mapping[str, Any], graph: Path | None, optimizer: str) -> C
     return chain_from_graph(read_graph_txt(graph), optimizer=optimizer)
 
 
-def replan_for_workers(plan: Mapping[str, Any], workers: int, chain: Chain | None = None) -> dict[str, Any]:
+def replan_for_workers(plan: Plan, workers: int, chain: Chain | None = None) -> Plan:
     """``plan`` re-split into ``workers`` single-rank stages (after a shrink or a grow).
 
     With the profiled graph (``chain``) this is the policy's exact straight-pipeline DP on the
@@ -86,17 +79,17 @@ def replan_for_workers(plan: Mapping[str, Any], workers: int, chain: Chain | Non
         how = "equal node counts"
     if len(stages) != workers or any(not s for s in stages):
         raise PipeshiftError(f"cannot split {len(order)} nodes over {workers} workers")
-    out = {k: v for k, v in plan.items() if k not in ("stages", "predicted", "memory_per_worker_bytes")}
+    out = {k: v for k, v in plan.doc.items() if k not in ("stages", "predicted", "memory_per_worker_bytes")}
     out["num_workers"] = workers
     out["stages"] = [{"stage_id": k, "nodes": list(nodes), "fqns": list(dict.fromkeys(fqn_of[n] for n in nodes
                                                                                      if n in fqn_of)),
                       "replicas": 1, "ranks": [k]} for k, nodes in enumerate(stages)]
     out["replanned"] = {"workers": workers, "from": how}
-    return out
+    return parse_plan(out, f"{plan.source} re-planned for {workers} workers")
 
 
-def resume_plan(checkpoint_dir: str | None, world_size: int, package_plan: dict[str, Any] | None,
-                chain: Chain | None = None) -> tuple[dict[str, Any] | None, str]:
+def resume_plan(checkpoint_dir: str | None, world_size: int, package_plan: Plan | None,
+                chain: Chain | None = None) -> tuple[Plan | None, str]:
     """The plan a (re)started job runs: the checkpoint's, re-planned if the worker count changed.
 
     ``None`` means "the stage package as it is". The checkpoint records the plan in force when it
@@ -110,12 +103,12 @@ def resume_plan(checkpoint_dir: str | None, world_size: int, package_plan: dict[
         return None, ""
     where = ckpt.choose(root)[0]
     saved = where / "plan.json"
-    plan = read_plan(saved).to_json() if saved.is_file() else None
+    plan = read_plan(saved) if saved.is_file() else None
     base = plan or package_plan
     if base is None:
         return None, ""
-    if plan_world_size(base) == world_size:
+    if base.world_size == world_size:
         return plan, (f"the partition of checkpoint {where.name}" if plan else "")
     new = replan_for_workers(base, world_size, chain)
-    return new, (f"checkpoint {where.name} ran on {plan_world_size(base)} workers; re-planned for {world_size} "
-                 f"({new['replanned']['from']})")
+    return new, (f"checkpoint {where.name} ran on {base.world_size} workers; re-planned for {world_size} "
+                 f"({new.doc['replanned']['from']})")

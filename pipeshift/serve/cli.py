@@ -24,9 +24,9 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any
 
 from pipeshift.errors import PipeshiftError
+from pipeshift.plan import Plan
 
 TOKEN_ENV = "PIPESHIFT_SERVE_TOKEN"
 _LOCAL_ONLY = {"local", "dry_run"}  # flags of the launcher, not of the ranks
@@ -316,7 +316,7 @@ def _build(pkg, rank: int, init_from: str | None, repartitionable: bool):
 
     from pipeshift.runtime.job import package_entries, package_plan
     from pipeshift.runtime.local import local_entries
-    from pipeshift.runtime.repartition import Partition, Repartitioner, plan_stage_ranks
+    from pipeshift.runtime.repartition import Partition, Repartitioner
 
     class NoLoss(nn.Module):
         """The criterion slot of the package's module list: serving never computes a loss."""
@@ -347,7 +347,7 @@ def _build(pkg, rank: int, init_from: str | None, repartitionable: bool):
 
     local = local_entries(make, bundle.model, pkg.module_to_stage, range(pkg.num_stages),
                           seed=pkg.spec.seed if pkg.spec else 0, init_from=init_from, who=f"rank {rank}")
-    partition = Partition.of(plan, plan_stage_ranks(plan), [m for m, _, _ in local.entries[:-1]])
+    partition = Partition.of(plan, [m for m, _, _ in local.entries[:-1]])
     return local.entries, pkg.module_to_stage, Repartitioner(rank, bundle.model, local.entries[-1], partition), bundle
 
 
@@ -366,19 +366,15 @@ def _slowdowns(values: list[str]) -> list[tuple[int, float, int]]:
     return out
 
 
-def _forced(values: list[str]) -> list[tuple[int, dict[str, Any], str]]:
-    from pipeshift.jsonfile import read_json_object
+def _forced(values: list[str]) -> list[tuple[int, Plan, str]]:
+    from pipeshift.plan import read_plan
 
     out = []
     for text in values:
         at, sep, path = text.partition(":")
         if not sep or not at.isdigit() or not path:
             raise PipeshiftError(f"--repartition-at {text!r}: expected BATCHES:PLAN, e.g. 100:plan2/plan.json")
-        p = Path(path)
-        if p.is_dir():
-            p = p / "plan.json"
-        plan = read_json_object(p, "plan file")
-        out.append((int(at), plan, f"--repartition-at {text}"))
+        out.append((int(at), read_plan(path), f"--repartition-at {text}"))
     return sorted(out, key=lambda x: x[0])
 
 
@@ -393,7 +389,7 @@ def _policy(args: argparse.Namespace, pkg):
     graph = find_graph(plan, pkg.path, args.graph)
     if graph is None:
         raise PipeshiftError(f"--policy auto needs the profiled graph.txt: pass --graph (the plan's 'graph' "
-                             f"{plan.get('graph')!r} was not found)")
+                             f"{plan.graph!r} was not found)")
     return ServePolicy(plan, serving_chain(graph), policy_config(args.policy_arg), args.report_every,
                        Path(args.policy_log) if args.policy_log else None)
 

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from pipeshift.errors import PipeshiftError
+from pipeshift.plan import Plan
 from pipeshift.serve import wire
 from pipeshift.serve.routing import FRONTEND, Routing
 from pipeshift.serve.worker import StageWorker, first_line
@@ -123,7 +124,7 @@ class Frontend:
         self.stopping = False
         self.last_seen: dict[int, float] = {}
         self.rank_info: dict[int, dict[str, Any]] = {}
-        self.switch_requests: queue.Queue[tuple[dict[str, Any], str, Callable[[str | None], None] | None]] = \
+        self.switch_requests: queue.Queue[tuple[Plan, str, Callable[[str | None], None] | None]] = \
             queue.Queue()
         self.forced: list[tuple[int, dict[str, Any], str]] = []  # (after batches, plan, source)
         self.switch_log: list[dict[str, Any]] = []
@@ -348,7 +349,7 @@ class Frontend:
         if done is not None:
             done(None)
 
-    def _switch(self, plan: dict[str, Any], source: str) -> None:
+    def _switch(self, plan: Plan, source: str) -> None:
         """Drain, then move every rank onto ``plan``; requests wait in the queue meanwhile."""
         rp = self.worker.repartitioner
         if rp is None:
@@ -360,7 +361,7 @@ class Frontend:
                 if self.dead is not None:
                     return
         t_drained = time.perf_counter()
-        text = json.dumps(plan)
+        text = json.dumps(plan.to_json())
         try:
             # Rendering traces the model with torch.fx, which patches torch.nn.Module globally: only
             # with no batch running. Every rank renders alike, so a plan refused here fails nowhere.

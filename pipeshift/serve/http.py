@@ -33,6 +33,8 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from pipeshift.errors import PipeshiftError
+from pipeshift.plan import parse_plan
 from pipeshift.serve.frontend import Frontend, Outcome, Request
 
 _SAFETENSORS_TYPES = ("application/octet-stream", "application/x-safetensors", "application/safetensors")
@@ -271,11 +273,11 @@ def build_app(frontend: Frontend, info: ModelInfo, metrics) -> Starlette:
     async def repartition(request: HTTPRequest) -> Response:
         body = await read_body(request, info.max_body_bytes)
         try:
-            plan = json.loads(body)
+            plan = parse_plan(json.loads(body), "POST /v1/admin/repartition")
         except (ValueError, UnicodeDecodeError) as e:
             raise HTTPError(400, f"the body is not a plan.json ({e})") from None
-        if not isinstance(plan, dict):
-            raise HTTPError(400, "a plan must be a JSON object")
+        except PipeshiftError as e:
+            raise HTTPError(400, str(e)) from None
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[str | None] = loop.create_future()
         frontend.switch_requests.put((plan, "POST /v1/admin/repartition",

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from pipeshift.errors import PipeshiftError
+from pipeshift.plan import Plan
 
 
 def serving_chain(graph_path: Path):
@@ -39,7 +40,7 @@ def serving_chain(graph_path: Path):
 class ServePolicy:
     """Serving windows from the ranks' counters, judged by training's :class:`PolicyDriver`."""
 
-    def __init__(self, plan: dict[str, Any], chain, config, every: int, log_path: Path | None = None):
+    def __init__(self, plan: Plan, chain, config, every: int, log_path: Path | None = None):
         from pipeshift.runtime.policy_driver import PolicyDriver
 
         self.driver = PolicyDriver(plan, chain, config)
@@ -49,11 +50,11 @@ class ServePolicy:
         self.log_path = log_path
 
     @property
-    def plan(self) -> dict[str, Any]:
+    def plan(self) -> Plan:
         return self.driver.plan
 
     def observe(self, rank_info: dict[int, dict[str, Any]], stage_ranks: Sequence[Sequence[int]],
-                batches: int) -> dict[str, Any] | None:
+                batches: int) -> Plan | None:
         """One look at the ranks' counters; a new plan when the policy decides to repartition."""
         with self._lock:
             measured = []
@@ -78,7 +79,7 @@ class ServePolicy:
                       f"per batch per stage)", file=sys.stderr, flush=True)
             return plan
 
-    def adopted(self, plan: dict[str, Any], pause_s: float) -> None:
+    def adopted(self, plan: Plan, pause_s: float) -> None:
         """A switch happened (the policy's own, forced or an operator's): judge the new split from now on."""
         with self._lock:
             self.driver.record_pause(pause_s)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from pipeshift.errors import PipeshiftError
+from pipeshift.plan import parse_plan
 from pipeshift.runtime.comm import Communicator, PeerError
 from pipeshift.runtime.stage import Stage, StageEntry
 from pipeshift.runtime.tp import TensorParallel
@@ -199,7 +200,7 @@ class StageWorker:
         where = f"repartition after {self.batches} batches on this rank"
         self.comm.where = where
         ready, self.prepared = self.prepared, None
-        plan = ready[1] if ready is not None and ready[0] == text else json.loads(text)
+        plan = ready[1] if ready is not None and ready[0] == text else parse_plan(json.loads(text), where)
         report = self.repartitioner.switch(self, plan, where=where)
         self.switches.append(report)
         return report
