@@ -111,6 +111,7 @@ def slowed_worker(args, work: Path) -> str:
     import numpy as np
 
     from pipeshift.graph.graphtxt import read_graph_txt
+    from pipeshift.plan import read_plan
     from pipeshift.runtime.policy import ReplanRequest, builtin_replan, chain_from_graph, replace_stages
 
     m, b = args.microbatches, args.batch
@@ -119,7 +120,7 @@ def slowed_worker(args, work: Path) -> str:
     sh([PY, "-m", "pipeshift", "profile", *model, "-b", str(b), "-o", "prof"], work, 900)
     sh([PY, "-m", "pipeshift", "plan", "prof/graph.txt", "-n", "2", "--straight-pipeline", "-o", "plan"], work, 300)
     sh([PY, "-m", "pipeshift", "codegen", "plan", "-o", "stages"], work, 300)
-    base = json.loads((work / "plan" / "plan.json").read_text())
+    base = read_plan(work / "plan")
     chain = chain_from_graph(read_graph_txt(work / "prof" / "graph.txt"), optimizer="momentum")
     request = ReplanRequest(node_ids=list(chain.node_ids),
                             node_times_s=np.outer([1.0, args.factor], chain.node_times_s),
@@ -134,7 +135,7 @@ def slowed_worker(args, work: Path) -> str:
         if 2 <= c <= len(order) - 1:
             plan = replace_stages(base, [order[:c], order[c:]], node_fqns=chain.node_fqns)
             path = work / f"oracle{delta:+d}.json"
-            path.write_text(json.dumps(plan))
+            path.write_text(json.dumps(plan.to_json()))
             sh([PY, "-m", "pipeshift", "codegen", str(path), "-o", f"oracle{delta:+d}"], work, 300)
             candidates[delta] = work / f"oracle{delta:+d}"
     common = ["--steps", str(args.steps), "--microbatches", str(m), "--batch-size", str(b), "--optimizer", "sgd",

@@ -25,6 +25,7 @@ from pipeshift.launch.client import CtlClient, MasterClient, MasterUnavailable, 
 from pipeshift.launch.master import Master, PolicyDriver
 from pipeshift.launch.protocol import AuthError, ProtocolError
 from pipeshift.plan import parse_plan
+from pipeshift.runtime.control import parse_command
 from pipeshift.runtime.policy import Chain, PolicyConfig
 
 pytestmark = pytest.mark.timeout(90)
@@ -393,7 +394,7 @@ def test_master_policy_charges_the_pause_the_ranks_measured(announced_pause_s):
     """A switch's measured pause, announced with the plan, is what the master's next decision must repay."""
     chain = Chain(node_ids=[f"node{i}" for i in range(4)], node_times_s=np.ones(4), activation_bytes=np.zeros(4),
                   state_bytes=np.full(4, 1e3), edges=np.array([(0, 1), (1, 2), (2, 3)]), fqns=[f"l{i}" for i in range(4)])
-    driver = PolicyDriver(json.loads(json.dumps(PLAN)), chain,
+    driver = PolicyDriver(parse_plan(PLAN), chain,
                           PolicyConfig(persist_windows=2, cooldown_windows=1, fixed_pause_s=0.1), total_steps=1000)
     m = Master(TOKEN, port=0, policy=driver)
     m.start_in_thread()
@@ -415,9 +416,30 @@ def test_master_policy_charges_the_pause_the_ranks_measured(announced_pause_s):
         assert command is None and decision is not None and decision.repartition is False
         assert "does not pay for the migration" in decision.reason and decision.migration_cost_s == 1e4
     else:
-        assert command is not None and command["source"] == "policy" and decision is not None
+        assert command is not None and command.source == "policy" and decision is not None
         assert decision.migration_cost_s == pytest.approx(max(0.1 + 1e3 / PolicyConfig().bandwidth_bytes_per_s,
                                                                  announced_pause_s or 0.0))
+
+
+@pytest.mark.parametrize("message, error", [
+    ({"type": "repartition", "id": 3, "at_step": 5, "plan": {"stages": []}}, "no 'stages'"),
+    ({"type": "repartition", "id": 3, "at_step": 5, "plan": "plan.json"}, "JSON object"),
+    ({"type": "repartition", "id": 3, "at_step": -1, "plan": PLAN}, "at_step"),
+    ({"type": "resize", "id": 4, "world_size": 0}, "world_size"),
+    ({"type": "resize", "id": 4, "world_size": True}, "world_size"),
+    ({"type": "reboot", "id": 5}, "unknown command type"),
+])
+def test_a_malformed_command_arrives_with_what_is_wrong(message, error):
+    command = parse_command(message)
+    assert command.error is not None and error in command.error
+    assert command.id == message["id"] and command.plan is None
+
+
+def test_a_command_arrives_checked():
+    command = parse_command({"type": "repartition", "id": 7, "at_step": 12, "plan": PLAN, "source": "policy"})
+    assert command.error is None and (command.id, command.at_step, command.source) == (7, 12, "policy")
+    assert command.plan.node_lists == [["node0", "node1"], ["node2", "node3"]] and command.plan.stage_ranks == [[0], [1]]
+    assert parse_command({"type": "resize", "id": 8, "world_size": 3}).world_size == 3
 
 
 @pytest.mark.parametrize("pause", [-1.0, 1e9, "1", True])

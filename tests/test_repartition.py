@@ -104,7 +104,7 @@ def test_slowdown_flags():
 def test_repartition_at_flags(tmp_path):
     good = h.plan(tmp_path, "P", [3], [[0], [1]])
     forced = parse_repartition_at([f"7:{good}", f"3:{good}"])
-    assert [f.step for f in forced] == [3, 7] and forced[0].plan["stages"][0]["nodes"] == h.NODES[:3]
+    assert [f.step for f in forced] == [3, 7] and forced[0].plan.node_lists[0] == h.NODES[:3]
     with pytest.raises(PipeshiftError, match="STEP:PLAN"):
         parse_repartition_at(["seven:x.json"])
     (tmp_path / "bad.json").write_text("{nope")

@@ -319,7 +319,7 @@ def _train(args: argparse.Namespace, info, connect: Connect | None,
 
 def _memory_check(args: argparse.Namespace, pkg, microbatches: int, batch_size: int):
     """What every rank needs to price every stage before allocating; the limit from --memory-size or the plan."""
-    from pipeshift.runtime.job import _optimizer_kind
+    from pipeshift.runtime.job import optimizer_state_kind
     from pipeshift.runtime.local import MemoryCheck
     from pipeshift.runtime.memory import OPTIMIZER_STATES
 
@@ -328,7 +328,7 @@ def _memory_check(args: argparse.Namespace, pkg, microbatches: int, batch_size: 
     if limit is None and isinstance(planned.get("limit_bytes"), (int, float)) and planned["limit_bytes"] > 0:
         limit, source = float(planned["limit_bytes"]), f"the plan's memory limit ({pkg.path / 'plan.json'})"
     return MemoryCheck(schedule=args.schedule, microbatches=microbatches,
-                       optimizer_states=OPTIMIZER_STATES.get(_optimizer_kind(args), 2.0),
+                       optimizer_states=OPTIMIZER_STATES.get(optimizer_state_kind(str(args.optimizer), args.momentum), 2.0),
                        batch_scale=batch_size / (pkg.batch_size or batch_size), limit=limit, limit_source=source)
 
 
