@@ -18,11 +18,11 @@ from typing import Any
 
 from pipeshift.errors import InputFileError, PipeshiftError
 from pipeshift.jsonfile import read_json_object
-from pipeshift.graph import read_graph_txt
+from pipeshift.graph import Graph, read_graph_txt
 from pipeshift.optimizer import cost as ps_cost
 from pipeshift.optimizer.planner import COST_MODELS, SEARCHES, PlanOptions, TPOptions, make_plan, planning_graph, with_tp_nodes
 from pipeshift.optimizer.report import plan_document, summary, write_plan_dir
-from pipeshift.optimizer.topology import from_flags, read_topology, with_speeds
+from pipeshift.optimizer.topology import Topology, from_flags, read_topology, with_speeds
 from pipeshift.schedule.registry import SCHEDULES
 
 
@@ -82,7 +82,7 @@ MAX_WORKERS = 4096
 MAX_MICROBATCHES = 1 << 16
 
 
-def _numbers(values: list[str] | None, flag: str, kind=float) -> list[Any] | None:
+def _numbers(values: list[str] | None, flag: str, kind: type[float] | type[int] = float) -> list[Any] | None:
     if values is None:
         return None
     out = []
@@ -97,11 +97,11 @@ def _numbers(values: list[str] | None, flag: str, kind=float) -> list[Any] | Non
     return out
 
 
-def _one(value: str | None, flag: str, kind=float, minimum: float = 0.0, strict: bool = True,
-         maximum: float | None = None):
+def _one(value: str | None, flag: str, kind: type[float] | type[int] = float, minimum: float = 0.0,
+         strict: bool = True, maximum: float | None = None) -> Any:
     if value is None:
         return None
-    [x] = _numbers([value], flag, kind)
+    [x] = _numbers([value], flag, kind) or [None]
     if x < minimum or (strict and x == minimum):
         raise PipeshiftError(f"{flag}: {value!r} must be {'>' if strict else '>='} {minimum:g}")
     if maximum is not None and x > maximum:
@@ -160,7 +160,7 @@ def options_from_args(args: argparse.Namespace) -> PlanOptions:
         search=args.search,
         max_states=int(_one(args.max_states, "--max-states", int, 1, strict=False, maximum=10 ** 7)),
         tp=TPOptions(
-            degrees=tuple(sorted(set(_numbers(args.tp, "--tp", int)))),
+            degrees=tuple(sorted(set(_numbers(args.tp, "--tp", int) or [1]))),
             bandwidth=_one(args.tp_bandwidth, "--tp-bandwidth"),
             latency=_one(args.tp_latency, "--tp-latency", float, 0.0, strict=False),
             efficiency=float(_one(args.tp_efficiency, "--tp-efficiency")),
@@ -168,7 +168,7 @@ def options_from_args(args: argparse.Namespace) -> PlanOptions:
     )
 
 
-def _with_tp_plan(opt: PlanOptions, profile: dict[str, Any], graph, graph_path: Path) -> PlanOptions:
+def _with_tp_plan(opt: PlanOptions, profile: dict[str, Any], graph: Graph, graph_path: Path) -> PlanOptions:
     """The TP plan profile.json recorded, checked, and the per-node TP arrays (when --tp allows t > 1)."""
     if any(t < 1 for t in opt.tp.degrees):
         raise PipeshiftError(f"--tp: degrees must be positive integers, got {list(opt.tp.degrees)}")
@@ -192,7 +192,7 @@ def _with_tp_plan(opt: PlanOptions, profile: dict[str, Any], graph, graph_path: 
     return with_tp_nodes(graph, planning_graph(graph, opt.cost_model), opt)
 
 
-def topology_from_args(args: argparse.Namespace):
+def topology_from_args(args: argparse.Namespace) -> Topology:
     speeds = _numbers(args.worker_speeds, "--worker-speeds")
     if args.topology:
         if args.num_workers or args.bandwidths or args.latencies:

@@ -115,7 +115,7 @@ class Schedule:
         depth = np.ceil((np.asarray(downstream, dtype=np.float64) + r) / r)
         per_replica = np.ceil(self.microbatches / r)
         if self.spec.order == "gpipe":
-            return per_replica + 0 * depth
+            return np.asarray(per_replica + 0 * depth)
         if self.spec.synchronous:
             return np.minimum(depth, per_replica)
         return depth
@@ -233,9 +233,10 @@ class PipeshiftLevel:
             if np.ndim(params) > np.ndim(nbytes):  # params carry the replica-count axis already
                 nbytes, count = nbytes[..., None], count[..., None]
             ar = ar + tie_allreduce(nbytes, count, replicas, self.bandwidth, self.latency)
-        return compute * s.share(replicas) + ar / s.sync(replicas)
+        return np.asarray(compute * s.share(replicas) + ar / s.sync(replicas))
 
-    def _fits(self, params, stash, downstream, replicas) -> np.ndarray | bool:
+    def _fits(self, params: np.ndarray, stash: np.ndarray, downstream: np.ndarray | float,
+              replicas: np.ndarray | float) -> np.ndarray | bool:
         if self.memory is None:
             return True
         fl = self.schedule.in_flight(downstream + self.outer_downstream, replicas)
@@ -245,9 +246,9 @@ class PipeshiftLevel:
     def _group_time(self, times_t: np.ndarray, member: np.ndarray) -> np.ndarray:
         """Max over the slot types in each group: times_t (types, ...) , member (G, types) → (..., G)."""
         t = np.moveaxis(times_t, 0, -1)[..., None, :]  # (..., 1, types)
-        return np.where(member, t, -INF).max(axis=-1)
+        return np.asarray(np.where(member, t, -INF).max(axis=-1))
 
-    def _tp_time(self, k: int, rows, cols, workers: np.ndarray, downstream: np.ndarray,
+    def _tp_time(self, k: int, rows: np.ndarray, cols: np.ndarray, workers: np.ndarray, downstream: np.ndarray,
                  cut: np.ndarray | None) -> np.ndarray:
         """Stage time at TP degree ``tp.degrees[k]`` on ``workers`` (inf where it does not divide them)."""
         tp = self.tp
@@ -278,7 +279,7 @@ class PipeshiftLevel:
             N = self.num_slots
             w = np.arange(1, N + 1, dtype=np.float64)
             rr, cc = rows[:, None], np.arange(self.params.shape[1])[None, :]
-            return np.min([self._tp_time(k, rr, cc, w, N - w, None) for k in range(len(self.tp.degrees))], axis=0)
+            return np.asarray(np.min([self._tp_time(k, rr, cc, w, N - w, None) for k in range(len(self.tp.degrees))], axis=0))
         N = self.num_slots
         m = np.arange(N)
         replicas = (m + 1).astype(np.float64)
@@ -301,8 +302,8 @@ class PipeshiftLevel:
             mp = np.arange(1, N, dtype=np.float64) if self.by_mp else self.pair_mp.astype(np.float64)
             down = np.zeros_like(mp) if self.by_mp else N - (self.pair_m + 1.0)
             cut = self.cut_bytes[ks][:, None]
-            return np.min([self._tp_time(k, rows[:, None], js[None, :], mp, down, cut)
-                           for k in range(len(self.tp.degrees))], axis=0)
+            return np.asarray(np.min([self._tp_time(k, rows[:, None], js[None, :], mp, down, cut)
+                                      for k in range(len(self.tp.degrees))], axis=0))
         par = self.params[np.ix_(rows, js)][:, :, None]
         if self.homogeneous:
             mp = np.arange(1, (2 if self.straight else N), dtype=np.float64)
@@ -311,7 +312,7 @@ class PipeshiftLevel:
             link = self.schedule.directions * (self.latency + self.cut_bytes[ks] / self.bandwidth)[:, None, None] / mp
             t = np.maximum(t, link)
             if self.by_mp:
-                return t
+                return np.asarray(t)
             t = t[:, :, self.pair_mp - 1]
         else:
             mp = self.pair_mp.astype(np.float64)

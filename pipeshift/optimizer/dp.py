@@ -50,6 +50,14 @@ class LevelCosts(Protocol):
         """
         ...
 
+    def charge(self, value: float, row: int, end: int, slots: int, first: bool) -> float:
+        """A stage's time (``value``, from an inner level) as this level charges it."""
+        ...
+
+    def best_tp(self, row: int, end: int, slots: int, first: bool) -> int:
+        """The tensor-parallel degree the stage's optimum uses (1 without TP)."""
+        ...
+
 
 def slot_pairs(N: int, straight: bool) -> tuple[np.ndarray, np.ndarray]:
     """:attr:`LevelCosts.pair_m` and ``pair_mp`` for N slots: every (m, m') with 1 ≤ m' ≤ m < N.

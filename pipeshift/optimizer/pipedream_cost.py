@@ -62,7 +62,7 @@ def augmented_output_bytes(g: GraphArrays, members: np.ndarray, closure: np.ndar
     if s_idx.size:
         states, starts = np.unique(s_idx, return_index=True)
         aug[states] |= np.logical_or.reduceat(extra[a_idx], starts, axis=0)
-    return aug.astype(np.float64) @ g.activation
+    return np.asarray(aug.astype(np.float64) @ g.activation)
 
 
 def range_rows(per_state: np.ndarray, fill: float) -> np.ndarray:
@@ -119,11 +119,12 @@ class PipeDreamLevel:
             t = np.where(stash > self.memory_limit, INF, t)
         if self.straight:
             t[:, :, 1:] = INF
-        return t
+        return np.asarray(t)
 
     def _transfer(self) -> np.ndarray:
         """(S, N) time to move a state's output (twice: activations and gradients) to m' replicas."""
         if self._transfer_cache is None:
+            assert self.compression is not None  # asked for only when the transfers are costed
             mp = np.arange(1, self.num_slots + 1, dtype=np.float64)
             x = (2.0 * self.output_bytes)[:, None] / (self.bandwidth * mp) / self.compression
             self._transfer_cache = np.concatenate([np.full((x.shape[0], 1), INF), x], axis=1)
@@ -146,13 +147,13 @@ class PipeDreamLevel:
                 t_out = np.where(last_state[None, :, None], -INF, t_out)
             t = np.maximum(np.maximum(t, t_in), t_out)
         if self.by_mp:
-            return t
+            return np.asarray(t)
         t = t[:, :, self.pair_mp - 1]
         if self.memory_limit is not None:
             act = self.activation[np.ix_(rows, js)][:, :, None]
             stash = (act + par) * self._stash_factor
             t = np.where(stash > self.memory_limit, INF, t)
-        return t
+        return np.asarray(t)
 
 
     def best_tp(self, row: int, end: int, slots: int, first: bool) -> int:

@@ -26,7 +26,7 @@ from pipeshift.graph import Graph
 from pipeshift.optimizer import cost as ps_cost
 from pipeshift.optimizer import pipedream_cost as pd_cost
 from pipeshift.optimizer import placement
-from pipeshift.optimizer.dp import LevelSolution, solve_level, trace
+from pipeshift.optimizer.dp import LevelCosts, LevelSolution, TracedStage, solve_level, trace
 from pipeshift.optimizer.states import (
     GraphArrays,
     StateSpace,
@@ -38,7 +38,7 @@ from pipeshift.optimizer.states import (
     prefix_states,
     zero_cost_glue,
 )
-from pipeshift.optimizer.topology import Topology
+from pipeshift.optimizer.topology import Level, Topology
 
 COST_MODELS = ("pipeshift", "pipedream")
 SEARCHES = ("auto", "exact", "prefix")
@@ -207,7 +207,7 @@ def _estimated_work(S: int, topology: Topology, straight: bool) -> float:
 class _Solved:
     """Per level: signature → (costs, solution); per level ≥ 1: signature → inner signature of each slot."""
 
-    levels: list[dict[int, tuple[object, LevelSolution]]]
+    levels: list[dict[int, tuple[LevelCosts, LevelSolution]]]
     slot_sigs: list[dict[int, tuple[int, ...]]]
     final_sig: int
 
@@ -216,7 +216,8 @@ class _Solved:
         return float(sol.table[0, S - 1, costs.num_slots - 1])
 
 
-def _solve_pipedream(g: GraphArrays, states: StateSpace, topo: Topology, opt: PlanOptions, closure) -> _Solved:
+def _solve_pipedream(g: GraphArrays, states: StateSpace, topo: Topology, opt: PlanOptions,
+                     closure: np.ndarray) -> _Solved:
     members = states.members.astype(np.float64)
     comp = members @ (g.compute_ms / 1000.0)
     act = members @ g.activation
@@ -229,7 +230,7 @@ def _solve_pipedream(g: GraphArrays, states: StateSpace, topo: Topology, opt: Pl
         pass
     succ = states.successors()
     within = 1
-    levels: list[dict[int, tuple[object, LevelSolution]]] = []
+    levels: list[dict[int, tuple[LevelCosts, LevelSolution]]] = []
     slot_sigs: list[dict[int, tuple[int, ...]]] = []
     for i, level in enumerate(topo.levels):
         final = i == len(topo.levels) - 1
@@ -244,7 +245,7 @@ def _solve_pipedream(g: GraphArrays, states: StateSpace, topo: Topology, opt: Pl
     return _Solved(levels, slot_sigs, 0)
 
 
-def _tp_arrays(g: GraphArrays, states: StateSpace, valid: np.ndarray, opt: PlanOptions, level, speed: float,
+def _tp_arrays(g: GraphArrays, states: StateSpace, valid: np.ndarray, opt: PlanOptions, level: Level, speed: float,
                dups: list[np.ndarray]) -> ps_cost.TPArrays:
     """Range sums of node time, per-worker parameters and held activations at every allowed TP
     degree (innermost level); ``dups``: per degree, the tied bytes a range's node sums count twice."""
@@ -344,16 +345,16 @@ def _solve_pipeshift(g: GraphArrays, states: StateSpace, topo: Topology, opt: Pl
     # level 0 groups: signature = the speeds of their workers
     g0 = topo.levels[0].workers
     unit_sigs = [tuple(speeds[i : i + g0]) for i in range(0, topo.num_workers, g0)]
-    levels: list[dict[int, tuple[object, LevelSolution]]] = []
+    levels: list[dict[int, tuple[LevelCosts, LevelSolution]]] = []
     slot_sigs: list[dict[int, tuple[int, ...]]] = []
     prev_tables: dict[int, np.ndarray] = {}
-    sig_ids: dict[tuple, int] = {}
+    sig_ids: dict[tuple[int, ...], int] = {}
     group_sig: list[int] = []
     for sig in unit_sigs:
         group_sig.append(sig_ids.setdefault(sig, len(sig_ids)))
     for i, level in enumerate(topo.levels):
         final = i == n_levels - 1
-        solved_here: dict[int, tuple[object, LevelSolution]] = {}
+        solved_here: dict[int, tuple[LevelCosts, LevelSolution]] = {}
         slots_here: dict[int, tuple[int, ...]] = {}
         for sig, sid in sig_ids.items():
             if i == 0:
@@ -392,7 +393,7 @@ def _solve_pipeshift(g: GraphArrays, states: StateSpace, topo: Topology, opt: Pl
         prev_tables = {sid: np.ascontiguousarray(sol.table[:, :, -1]) for sid, (_, sol) in solved_here.items()}
         # next level's groups: signature = the inner signatures of their slots
         n_next = topo.levels[i + 1].workers
-        new_ids: dict[tuple, int] = {}
+        new_ids: dict[tuple[int, ...], int] = {}
         new_group_sig = []
         for start in range(0, len(group_sig), n_next):
             sig = tuple(group_sig[start : start + n_next])
@@ -407,7 +408,8 @@ def _flatten(solved: _Solved, states: StateSpace, topo: Topology) -> list[Stage]
     S = states.size
     out: list[Stage] = []
 
-    def walk(level: int, sig: int, r: int, j: int, m: int, chain: list, cut_first: int | None):
+    def walk(level: int, sig: int, r: int, j: int, m: int, chain: list[tuple[int, int, TracedStage, bool]],
+             cut_first: int | None) -> None:
         costs, sol = solved.levels[level][sig]
         traced = trace(costs, pred, sol, r, j, m)
         for idx, st in enumerate(traced):
@@ -439,7 +441,8 @@ def _flatten(solved: _Solved, states: StateSpace, topo: Topology) -> list[Stage]
     return out
 
 
-def _level_splits(solved: _Solved, states: StateSpace, topo: Topology, comp_state: np.ndarray):
+def _level_splits(solved: _Solved, states: StateSpace, topo: Topology,
+                  comp_state: np.ndarray) -> list[list[tuple[int, int, float, int]]]:
     """PipeDream's printout: per level (outermost first), (start, end, compute_s, replicas)."""
     result = []
     S = states.size
@@ -490,7 +493,7 @@ def _assign(graph: Graph, stages: list[Stage], states: StateSpace, g: GraphArray
 
 
 # -- entry point -----------------------------------------------------------------------
-def _state_spaces(g: GraphArrays, topo: Topology, opt: PlanOptions, closure) -> list[StateSpace]:
+def _state_spaces(g: GraphArrays, topo: Topology, opt: PlanOptions, closure: np.ndarray) -> list[StateSpace]:
     """Candidate state spaces: the exact one if affordable, else prefixes of several orders."""
     if opt.search in ("auto", "exact"):
         try:
@@ -551,14 +554,15 @@ def planning_graph(graph: Graph, cost_model: str) -> GraphArrays:
     return GraphArrays.from_graph(graph, list(graph.nodes), base=inputs)
 
 
-def _one_blas_thread():
+def _one_blas_thread() -> contextlib.AbstractContextManager[object]:
     """The planner's matrix products are small: a multi-threaded BLAS only fights for the cores
     (a 177×177 product took 10–20 ms instead of 0.1 ms on a loaded 2-core machine)."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # it comes with scikit-learn; without it, run as numpy is configured
         return contextlib.nullcontext()
-    return threadpool_limits(1, "blas")
+    limits: contextlib.AbstractContextManager[object] = threadpool_limits(1, "blas")
+    return limits
 
 
 def make_plan(graph: Graph, topo: Topology, opt: PlanOptions) -> PlanResult:
@@ -611,7 +615,7 @@ def _make_plan(graph: Graph, topo: Topology, opt: PlanOptions) -> PlanResult:
     return PlanResult(value, stages, states, g, splits, notes, candidates)
 
 
-def _solve_spaces(g: GraphArrays, spaces: list[StateSpace], topo: Topology, opt: PlanOptions, closure,
+def _solve_spaces(g: GraphArrays, spaces: list[StateSpace], topo: Topology, opt: PlanOptions, closure: np.ndarray,
                   candidates: dict[str, float], cut_limit: float | None = None) -> tuple[float, StateSpace, _Solved]:
     """The best of the DP's optima over the candidate state spaces."""
     best: tuple[float, StateSpace, _Solved] | None = None
@@ -647,7 +651,7 @@ def predicted_latency_s(graph: Graph, stages: list[Stage], states: StateSpace, g
 
 
 def _within_latency(graph: Graph, g: GraphArrays, spaces: list[StateSpace], topo: Topology, opt: PlanOptions,
-                    closure, candidates: dict[str, float], notes: list[str],
+                    closure: np.ndarray, candidates: dict[str, float], notes: list[str],
                     best: tuple[float, StateSpace, _Solved]) -> tuple[float, StateSpace, _Solved]:
     """The fastest plan whose batch latency meets ``opt.latency_slo_s``.
 
@@ -689,7 +693,7 @@ def _within_latency(graph: Graph, g: GraphArrays, spaces: list[StateSpace], topo
                          f"is {lowest * 1000:.4g} ms (the whole forward on one worker takes {one * 1000:.4g} ms)")
 
 
-def _best_placement(g: GraphArrays, topo: Topology, opt: PlanOptions, closure, notes: list[str],
+def _best_placement(g: GraphArrays, topo: Topology, opt: PlanOptions, closure: np.ndarray, notes: list[str],
                     candidates: dict[str, float]) -> tuple[float, StateSpace, list[Stage]] | None:
     """The straight pipeline placed on the measured link matrix, when the topology has one."""
     links = topo.links

@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
 from pipeshift.errors import PipeshiftError
-from pipeshift.graph import Graph
+from pipeshift.graph import Graph, Node
 
 
 def tied_parameters(graph: Graph, node_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -87,7 +87,7 @@ class GraphArrays:
 
     def _edge_groups(self, by: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Edges grouped by target (``by="dst"``) or source: (other end, group starts, group node, order)."""
-        cache = self.__dict__.setdefault("_groups", {})
+        cache: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = self.__dict__.setdefault("_groups", {})
         if by not in cache:
             src, dst = np.nonzero(self.adj)
             key, other = (dst, src) if by == "dst" else (src, dst)
@@ -115,7 +115,7 @@ class GraphArrays:
 
     @property
     def compute_ms(self) -> np.ndarray:
-        return self.forward_ms + self.backward_ms
+        return np.asarray(self.forward_ms + self.backward_ms)
 
     @classmethod
     def from_graph(cls, graph: Graph, node_ids: list[str], base: Iterable[str] = (), zero: Iterable[str] = ()) -> GraphArrays:
@@ -128,10 +128,10 @@ class GraphArrays:
                 adj[index[a], index[b]] = True
         zeroed = set(zero)
 
-        def col(get) -> np.ndarray:
+        def col(get: Callable[[Node], float]) -> np.ndarray:
             return np.array([0.0 if nid in zeroed else float(get(graph[nid])) for nid in node_ids], dtype=np.float64)
 
-        def stash_of(node) -> float:
+        def stash_of(node: Node) -> float:
             return stash_bytes(node)
 
         base_mask = np.zeros(n, dtype=bool)
@@ -163,7 +163,7 @@ class GraphArrays:
         return cl
 
 
-def stash_bytes(node) -> float:
+def stash_bytes(node: Node) -> float:
     """Bytes a node keeps for its backward pass, per microbatch.
 
     profile.json's ``saved_bytes`` when the profiler measured it; otherwise the node's output,
@@ -181,7 +181,7 @@ def topological_order(adj: np.ndarray, priority: np.ndarray | None = None) -> li
     prio = np.arange(n) if priority is None else priority
     indeg = adj.sum(axis=0).astype(np.int64)
     succ = [np.flatnonzero(adj[a]) for a in range(n)]
-    ready = [(prio[i], i) for i in range(n) if indeg[i] == 0]
+    ready: list[tuple[int, int]] = [(int(prio[i]), i) for i in range(n) if indeg[i] == 0]
     heapq.heapify(ready)
     out: list[int] = []
     while ready:
@@ -190,7 +190,7 @@ def topological_order(adj: np.ndarray, priority: np.ndarray | None = None) -> li
         for b in succ[a]:
             indeg[b] -= 1
             if indeg[b] == 0:
-                heapq.heappush(ready, (prio[b], b))
+                heapq.heappush(ready, (int(prio[b]), int(b)))
     return out
 
 
@@ -212,7 +212,7 @@ class StateSpace:
 
     @property
     def size(self) -> int:
-        return self.members.shape[0]
+        return int(self.members.shape[0])
 
     def successors(self) -> list[np.ndarray]:
         return [np.flatnonzero(self.pred[k]) for k in range(self.size)]
@@ -274,7 +274,7 @@ def all_downsets(g: GraphArrays, max_states: int, glue: bool = False) -> StateSp
         new |= lazy_preds[:, n_idx].T
         if eager.any():
             new |= eager & (g.preds_inside(new) == indeg[None, :])
-        keep = []
+        keep: list[int] = []
         for i, key in enumerate(_pack(new)):
             sid = seen.get(key)
             if sid is None:
@@ -466,7 +466,7 @@ def prefix_states(g: GraphArrays, order: list[int], name: str, max_states: int |
 def frontier_bytes(g: GraphArrays, members: np.ndarray) -> np.ndarray:
     """Bytes of activations produced inside each downset and consumed outside it."""
     crossing = members & g.any_succ_in(~members)
-    return crossing.astype(np.float64) @ g.activation
+    return np.asarray(crossing.astype(np.float64) @ g.activation, dtype=np.float64)
 
 
 def _thin_cut_points(g: GraphArrays, members: np.ndarray, max_states: int) -> np.ndarray:

@@ -105,7 +105,7 @@ def _positive(value: Any, what: str, integer: bool = False) -> float:
     if not ok:
         kind = "a positive integer" if integer else "a positive number"
         raise PipeshiftError(f"{what} must be {kind}, got {value!r}")
-    return value
+    return float(value)
 
 
 def from_flags(
@@ -225,7 +225,7 @@ def parse_topology(data: Any) -> Topology:
                 raise PipeshiftError("workers_per_host > 1 needs 'intra_host': {bandwidth_bytes_per_s, latency_s}")
             intra_level = _level({"workers": per_host, **intra}, "intra_host")
         if levels is None:
-            levels = (intra_level,) * (intra_level is not None) + (Level(n, float(host_bw), float(host_lat)),)
+            levels = (() if intra_level is None else (intra_level,)) + (Level(n, float(host_bw), float(host_lat)),)
         if n * per_host > 1:
             links = Links(_expand(bw, per_host, intra_level.bandwidth if intra_level else np.inf),
                           _expand(lat, per_host, intra_level.latency if intra_level else 0.0))
