@@ -20,9 +20,8 @@ $(STAMP): pyproject.toml setup.py
 	  echo "warning: graphviz 'dot' not installed; pictures are written as .dot files only"
 	touch $(STAMP)
 
-# Types: `.venv/bin/python -m mypy` (no arguments: files and per-module strictness are in
-# pyproject.toml's [tool.mypy]; strict on pipeshift/plan.py, schedule/, optimizer/, runtime/, the
-# modules not yet strict-clean listed there). Run it before integrating; type new code there.
+# Types: `.venv/bin/python -m mypy` (no arguments: the files are in pyproject.toml's [tool.mypy];
+# strict on pipeshift/plan.py, schedule/, optimizer/, runtime/). Run it before integrating.
 test: $(STAMP)
 	$(PY) -m ruff check pipeshift tests benchmarks repro
 	$(PY) -m mypy

@@ -47,7 +47,7 @@ LATEST = "latest"
 _STEP_DIR = re.compile(r"^step-([0-9]{8,})$")
 
 
-def step_dir(root: str | os.PathLike, step: int) -> Path:
+def step_dir(root: str | os.PathLike[str], step: int) -> Path:
     return Path(root) / f"step-{step:08d}"
 
 
@@ -98,14 +98,14 @@ def write_json(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def mark_latest(root: str | os.PathLike, step: int) -> None:
+def mark_latest(root: str | os.PathLike[str], step: int) -> None:
     root = Path(root)
     tmp = root / (LATEST + ".tmp")
     tmp.write_text(step_dir(root, step).name + "\n")
     os.replace(tmp, root / LATEST)
 
 
-def resolve(root: str | os.PathLike) -> Path:
+def resolve(root: str | os.PathLike[str]) -> Path:
     """The checkpoint directory ``root`` names: itself, or the one its ``latest`` points to."""
     root = Path(root)
     if (root / "meta.json").is_file():
@@ -157,7 +157,7 @@ def verify(ckpt: Path, meta: Mapping[str, Any]) -> None:
                                           "or was changed after the checkpoint was written")
 
 
-def choose(root: str | os.PathLike) -> tuple[Path, dict[str, Any], str]:
+def choose(root: str | os.PathLike[str]) -> tuple[Path, dict[str, Any], str]:
     """The checkpoint a resume continues from: the newest intact one, and a note if it is not the latest.
 
     ``root`` naming one ``step-N`` directory means exactly that one (no fallback).

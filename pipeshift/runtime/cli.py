@@ -39,7 +39,15 @@ from pipeshift.runspec import add_data_arguments, add_loss_arguments, with_data_
 from pipeshift.spec import parse_model_args
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from types import ModuleType
+
+    from pipeshift.runtime.distributed import DistInfo
     from pipeshift.runtime.job import JobOptions
+    from pipeshift.runtime.local import LocalBuild, MemoryCheck
+    from pipeshift.runtime.memory import StageMemory
+    from pipeshift.runtime.package import StagePackage
+    from pipeshift.runtime.pipeline import Pipeline
 
 # per-process settings that may legitimately differ between ranks
 _LOCAL_ARGS = ("command", "rank", "world_size", "dist_addr", "package", "no_progress", "threads", "device",
@@ -220,7 +228,7 @@ def job_options(args: argparse.Namespace) -> JobOptions:
                       init_from=args.init_from, optimizer_state=optimizer_state_kind(str(args.optimizer), args.momentum))
 
 
-def _train(args: argparse.Namespace, info, connect: Connect | None,
+def _train(args: argparse.Namespace, info: DistInfo, connect: Connect | None,
            hooks: Hooks) -> int:
     from pipeshift.runtime.comm import Communicator
     from pipeshift.runtime.metrics import Tracer
@@ -266,6 +274,9 @@ def _train(args: argparse.Namespace, info, connect: Connect | None,
     if ready:  # tell a supervisor that this rank is past start-up (a death from here on is not one)
         Path(ready, f"rank{info.rank}").touch()
     _set_threads(args, info, hosts)
+    # agree() raised on every rank if any rank failed above
+    assert pkg is not None and bundle is not None and job is not None and entries is not None
+    assert bundle.data is not None  # with_data_and_loss gave it one, or failed above
 
     cfg = TrainConfig(schedule=args.schedule, microbatches=microbatches, batch_size=batch_size, steps=args.steps,
                       seed=args.seed, eval_steps=args.eval_steps, eval_every=args.eval_every,
@@ -317,14 +328,15 @@ def _train(args: argparse.Namespace, info, connect: Connect | None,
     return EXIT_REGROUP if trainer.regroup else 0
 
 
-def _memory_check(args: argparse.Namespace, pkg, microbatches: int, batch_size: int):
+def _memory_check(args: argparse.Namespace, pkg: StagePackage, microbatches: int, batch_size: int) -> MemoryCheck:
     """What every rank needs to price every stage before allocating; the limit from --memory-size or the plan."""
     from pipeshift.runtime.job import optimizer_state_kind
     from pipeshift.runtime.local import MemoryCheck
     from pipeshift.runtime.memory import OPTIMIZER_STATES
 
     limit, source = args.memory_size, "--memory-size"
-    planned = pkg.plan.get("memory") if isinstance(pkg.plan.get("memory"), dict) else {}
+    memory = pkg.plan.get("memory")
+    planned: dict[str, Any] = memory if isinstance(memory, dict) else {}
     if limit is None and isinstance(planned.get("limit_bytes"), (int, float)) and planned["limit_bytes"] > 0:
         limit, source = float(planned["limit_bytes"]), f"the plan's memory limit ({pkg.path / 'plan.json'})"
     return MemoryCheck(schedule=args.schedule, microbatches=microbatches,
@@ -332,7 +344,7 @@ def _memory_check(args: argparse.Namespace, pkg, microbatches: int, batch_size: 
                        batch_scale=batch_size / (pkg.batch_size or batch_size), limit=limit, limit_source=source)
 
 
-def _record_memory(path: Path, priced, pipeline, baseline: int) -> None:
+def _record_memory(path: Path, priced: Sequence[StageMemory], pipeline: Pipeline, baseline: int) -> None:
     """``rankR/memory.json``: this rank's predicted memory against its measured peak."""
     import json
 
@@ -345,7 +357,7 @@ def _record_memory(path: Path, priced, pipeline, baseline: int) -> None:
     path.write_text(json.dumps(record, indent=1) + "\n")
 
 
-def _record_weights(path: Path, local, init_from: str | None, pkg) -> None:
+def _record_weights(path: Path, local: LocalBuild, init_from: str | None, pkg: StagePackage) -> None:
     """``rankR/weights.json``: where this rank's initial weights came from and which tensors it holds and read."""
     import json
 
@@ -355,7 +367,7 @@ def _record_weights(path: Path, local, init_from: str | None, pkg) -> None:
     path.write_text(json.dumps(record, indent=1) + "\n")
 
 
-def _set_threads(args: argparse.Namespace, info, hosts: list[str]) -> None:
+def _set_threads(args: argparse.Namespace, info: DistInfo, hosts: list[str]) -> None:
     """Share this machine's cores among the ranks on it, unless told otherwise.
 
     Several ranks each using every core (torch's default) slow each other down many times over.
@@ -366,12 +378,12 @@ def _set_threads(args: argparse.Namespace, info, hosts: list[str]) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // here))
 
 
-def _stage_of(pkg, rank: int) -> int:
+def _stage_of(pkg: StagePackage | None, rank: int) -> int:
     if pkg is None:
         raise PipeshiftError("unknown")
     for s, ranks in pkg.stage_to_rank.items():
         if rank in ranks:
-            return s
+            return int(s)
     raise PipeshiftError("unknown")
 
 
@@ -382,7 +394,7 @@ def _destroy() -> None:
         dist.destroy_process_group()
 
 
-def _find_class(module, name: str, base: type) -> type:
+def _find_class(module: ModuleType, name: str, base: type) -> type:
     wanted = name.replace("_", "").lower()
     for attr in dir(module):
         obj = getattr(module, attr)
@@ -394,11 +406,11 @@ def _find_class(module, name: str, base: type) -> type:
     raise PipeshiftError(f"{name!r} is not in {module.__name__}: one of {', '.join(choices)}")
 
 
-def optimizer_factory(args: argparse.Namespace):
+def optimizer_factory(args: argparse.Namespace) -> Callable[[Any], torch.optim.Optimizer]:
     """``params -> optimizer`` from the command line; checked once here on a dummy parameter."""
     cls = _find_class(torch.optim, args.optimizer, torch.optim.Optimizer)
     kwargs: dict[str, Any] = {"lr": args.lr, **parse_model_args(args.optim_arg)}
-    accepted = inspect.signature(cls.__init__).parameters
+    accepted = inspect.signature(cls).parameters
     for flag in ("momentum", "weight_decay"):
         value = getattr(args, flag)
         if value is not None:
@@ -412,7 +424,7 @@ def optimizer_factory(args: argparse.Namespace):
     return lambda params: cls(params, **kwargs)
 
 
-def scheduler_factory(args: argparse.Namespace):
+def scheduler_factory(args: argparse.Namespace) -> Callable[[torch.optim.Optimizer], Any] | None:
     name = args.lr_scheduler
     if name in ("none", "", None):
         if args.lr_scheduler_arg:

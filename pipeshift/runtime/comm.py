@@ -32,6 +32,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -84,13 +85,17 @@ class TensorMeta:
         return cls(tuple(row[3:3 + ndim]), _DTYPES[code], bool(rg))
 
 
+# (peer rank, tensor name, "train"/"eval"): a link's tensors of one name keep their shape after the first
+MetaKey = tuple[int, str, str]
+
+
 @dataclasses.dataclass
 class PendingRecv:
     name: str
     src: int
     kind: str
     mb: int
-    key: tuple
+    key: MetaKey
     tensor: torch.Tensor | None = None
     work: object | None = None  # set once posted (always, by the time recv() returns)
 
@@ -109,7 +114,7 @@ class Communicator:
         self.where = "start-up"
         self.comm_s = 0.0  # time in send posting, send completion and collectives
         self.wait_s = 0.0  # time blocked on incoming tensors
-        self._pending: collections.deque = collections.deque()
+        self._pending: collections.deque[tuple[Any, torch.Tensor, str, int]] = collections.deque()
         self.reset(stage_of, tags)
 
     def reset(self, stage_of: Callable[[int], int], tags: dict[str, int]) -> None:
@@ -118,8 +123,8 @@ class Communicator:
             raise RuntimeError("reset with sends outstanding: flush first")
         self.stage_of = stage_of
         self.tags = dict(tags)
-        self._sent_meta: dict[tuple, TensorMeta] = {}
-        self._recv_meta: dict[tuple, TensorMeta] = {}
+        self._sent_meta: dict[MetaKey, TensorMeta] = {}
+        self._recv_meta: dict[MetaKey, TensorMeta] = {}
 
     # -- naming the problem ---------------------------------------------------------------
 
@@ -146,7 +151,7 @@ class Communicator:
             raise RuntimeError(f"tensor {name!r} is not exchanged in this partition") from None
         return base * 4 + (2 if kind == GRAD else 0) + (1 if meta else 0)
 
-    def _wait(self, work, doing: str, peer: int | None) -> None:
+    def _wait(self, work: Any, doing: str, peer: int | None) -> None:
         try:
             if self.poll:
                 deadline = time.monotonic() + self.timeout_s
@@ -254,20 +259,22 @@ class Communicator:
         self._wait(pending.work, doing, pending.src)
         self.wait_s += time.perf_counter() - t0
         t = pending.tensor
+        if t is None:
+            raise PipeshiftError(f"rank {self.rank}: {doing}: the receive was never posted")
         if pending.kind == ACT and pending.key[2] == "train" and self._recv_meta[pending.key].requires_grad:
             t.requires_grad_(True)
         return t
 
     # -- any other transfer (migrations) --------------------------------------------------------
 
-    def post(self, op: Callable, tensor: torch.Tensor, peer: int, tag: int, doing: str):
+    def post(self, op: Callable[..., Any], tensor: torch.Tensor, peer: int, tag: int, doing: str) -> Any:
         """Start ``op`` (``dist.isend`` or ``dist.irecv``) with a peer; a failure names it."""
         try:
             return op(tensor, peer, tag=tag)
         except (RuntimeError, dist.DistBackendError) as e:
             raise self._fail(doing, peer, e) from None
 
-    def wait_work(self, work, doing: str, peer: int | None) -> None:
+    def wait_work(self, work: Any, doing: str, peer: int | None) -> None:
         """Wait for ``work`` under this communicator's deadline (counted as communication time)."""
         t0 = time.perf_counter()
         self._wait(work, doing, peer)
@@ -275,7 +282,7 @@ class Communicator:
 
     # -- collectives ----------------------------------------------------------------------------
 
-    def all_reduce(self, tensors: Sequence[torch.Tensor], group, doing: str) -> None:
+    def all_reduce(self, tensors: Sequence[torch.Tensor], group: dist.ProcessGroup | None, doing: str) -> None:
         """Sum ``tensors`` in place over ``group`` (one flat buffer, one collective)."""
         if not tensors:
             return
@@ -293,7 +300,7 @@ class Communicator:
             offset += n
         self.comm_s += time.perf_counter() - t0
 
-    def all_gather_bytes(self, data: bytes, doing: str, group=None) -> list[bytes]:
+    def all_gather_bytes(self, data: bytes, doing: str, group: dist.ProcessGroup | None = None) -> list[bytes]:
         """Every rank's ``data`` (used for start-up agreement checks)."""
         world = dist.get_world_size(group)
         size = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
@@ -319,11 +326,11 @@ class Communicator:
         self._collective(lambda: dist.broadcast(buf, src, async_op=True), doing)
         return bytes(buf.cpu().numpy().tobytes())
 
-    def broadcast(self, tensor: torch.Tensor, src: int, group, doing: str) -> None:
+    def broadcast(self, tensor: torch.Tensor, src: int, group: dist.ProcessGroup | None, doing: str) -> None:
         """``src``'s ``tensor`` into every rank's ``tensor`` of ``group`` (in place)."""
         self._collective(lambda: dist.broadcast(tensor, src, group=group, async_op=True), doing)
 
-    def barrier(self, doing: str, group=None) -> None:
+    def barrier(self, doing: str, group: dist.ProcessGroup | None = None) -> None:
         self._collective(lambda: dist.barrier(group=group, async_op=True), doing)
 
     def _collective(self, start: Callable[[], object], doing: str) -> None:

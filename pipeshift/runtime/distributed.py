@@ -25,9 +25,11 @@ import socket
 import sys
 import threading
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed import TCPStore  # type: ignore[attr-defined]  # public, but not in its __all__
 
 from pipeshift.errors import PipeshiftError
 
@@ -55,7 +57,7 @@ def parse_addr(text: str) -> tuple[str, int]:
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def choose_device(device: str, local_rank: int) -> torch.device:
@@ -90,7 +92,7 @@ def init_distributed(*, rank: int | None, world_size: int | None, dist_addr: str
                      iface: str | None = None, who: str = "pipeshift train") -> DistInfo:
     explicit = [x is not None for x in (rank, world_size, dist_addr)]
     if any(explicit):
-        if not all(explicit):
+        if rank is None or world_size is None or dist_addr is None:
             raise PipeshiftError("explicit launch needs all of --rank, --world-size and --dist-addr")
         if world_size < 1 or not 0 <= rank < world_size:
             raise PipeshiftError(f"--rank {rank} --world-size {world_size}: need 0 <= rank < world size")
@@ -131,7 +133,7 @@ def init_distributed(*, rank: int | None, world_size: int | None, dist_addr: str
     netif.apply(choice)
     if choice.iface not in (None, "lo") or iface:
         print(f"{who}: rank {rank}: {choice.describe()}", file=sys.stderr, flush=True)
-    kwargs = {"device_id": dev} if backend == "nccl" else {}
+    kwargs: dict[str, Any] = {"device_id": dev} if backend == "nccl" else {}
     over = f" over {choice.iface}" if choice.iface else ""
     failed = (f"rank {rank} of {world_size} could not join the process group at {where}{over} "
               f"within {timeout_s:g} s")
@@ -154,10 +156,10 @@ def init_distributed(*, rank: int | None, world_size: int | None, dist_addr: str
     return DistInfo(rank, world_size, local_rank, backend, dev, how, choice.iface)
 
 
-def _store(host: str, port: int, rank: int, world_size: int, timeout: timedelta) -> dist.TCPStore:
+def _store(host: str, port: int, rank: int, world_size: int, timeout: timedelta) -> TCPStore:
     """The rendezvous store, served by rank 0 on exactly ``host:port`` (port 0: any free one)."""
     if rank != 0:
-        return dist.TCPStore(host, port, world_size, False, timeout=timeout)
+        return TCPStore(host, port, world_size, False, timeout=timeout)
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         listener = socket.socket(family, kind, proto)
@@ -168,7 +170,7 @@ def _store(host: str, port: int, rank: int, world_size: int, timeout: timedelta)
         raise PipeshiftError(f"rank 0 cannot listen on {host}:{port} for the other ranks: {e.strerror or e}") from None
     # the store owns the socket from here on; this process keeps it open until it exits
     _listeners.append(listener)
-    return dist.TCPStore(host, listener.getsockname()[1], world_size, True, timeout=timeout,
+    return TCPStore(host, listener.getsockname()[1], world_size, True, timeout=timeout,
                          master_listen_fd=listener.fileno())
 
 

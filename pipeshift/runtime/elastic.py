@@ -34,17 +34,23 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeshift.errors import PipeshiftError
 from pipeshift.plan import Plan, parse_plan
 from pipeshift.runtime import checkpoint as ckpt
-from pipeshift.runtime.control import Command
-from pipeshift.runtime.repartition import Repartitioner, check_plan
+from pipeshift.runtime.control import Command, ControlPlane
+from pipeshift.runtime.repartition import Prepared, Repartitioner, check_plan
 
 from pipeshift.runtime.restart import ELASTIC_FILE, EXIT_REGROUP
+
+if TYPE_CHECKING:  # the trainer drives the controller; the policy is imported only where it runs
+    from pipeshift.runtime.pipeline import Counters
+    from pipeshift.runtime.policy import Chain
+    from pipeshift.runtime.policy_driver import PolicyDriver
+    from pipeshift.runtime.trainer import Trainer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +83,7 @@ class _Scheduled:
     plan: Plan
     source: str
     strict: bool  # a forced switch: a plan that does not fit is an error, not a logged refusal
-    prepared: Any
+    prepared: Prepared
     forced_index: int | None = None
     command_id: int | None = None
 
@@ -92,7 +98,8 @@ class Controller:
     """
 
     def __init__(self, rank: int, world_size: int, repartitioner: Repartitioner | None, config: ControlConfig, *,
-                 forced: Sequence[ForcedSwitch] = (), master=None, policy=None, chain=None):
+                 forced: Sequence[ForcedSwitch] = (), master: ControlPlane | None = None,
+                 policy: PolicyDriver | None = None, chain: Chain | None = None) -> None:
         self.rank = rank
         self.world_size = world_size
         self.repartitioner = repartitioner
@@ -130,11 +137,11 @@ class Controller:
             candidates.append((step // k + 1) * k)
         return min(candidates) if candidates else None
 
-    def on_minibatch(self, trainer, counters) -> None:
+    def on_minibatch(self, trainer: Trainer, counters: Counters) -> None:
         self._window += (counters.compute_s, counters.wait_s, counters.comm_s)
         self._window_steps += 1
 
-    def at_start(self, trainer) -> None:
+    def at_start(self, trainer: Trainer) -> None:
         """After a resume: apply the forced switches of the resumed step not applied before it."""
         self.applied = list(trainer.resumed_switches)
         if self.rank == 0 and self.plan is not None:
@@ -142,7 +149,7 @@ class Controller:
         self._forced(trainer)
         self._prefetch_forced(trainer)
 
-    def at_boundary(self, trainer) -> str | None:
+    def at_boundary(self, trainer: Trainer) -> str | None:
         """Called at every synchronisation point; returns ``"regroup"`` when the job must restart."""
         if trainer.step >= self.config.total_steps:
             return None
@@ -159,16 +166,17 @@ class Controller:
 
     # -- forced switches ------------------------------------------------------------------------
 
-    def _forced(self, trainer) -> None:
+    def _forced(self, trainer: Trainer) -> None:
         """Forced switches due now that were not prepared a step ahead (e.g. right after a resume)."""
         for f in self.forced:
             if f.step == trainer.step and f.index not in self.applied:
                 item = self._schedule(trainer, f.plan, f"--repartition-at {f.step}:{f.path}", strict=True,
                                       forced_index=f.index, at=trainer.step, reserve=False)
+                assert item is not None  # a strict switch that does not fit raises
                 self.scheduled.remove(item)
                 self._execute(trainer, item)
 
-    def _prefetch_forced(self, trainer) -> None:
+    def _prefetch_forced(self, trainer: Trainer) -> None:
         for f in self.forced:
             due = f.step == trainer.step + 1 and f.index not in self.applied
             if due and not any(x.forced_index == f.index for x in self.scheduled):
@@ -177,7 +185,7 @@ class Controller:
 
     # -- the tick -------------------------------------------------------------------------------
 
-    def _tick(self, trainer) -> str | None:
+    def _tick(self, trainer: Trainer) -> str | None:
         p = trainer.pipeline
         steps = max(self._window_steps, 1)
         mine = {"stage": p.stage_id, "compute_s": self._window[0] / steps, "wait_s": self._window[1] / steps,
@@ -216,7 +224,7 @@ class Controller:
             return self._resize(trainer, int(decided["world_size"]), decided)
         return None
 
-    def _decide(self, trainer, measured: list[float] | None) -> dict[str, Any] | None:
+    def _decide(self, trainer: Trainer, measured: list[float] | None) -> dict[str, Any] | None:
         """Rank 0: an operator's command whose step has come, else the policy's verdict."""
         if self.master is not None:
             command = self._master("poll")
@@ -252,27 +260,29 @@ class Controller:
 
     # -- carrying it out ------------------------------------------------------------------------
 
-    def _schedule(self, trainer, plan: Plan, source: str, strict: bool, at: int, reserve: bool = True,
+    def _schedule(self, trainer: Trainer, plan: Plan, source: str, strict: bool, at: int, reserve: bool = True,
                   forced_index: int | None = None, command_id: int | None = None) -> _Scheduled | None:
         """Check and render ``plan`` now (every rank alike) and reserve its landing buffers; None if refused."""
         rp = self.repartitioner
         if rp is None:
             raise PipeshiftError("repartitioning needs a stage package written by `pipeshift codegen`")
+        prepared: Prepared | None = None
+        error: str | None = None
         try:
             check_plan(plan, self.world_size, trainer.config.microbatches, running=rp.plan, source=source)
-            prepared, error = rp.prepare(plan), None
+            prepared = rp.prepare(plan)
         except PipeshiftError as e:
-            prepared, error = None, str(e)
+            error = str(e)
         if not strict:
             # A plan refused by any rank (rendering ran out of memory there, say) is refused by all:
             # nobody may start a switch the others will not join.
             errors = [json.loads(b) for b in trainer.pipeline.comm.all_gather_bytes(
                 json.dumps(error).encode(), f"agreeing on {source}")]
             error = next((f"rank {r}: {e}" if e != error else e for r, e in enumerate(errors) if e), None)
-        if error is not None:
+        if error is not None or prepared is None:
             if strict:
-                raise PipeshiftError(error)
-            self._reject(trainer, source, error)
+                raise PipeshiftError(error or source)
+            self._reject(trainer, source, error or "not rendered")
             return None
         if reserve:
             rp.reserve(prepared, trainer.pipeline.optimizer, trainer.pipeline.device)
@@ -280,15 +290,16 @@ class Controller:
         self.scheduled.append(item)
         return item
 
-    def _execute(self, trainer, item: _Scheduled) -> None:
+    def _execute(self, trainer: Trainer, item: _Scheduled) -> None:
         self._switch(trainer, item.plan, item.source, item.prepared)
         if item.forced_index is not None:
             self.applied.append(item.forced_index)
         if item.command_id is not None:
             self._master("ack", item.command_id, "applied")
 
-    def _switch(self, trainer, plan: Plan, source: str, prepared) -> None:
+    def _switch(self, trainer: Trainer, plan: Plan, source: str, prepared: Prepared) -> None:
         p, rp = trainer.pipeline, self.repartitioner
+        assert rp is not None  # a switch was scheduled, which needs one
         if trainer.config.checkpoint_dir and trainer.last_saved != trainer.step:
             trainer.save()  # the consistent state a failed migration restarts from
         t0 = time.perf_counter()
@@ -337,21 +348,21 @@ class Controller:
               f"({report['bytes_received'] / 1e6:.2f} MB), pause {report['pause_s']:.3f} s",
               file=sys.stderr, flush=True)
 
-    def _log_own(self, trainer, record: dict[str, Any]) -> None:
+    def _log_own(self, trainer: Trainer, record: dict[str, Any]) -> None:
         """This rank's own line in ``rankR/repartitions.jsonl`` (every rank writes one per switch)."""
         out = Path(trainer.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "repartitions.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({"time": time.time(), "rank": self.rank, **record}, default=_json_default) + "\n")
 
-    def _reject(self, trainer, source: str, why: str) -> None:
+    def _reject(self, trainer: Trainer, source: str, why: str) -> None:
         self.last_rejection = why
         if self.rank == 0:
             self._log("repartitions.jsonl", {"event": "rejected", "step": trainer.step, "source": source,
                                              "reason": why})
             print(f"pipeshift train: repartition from {source} rejected: {why}", file=sys.stderr, flush=True)
 
-    def _resize(self, trainer, world_size: int, decided: Mapping[str, Any]) -> str | None:
+    def _resize(self, trainer: Trainer, world_size: int, decided: Mapping[str, Any]) -> str | None:
         cfg = trainer.config
         if world_size < 1 or not cfg.checkpoint_dir or world_size == self.world_size:
             why = ("needs --checkpoint-dir (the restarted ranks resume from it)" if not cfg.checkpoint_dir
@@ -402,7 +413,7 @@ def _per_stage(everyone: Sequence[Mapping[str, Any]], num_stages: int) -> list[f
     for r in everyone:
         sums[int(r["stage"])] += float(r["compute_s"])
         counts[int(r["stage"])] += 1
-    return (sums / np.maximum(counts, 1)).tolist()
+    return [float(x) for x in sums / np.maximum(counts, 1)]
 
 
 def _json_default(value: Any) -> Any:

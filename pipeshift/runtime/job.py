@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from torch import nn
 
 from pipeshift.errors import InputFileError, PipeshiftError
 from pipeshift.plan import Plan, parse_plan, read_plan
@@ -24,12 +25,13 @@ from pipeshift.runtime.control import Connect, ControlPlane
 from pipeshift.runtime.elastic import ControlConfig, Controller, ForcedSwitch
 from pipeshift.runtime.hooks import Hooks
 from pipeshift.runtime.local import LocalBuild, MemoryCheck, local_entries
+from pipeshift.runtime.package import StagePackage
 from pipeshift.runtime.repartition import Repartitioner
 from pipeshift.runtime.restart import find_graph, load_chain, resume_plan
 from pipeshift.runtime.stage import StageEntry
 
 if TYPE_CHECKING:
-    from pipeshift.runtime.package import StagePackage
+    from pipeshift.runtime.policy import PolicyConfig
     from pipeshift.spec import ModelBundle
 
 
@@ -109,7 +111,7 @@ def _on_ranks(stage: Any, ranks: Sequence[int]) -> Any:
     return {**stage, "ranks": list(ranks), "replicas": replicas}
 
 
-def policy_config(items: Sequence[str]):
+def policy_config(items: Sequence[str]) -> PolicyConfig:
     from pipeshift.runtime.policy import PolicyConfig
     from pipeshift.spec import parse_model_args
 
@@ -199,15 +201,15 @@ def prepare_job(opts: JobOptions, pkg: StagePackage, bundle: ModelBundle, rank: 
     model_capture = capture_model(plan or base, weights=False)
     if plan is None:
         plan = base
-        original = _accepts_original(pkg.module.model)
+        adopts = pkg.adopts
 
-        def make(model):  # a package that cannot adopt builds its own model; a switch copies its values in
-            module = _WithOriginal(pkg.module.model, model) if original else pkg.module
-            return dataclasses.replace(pkg, module=module).entries(criterion)
+        def make(model: nn.Module) -> list[StageEntry]:
+            # a package that cannot adopt builds its own model; a switch copies its values in
+            return (pkg.adopting(model) if adopts else pkg).entries(criterion)
     else:
         inputs = render_package(plan, model_capture).layout.criterion_inputs
 
-        def make(model):
+        def make(model: nn.Module) -> list[StageEntry]:
             return [*build_stages(plan, model, model_capture=model_capture), (criterion, inputs, ["loss"])]
         job.source = "the checkpoint's plan.json"
     stage_ranks = plan.stage_ranks
@@ -258,22 +260,12 @@ def _same_model(plan: Plan, pkg: StagePackage, source: str) -> None:
                              f"{pkg.spec.callable if pkg.spec else 'unknown'} model; refusing to run it")
 
 
-class _WithOriginal:
-    """A package module whose ``model(criterion)`` adopts from a model we already hold."""
-
-    def __init__(self, model_fn, original):
-        self._fn, self._original = model_fn, original
-
-    def model(self, criterion):
-        return self._fn(criterion, self._original)
-
-
 def _plan_stages(plan: Mapping[str, Any] | None) -> list[Mapping[str, Any]] | None:
     stages = plan.get("stages") if isinstance(plan, Mapping) else None
     return [st for st in stages if isinstance(st, Mapping)] if isinstance(stages, list) else None
 
 
-def package_entries(pkg, model, criterion, rank: int, init_from: str | None,
+def package_entries(pkg: StagePackage, model: nn.Module, criterion: nn.Module, rank: int, init_from: str | None,
                     memory: MemoryCheck | None = None) -> LocalBuild:
     """The package's entries with only this rank's stages' tensors real (see :mod:`pipeshift.runtime.local`).
 
@@ -284,9 +276,9 @@ def package_entries(pkg, model, criterion, rank: int, init_from: str | None,
 
     stages = [s for s, ranks in pkg.stage_to_rank.items() if rank in ranks]
     who = f"rank {rank} (stage {', '.join(map(str, stages))})"
-    if _accepts_original(pkg.module.model):
-        def make(m):
-            return dataclasses.replace(pkg, module=_WithOriginal(pkg.module.model, m)).entries(criterion)
+    if pkg.adopts:
+        def make(m: nn.Module) -> list[StageEntry]:
+            return pkg.adopting(m).entries(criterion)
 
         return local_entries(make, model, pkg.module_to_stage, stages, seed=pkg.spec.seed if pkg.spec else 0,
                              init_from=init_from, who=who, memory=memory)
@@ -304,15 +296,6 @@ def package_entries(pkg, model, criterion, rank: int, init_from: str | None,
                 loaded += load_into(state, open_weights(init_from), mine, who=who)
     priced = price_stages(entries, pkg.module_to_stage, memory) if memory is not None else None
     return LocalBuild(entries, held, loaded, priced)
-
-
-def _accepts_original(fn) -> bool:
-    import inspect
-
-    try:
-        return len(inspect.signature(fn).parameters) >= 2
-    except (TypeError, ValueError):
-        return False
 
 
 def _connect(job: Job, plan: Plan | None) -> Job:

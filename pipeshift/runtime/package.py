@@ -26,10 +26,27 @@ from pipeshift.spec import ModelBundle, ModelSpec
 
 
 
+class AdoptingModule:
+    """A package's module whose ``model(criterion)`` adopts the layers of a model we already hold.
+
+    Codegen's ``model(criterion, original)`` builds the stages over ``original``'s own tensors,
+    so a rank that holds the full model (to repartition it) gets stages that share its storage.
+    """
+
+    def __init__(self, module: ModuleType, original: nn.Module) -> None:
+        self._module, self._original = module, original
+
+    def model(self, criterion: nn.Module) -> Any:
+        return self._module.model(criterion, self._original)
+
+    def full_model(self) -> Any:
+        return self._module.full_model()
+
+
 @dataclasses.dataclass
 class StagePackage:
     path: Path
-    module: ModuleType
+    module: ModuleType | AdoptingModule
     module_to_stage: list[int]
     stage_to_rank: dict[int, list[int]]
     plan: dict[str, Any]
@@ -50,6 +67,23 @@ class StagePackage:
     def batch_size(self) -> int | None:
         b = self.plan.get("batch_size")
         return b if isinstance(b, int) and not isinstance(b, bool) and b > 0 else None
+
+    @property
+    def adopts(self) -> bool:
+        """Whether the package's ``model`` takes a model to adopt (codegen's packages do)."""
+        import inspect
+
+        if isinstance(self.module, AdoptingModule):
+            return True
+        try:
+            return len(inspect.signature(self.module.model).parameters) >= 2
+        except (TypeError, ValueError, AttributeError):
+            return False
+
+    def adopting(self, original: nn.Module) -> StagePackage:
+        """This package with stages built over ``original`` (see :class:`AdoptingModule`)."""
+        module = self.module._module if isinstance(self.module, AdoptingModule) else self.module
+        return dataclasses.replace(self, module=AdoptingModule(module, original))
 
     def bundle(self, *, weights: bool = True) -> ModelBundle:
         """The spec's bundle; ``weights=False``: the model's parameters on meta (see :mod:`pipeshift.materialize`)."""
@@ -76,7 +110,10 @@ class StagePackage:
         return out
 
     def full_model(self) -> nn.Module:
-        return self.module.full_model()
+        model = self.module.full_model()
+        if not isinstance(model, nn.Module):
+            raise PipeshiftError(f"{self.path}/__init__.py: full_model() must return a torch.nn.Module")
+        return model
 
     def digest(self) -> str:
         """Hash of the package's files: ranks must all run the same package."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -114,8 +115,9 @@ class Pipeline:
 
     # -- building and rebuilding -------------------------------------------------------------
 
-    def _build(self, entries, module_to_stage, stage_ranks, source: str, tp_degrees=None,
-               ties: Sequence[Tie] = ()) -> None:
+    def _build(self, entries: Sequence[StageEntry], module_to_stage: Sequence[int],
+               stage_ranks: Mapping[int, Sequence[int]] | Sequence[Sequence[int]], source: str,
+               tp_degrees: Mapping[int, int] | Sequence[int] | None = None, ties: Sequence[Tie] = ()) -> None:
         io = [(ins, outs) for _, ins, outs in entries]
         topo = build_topology(io, module_to_stage, stage_ranks, source=source, tp_degrees=tp_degrees)
         if dist.is_initialized() and topo.world_size != dist.get_world_size():
@@ -476,7 +478,7 @@ class Pipeline:
 # -- optimizer state by FQN --------------------------------------------------------------------
 
 
-def optimizer_state_by_fqn(optimizer: torch.optim.Optimizer, params: Mapping[str, torch.nn.Parameter]) -> dict:
+def optimizer_state_by_fqn(optimizer: torch.optim.Optimizer, params: Mapping[str, torch.nn.Parameter]) -> dict[str, Any]:
     """``optimizer.state_dict()`` with parameters named by FQN instead of position.
 
     A layer that moves to another stage takes its entry with it; the receiving stage's
@@ -518,7 +520,6 @@ def load_optimizer_state_by_fqn(optimizer: torch.optim.Optimizer, params: Mappin
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def _timedelta(seconds: float):
-    from datetime import timedelta
+def _timedelta(seconds: float) -> timedelta:
 
     return timedelta(seconds=seconds)

@@ -447,7 +447,8 @@ class RepartitionPolicy:
             return decide(False, state)
         return self._evaluate(speed, step, remaining_steps, decide)
 
-    def _evaluate(self, speed: np.ndarray, step: int | None, remaining_steps: int | None, decide) -> Decision:
+    def _evaluate(self, speed: np.ndarray, step: int | None, remaining_steps: int | None,
+                  decide: Callable[..., Decision]) -> Decision:
         cfg, chain, k = self.config, self.chain, self.num_stages
         windows = [self.speed_factors(m) for m in self.recent] or [speed]
         speed = np.mean(windows, axis=0)  # the streak's average: one window's noise moves it less

@@ -38,6 +38,7 @@ from pipeshift.errors import PipeshiftError
 from pipeshift.materialize import install, release
 from pipeshift.plan import Plan
 from pipeshift.runtime.allocator import resident_bytes, return_freed_memory
+from pipeshift.runtime.comm import Communicator
 from pipeshift.runtime.hooks import Hooks
 from pipeshift.runtime.pipeline import Pipeline, optimizer_state_by_fqn
 from pipeshift.runtime.stage import StageEntry
@@ -122,6 +123,10 @@ class ExchangeStats:
     peers: list[int] = dataclasses.field(default_factory=list)
 
 
+# a posted message: its work handle, the tensor (kept alive until it completes), what it does, the peer
+_Posted = tuple[Any, torch.Tensor, str, int]
+
+
 @dataclasses.dataclass
 class _Item:
     kind: str  # "model" or "optim"
@@ -131,6 +136,13 @@ class _Item:
     dtype: str = ""
     shape: tuple[int, ...] = ()
     solo: bool = False
+
+    @property
+    def value(self) -> torch.Tensor:
+        """The tensor an outgoing item sends (a received item's description has none)."""
+        if self.tensor is None:
+            raise PipeshiftError(f"{self.key} {self.name}: no tensor to send")
+        return self.tensor
 
     @property
     def nbytes(self) -> int:
@@ -175,7 +187,7 @@ def _outgoing(keys: Sequence[str], values: Mapping[str, torch.Tensor],
 
 def exchange(transfers: Sequence[Transfer], rank: int, values: Mapping[str, torch.Tensor],
              optimizer_state: Mapping[str, Mapping[str, Any]], destination: Mapping[str, torch.Tensor],
-             comm, where: str = "repartition",
+             comm: Communicator, where: str = "repartition",
              pool: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] | None = None,
              arrived: dict[str, torch.Tensor] | None = None,
              hooks: Hooks | None = None) -> tuple[ExchangeStats, dict[str, dict[str, Any]]]:
@@ -205,18 +217,18 @@ def exchange(transfers: Sequence[Transfer], rank: int, values: Mapping[str, torc
     metas = {dst: json.dumps({"items": [[i.kind, i.key, i.name, i.dtype, list(i.shape), i.solo] for i in items],
                               "scalars": scalars}).encode() for dst, (items, scalars) in outgoing.items()}
 
-    def post_send(t: torch.Tensor, dst: int, index: int, what: str) -> tuple:
+    def post_send(t: torch.Tensor, dst: int, index: int, what: str) -> _Posted:
         stats.messages += 1
         stats.bytes_sent += t.numel() * t.element_size()
         return comm.post(dist.isend, t, dst, MIGRATION_TAG + index, f"sending {what} ({where})"), t, \
             f"sending {what} ({where})", dst
 
-    def post_recv(t: torch.Tensor, src: int, index: int, what: str) -> tuple:
+    def post_recv(t: torch.Tensor, src: int, index: int, what: str) -> _Posted:
         stats.bytes_received += t.numel() * t.element_size()
         return comm.post(dist.irecv, t, src, MIGRATION_TAG + index, f"waiting for {what} ({where})"), t, \
             f"waiting for {what} ({where})", src
 
-    def wait_all(works: list[tuple]) -> None:
+    def wait_all(works: list[_Posted]) -> None:
         for work, _t, doing, peer in works:
             comm.wait_work(work, doing, peer)
 
@@ -240,7 +252,7 @@ def exchange(transfers: Sequence[Transfer], rank: int, values: Mapping[str, torc
         if small:
             works.append(post_send(_pack(small, device), dst, 2, f"{len(small)} small tensors"))
         for k, item in enumerate(i for i in items if i.solo):
-            works.append(post_send(item.tensor.contiguous().to(device), dst, 3 + k, f"{item.key} {item.name}".strip()))
+            works.append(post_send(item.value.contiguous().to(device), dst, 3 + k, f"{item.key} {item.name}".strip()))
         stats.keys_sent += len(sends[dst])
     if hooks is not None:
         hooks.migrating()
@@ -306,7 +318,7 @@ def _pack(items: Sequence[_Item], device: torch.device) -> torch.Tensor:
     for i in items:
         n = i.nbytes
         if n:
-            flat[offset:offset + n].copy_(i.tensor.contiguous().reshape(-1).view(torch.uint8))
+            flat[offset:offset + n].copy_(i.value.contiguous().reshape(-1).view(torch.uint8))
         offset += _padded(n)
     return flat
 
@@ -502,7 +514,8 @@ class Repartitioner:
         hyper = {k: v for k, v in (saved["param_groups"] or [{}])[0].items() if k != "params"}
         from pipeshift.codegen.partition import find_ties
 
-        module_to_stage = list(range(new.num_stages)) + [new.num_stages - 1]
+        stages = new.plan.num_stages
+        module_to_stage = list(range(stages)) + [stages - 1]
         pipeline.rebuild(entries, module_to_stage, new.stage_ranks,
                          optimizer_state={"state": state, "param_groups": [{**hyper, "params": sorted(mine)}]},
                          source=where, ties=find_ties([m for m, _, _ in prepared.entries[:-1]]))

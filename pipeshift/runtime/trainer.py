@@ -37,6 +37,7 @@ from pipeshift.errors import PipeshiftError
 from pipeshift.runtime import checkpoint as ckpt
 from pipeshift.runtime.memory import peak_bytes, size
 from pipeshift.runtime.metrics import MetricsLog
+from pipeshift.runtime.comm import Communicator
 from pipeshift.runtime.pipeline import Batch, Pipeline, load_optimizer_state_by_fqn, optimizer_state_by_fqn
 from pipeshift.schedule.registry import ASYNCHRONOUS
 from pipeshift.runtime.tp import full_tensors
@@ -95,7 +96,7 @@ def _fetch(feed: MicrobatchFeed, base: int, mb: int) -> Batch:
     return feed.get(base + mb)
 
 
-def agree(comm, rank: int, config: dict[str, Any], error: str | None, info: Any = None) -> list[Any]:
+def agree(comm: Communicator, rank: int, config: dict[str, Any], error: str | None, info: Any = None) -> list[Any]:
     """Start-up agreement: every rank learns every other rank's start-up error and config.
 
     Raises the same :class:`PipeshiftError` on every rank when one could not start or when
@@ -204,7 +205,8 @@ class Trainer:
             if cfg.eval_steps and not self._due(cfg.eval_every) and not self.regroup:
                 self.evaluate()
         finally:
-            self._bar.close()
+            if self._bar is not None:
+                self._bar.close()
             self.log.close()
             self.tracer.write(self.out_dir / "trace.json",
                               f"rank {self.rank} (stage {self.pipeline.stage_id})")
@@ -293,6 +295,8 @@ class Trainer:
 
     def save(self) -> Path:
         cfg, p = self.config, self.pipeline
+        if not cfg.checkpoint_dir:
+            raise PipeshiftError("saving a checkpoint needs --checkpoint-dir")
         root = Path(cfg.checkpoint_dir)
         where = ckpt.step_dir(root, self.step)
         p.comm.where = f"checkpoint after step {self.step}"

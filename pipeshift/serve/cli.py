@@ -13,7 +13,6 @@ A bearer token is required when ``$PIPESHIFT_SERVE_TOKEN`` or ``--token-file`` g
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import shlex
 import signal
@@ -310,8 +309,6 @@ def _build(pkg, rank: int, init_from: str | None, repartitionable: bool):
     stays on the meta device), as training does; a server that may repartition keeps every
     layer on every rank, so a switch has them at hand (the training mechanism's requirement).
     """
-    import dataclasses
-
     from torch import nn
 
     from pipeshift.runtime.job import package_entries, package_plan
@@ -327,23 +324,12 @@ def _build(pkg, rank: int, init_from: str | None, repartitionable: bool):
         local = package_entries(pkg, bundle.model, criterion, rank, init_from)
         return local.entries, pkg.module_to_stage, None, bundle
     plan = package_plan(pkg)
-    make_model = pkg.module.model
-    try:
-        adopts = len(inspect.signature(make_model).parameters) >= 2
-    except (TypeError, ValueError):
-        adopts = False
-    if plan is None or not adopts:
+    if plan is None or not pkg.adopts:
         raise PipeshiftError(f"{pkg.path}: repartitioning needs a stage package written by `pipeshift codegen` "
                              "(its plan.json lists the stages)")
 
-    class Adopting:
-        def model(self, crit):
-            return make_model(crit, self.original)
-
-    def make(model):
-        module = Adopting()
-        module.original = model
-        return dataclasses.replace(pkg, module=module).entries(criterion)
+    def make(model: nn.Module) -> list[tuple[nn.Module, list[str], list[str]]]:
+        return pkg.adopting(model).entries(criterion)
 
     local = local_entries(make, bundle.model, pkg.module_to_stage, range(pkg.num_stages),
                           seed=pkg.spec.seed if pkg.spec else 0, init_from=init_from, who=f"rank {rank}")
