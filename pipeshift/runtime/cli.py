@@ -335,7 +335,7 @@ def _memory_check(args: argparse.Namespace, pkg: StagePackage, microbatches: int
     from pipeshift.runtime.memory import OPTIMIZER_STATES
 
     limit, source = args.memory_size, "--memory-size"
-    memory = pkg.plan.get("memory")
+    memory = pkg.plan_doc.get("memory")
     planned: dict[str, Any] = memory if isinstance(memory, dict) else {}
     if limit is None and isinstance(planned.get("limit_bytes"), (int, float)) and planned["limit_bytes"] > 0:
         limit, source = float(planned["limit_bytes"]), f"the plan's memory limit ({pkg.path / 'plan.json'})"

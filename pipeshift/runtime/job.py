@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from pipeshift.errors import InputFileError, PipeshiftError
-from pipeshift.plan import Plan, parse_plan, read_plan
+from pipeshift.errors import PipeshiftError
+from pipeshift.plan import Plan, read_plan
 from pipeshift.runtime.control import Connect, ControlPlane
 from pipeshift.runtime.elastic import ControlConfig, Controller, ForcedSwitch
 from pipeshift.runtime.hooks import Hooks
@@ -89,28 +89,6 @@ def plans_digest(plans: Sequence[Plan]) -> str:
 # -- setting a job up -----------------------------------------------------------------------------
 
 
-def package_plan(pkg: StagePackage) -> Plan | None:
-    """The package's plan.json with each stage's ranks taken from conf.json; None if it lists no stages."""
-    stages = pkg.plan.get("stages")
-    if not isinstance(stages, list) or not stages:
-        return None
-    source = str(pkg.path / "plan.json")
-    if len(stages) != pkg.num_stages:
-        raise InputFileError(source, None, f"lists {len(stages)} stages but conf.json has {pkg.num_stages}")
-    out = dict(pkg.plan)
-    out["stages"] = [_on_ranks(st, pkg.stage_to_rank[k]) for k, st in enumerate(stages)]
-    return parse_plan(out, source)
-
-
-def _on_ranks(stage: Any, ranks: Sequence[int]) -> Any:
-    """A plan.json stage on conf.json's ranks (anything else is left for the plan's checks to name)."""
-    if not isinstance(stage, dict):
-        return stage
-    tp = stage.get("tp", 1)
-    replicas = len(ranks) // tp if isinstance(tp, int) and not isinstance(tp, bool) and tp > 0 else 1
-    return {**stage, "ranks": list(ranks), "replicas": replicas}
-
-
 def policy_config(items: Sequence[str]) -> PolicyConfig:
     from pipeshift.runtime.policy import PolicyConfig
     from pipeshift.spec import parse_model_args
@@ -173,7 +151,7 @@ def prepare_job(opts: JobOptions, pkg: StagePackage, bundle: ModelBundle, rank: 
     wants = opts.may_repartition
     if job.forced:
         job.agreed["repartition_plans"] = plans_digest([f.plan for f in job.forced])
-    base = package_plan(pkg)
+    base = pkg.plan
     chain = None
     if base is not None and (opts.policy == "auto" or opts.resume):
         chain = load_chain(find_graph(base, pkg.path, opts.graph), opts.optimizer_state)
@@ -186,7 +164,7 @@ def prepare_job(opts: JobOptions, pkg: StagePackage, bundle: ModelBundle, rank: 
     if plan is None and not wants:
         if memory is not None:
             memory = dataclasses.replace(memory, stage_ranks=[pkg.stage_to_rank[k] for k in sorted(pkg.stage_to_rank)],
-                                         plan_stages=_plan_stages(pkg.plan))
+                                         plan_stages=_plan_stages(pkg.plan_doc))
         job.local = package_entries(pkg, bundle.model, criterion, rank, opts.init_from, memory)
         job.entries = job.local.entries
         return _connect(job, None)

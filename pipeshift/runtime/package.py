@@ -19,7 +19,8 @@ from torch import nn
 
 from pipeshift.codegen import load_package
 from pipeshift.errors import InputFileError, PipeshiftError
-from pipeshift.jsonfile import read_json_object
+from pipeshift.jsonfile import read_json_object, read_json_text
+from pipeshift.plan import Plan, parse_plan
 from pipeshift.runtime.stage import StageEntry
 from pipeshift.runtime.ties import parse_ties
 from pipeshift.spec import ModelBundle, ModelSpec
@@ -49,11 +50,12 @@ class StagePackage:
     module: ModuleType | AdoptingModule
     module_to_stage: list[int]
     stage_to_rank: dict[int, list[int]]
-    plan: dict[str, Any]
+    plan_doc: dict[str, Any]  # plan.json as read ({} without one); a hand-written package's may list no stages
     spec: ModelSpec | None
     tp_degrees: dict[int, int] = dataclasses.field(default_factory=dict)  # stage -> TP degree (absent: 1)
     tp_plan: dict[str, str] = dataclasses.field(default_factory=dict)  # module FQN -> TP style
     ties: list[dict[str, list[int]]] = dataclasses.field(default_factory=list)  # conf.json's tied_parameters
+    plan: Plan | None = None  # plan.json's stages on conf.json's ranks, checked; None if it lists none
 
     @property
     def num_stages(self) -> int:
@@ -65,7 +67,7 @@ class StagePackage:
 
     @property
     def batch_size(self) -> int | None:
-        b = self.plan.get("batch_size")
+        b = self.plan_doc.get("batch_size")
         return b if isinstance(b, int) and not isinstance(b, bool) and b > 0 else None
 
     @property
@@ -205,7 +207,7 @@ def load_stage_package(path: str | Path) -> StagePackage:
     tp_degrees, tp_plan = parse_tensor_parallel(conf, conf_path, s2r)
     ties = parse_ties(conf.get("tied_parameters"), conf_path, len(s2r))
     plan_path = path / "plan.json"
-    plan = read_json_object(plan_path, "plan file") if plan_path.exists() else {}
+    plan, text = read_json_text(plan_path, "plan file") if plan_path.exists() else ({}, "")
     module = import_package(path)
     spec = plan_spec = None
     if plan.get("model") is not None:
@@ -230,7 +232,27 @@ def load_stage_package(path: str | Path) -> StagePackage:
     for fn in ("model", "full_model"):
         if not callable(getattr(module, fn, None)):
             raise InputFileError(init, None, f"defines no {fn}() function")
-    return StagePackage(path, module, m2s, s2r, plan, spec, tp_degrees, tp_plan, ties)
+    return StagePackage(path, module, m2s, s2r, plan, spec, tp_degrees, tp_plan, ties,
+                        plan=_on_conf_ranks(plan, text, plan_path, s2r))
+
+
+def _on_conf_ranks(doc: dict[str, Any], text: str, path: Path, stage_to_rank: dict[int, list[int]]) -> Plan | None:
+    """plan.json's stages with each stage's ranks taken from conf.json (the package's own placement)."""
+    stages = doc.get("stages")
+    if not isinstance(stages, list) or not stages:
+        return None
+    if len(stages) != len(stage_to_rank):
+        raise InputFileError(path, None, f"lists {len(stages)} stages but conf.json has {len(stage_to_rank)}")
+
+    def placed(stage: Any, ranks: list[int]) -> Any:
+        if not isinstance(stage, dict):
+            return stage  # the plan's checks name what is wrong with it
+        tp = stage.get("tp", 1)
+        replicas = len(ranks) // tp if isinstance(tp, int) and not isinstance(tp, bool) and tp > 0 else 1
+        return {**stage, "ranks": list(ranks), "replicas": replicas}
+
+    return parse_plan({**doc, "stages": [placed(st, stage_to_rank[k]) for k, st in enumerate(stages)]},
+                      str(path), text)
 
 
 def import_package(path: Path) -> ModuleType:

@@ -311,7 +311,7 @@ def _build(pkg, rank: int, init_from: str | None, repartitionable: bool):
     """
     from torch import nn
 
-    from pipeshift.runtime.job import package_entries, package_plan
+    from pipeshift.runtime.job import package_entries
     from pipeshift.runtime.local import local_entries
     from pipeshift.runtime.repartition import Partition, Repartitioner
 
@@ -323,7 +323,7 @@ def _build(pkg, rank: int, init_from: str | None, repartitionable: bool):
     if not repartitionable:
         local = package_entries(pkg, bundle.model, criterion, rank, init_from)
         return local.entries, pkg.module_to_stage, None, bundle
-    plan = package_plan(pkg)
+    plan = pkg.plan
     if plan is None or not pkg.adopts:
         raise PipeshiftError(f"{pkg.path}: repartitioning needs a stage package written by `pipeshift codegen` "
                              "(its plan.json lists the stages)")
@@ -365,13 +365,16 @@ def _forced(values: list[str]) -> list[tuple[int, Plan, str]]:
 
 
 def _policy(args: argparse.Namespace, pkg):
-    from pipeshift.runtime.job import package_plan, policy_config
+    from pipeshift.runtime.job import policy_config
     from pipeshift.runtime.restart import find_graph
     from pipeshift.serve.policy import ServePolicy, serving_chain
 
     if args.report_every < 1:
         raise PipeshiftError("--report-every must be >= 1")
-    plan = package_plan(pkg)
+    plan = pkg.plan
+    if plan is None:
+        raise PipeshiftError(f"{pkg.path}: --policy auto needs a stage package written by `pipeshift codegen` "
+                             "(its plan.json lists the stages)")
     graph = find_graph(plan, pkg.path, args.graph)
     if graph is None:
         raise PipeshiftError(f"--policy auto needs the profiled graph.txt: pass --graph (the plan's 'graph' "
