@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
@@ -40,6 +40,9 @@ from pipeshift.runtime.metrics import MetricsLog
 from pipeshift.runtime.comm import Communicator
 from pipeshift.runtime.pipeline import Batch, Pipeline, load_optimizer_state_by_fqn, optimizer_state_by_fqn
 from pipeshift.schedule.registry import ASYNCHRONOUS
+
+if TYPE_CHECKING:
+    from pipeshift.runtime.elastic import Controller
 from pipeshift.runtime.tp import full_tensors
 from pipeshift.runtime.ties import skipped_keys
 
@@ -145,7 +148,7 @@ def check_partition(stage_ranks: Mapping[int, Sequence[int]] | Sequence[Sequence
 
 class Trainer:
     def __init__(self, pipeline: Pipeline, config: TrainConfig, *, data: Callable[[int, str, int], Iterator[Batch]],
-                 meta: dict[str, Any] | None = None, controller: Any = None):
+                 meta: dict[str, Any] | None = None, controller: Controller | None = None):
         self.pipeline = pipeline
         self.config = config
         self.data = data
@@ -325,9 +328,9 @@ class Trainer:
         if self.rank == 0:
             for text in everyone:
                 digests.update(json.loads(text))
-            plan = getattr(self.controller, "plan", None)
+            plan = self.controller.plan if self.controller is not None else None
             if plan is not None:  # the partition in force: a restart resumes on it
-                ckpt.write_json(plan, where / "plan.json")
+                ckpt.write_json(plan.to_json(), where / "plan.json")
             ckpt.write_meta({
                 "format": ckpt.FORMAT, "version": 1, "step": self.step,
                 "num_stages": p.topology.num_stages,
