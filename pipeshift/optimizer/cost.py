@@ -224,7 +224,8 @@ class PipeshiftLevel:
         self.by_mp = self.homogeneous and self.memory is None
 
     # -- pieces ---------------------------------------------------------------------------
-    def _stage_time(self, compute: Num, params: Num, replicas: Num, rows=None, cols=None) -> np.ndarray:
+    def _stage_time(self, compute: Num, params: Num, replicas: Num, rows: np.ndarray | int | None = None,
+                    cols: np.ndarray | int | None = None) -> np.ndarray:
         """Compute share + the replicas' all-reduce + (range ``rows, cols``) the split ties' all-reduce."""
         s = self.schedule
         ar = ring_allreduce(params, replicas, self.bandwidth, self.latency)
