@@ -70,7 +70,7 @@ class TPOptions:
     def _split(values: np.ndarray, fraction: np.ndarray | None, divisor: float) -> np.ndarray:
         if fraction is None:
             return values
-        return values * (1.0 - fraction) + values * fraction / divisor
+        return np.asarray(values * (1.0 - fraction) + values * fraction / divisor)
 
     def node_time_s(self, base_s: np.ndarray, t: int, level_bw: float, level_lat: float,
                     ids: np.ndarray | slice = slice(None)) -> np.ndarray:
@@ -279,7 +279,7 @@ def _sharded_activations(g: GraphArrays, styles: list[str | None], serving: bool
             if not inside[b] and not row[b] and not col[b]:
                 inside[b] = True
                 todo.append(b)
-    return (inside | (col if serving else row)).astype(np.float64)
+    return np.asarray((inside | (col if serving else row)).astype(np.float64))
 
 
 def with_tp_nodes(graph: Graph, g: GraphArrays, opt: PlanOptions) -> PlanOptions:
