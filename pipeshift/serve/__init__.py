@@ -10,6 +10,8 @@ The stages stay torch.distributed ranks, as in training; one of them (rank 0, or
   sends on, which tensors are the model's outputs.
 * :mod:`.worker` — a stage rank's loop: control messages in order (a batch, a ping, a switch,
   stop), receive, forward, send on.
+* :mod:`.tp` — a tensor-parallel stage's group: sharded as in training, its leader shares each
+  batch's inputs with the rest of the group, which computes with it.
 * :mod:`.frontend` — the admission queue, the batcher, keeping several batches in flight, the
   collector that answers requests, liveness, and repartitioning between batches.
 * :mod:`.http` — the Starlette app (predict, completions, health, ready, metrics, models).
