@@ -47,6 +47,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import RunnableSampler, Spread, fmt_gap, load_average, markdown_table, relative_gap  # noqa: E402
 from pipeshift.optimizer.simulator import SimStage, simulate, stages_from_plan  # noqa: E402
+from pipeshift.plan import parse_plan  # noqa: E402
 
 TARGET = 0.10  # the relative gap we aim to stay under
 SCHEDULE = "flush"
@@ -333,7 +334,7 @@ def stage_times(graph_txt: Path, plan: dict[str, Any]) -> list[tuple[float, floa
 def summarize(cfg: Config, plan: dict[str, Any], alone: list[dict[str, float]], tuned: list[tuple[float, float]],
               runs: list[RunResult]) -> dict[str, Any]:
     batch, m = cfg.case.batch_size, cfg.microbatches
-    predicted_stages = stages_from_plan(plan)
+    predicted_stages = stages_from_plan(parse_plan(plan, "plan.json"))
     stage_rows = []
     for s, st in enumerate(plan["stages"]):
         measured = {k: Spread.of(run.stages[s][k] for run in runs) for k in runs[0].stages[s]}

@@ -120,8 +120,9 @@ def on_link(plan: dict[str, Any], bandwidth: float, latency: float) -> dict[str,
 def simulated_rate(plan: dict[str, Any], microbatches: int, batch_size: int, steps: int) -> float:
     """samples/s the simulator predicts for a flush run of ``plan`` (profiled speeds, fill and drain included)."""
     from pipeshift.optimizer.simulator import simulate, stages_from_plan
+    from pipeshift.plan import parse_plan
 
-    result = simulate(stages_from_plan(plan), "flush", microbatches, steps)
+    result = simulate(stages_from_plan(parse_plan(plan, "plan.json")), "flush", microbatches, steps)
     return batch_size / result.time_per_microbatch_s
 
 

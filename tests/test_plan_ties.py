@@ -18,6 +18,7 @@ from pipeshift.cli import main
 from pipeshift.graph import Graph, Node, write_graph_txt
 from pipeshift.graph.capture import capture
 from pipeshift.optimizer.simulator import simulate, stages_from_plan
+from pipeshift.plan import parse_plan
 
 TIE = 4e6  # bytes of the shared weight
 MS = 1.0  # forward and backward milliseconds of every layer
@@ -76,7 +77,7 @@ def test_a_split_tie_is_charged_its_all_reduce(tmp_path: Path) -> None:
         assert st["costs"]["tie_allreduce_s"] == pytest.approx(tie_s)
         assert st["predicted"]["time_s"] == pytest.approx(2 * 2 * MS / 1000 + tie_s / M)
     # the simulator replays it before the step: one minibatch ends exactly one all-reduce later
-    stages = stages_from_plan(doc)
+    stages = stages_from_plan(parse_plan(doc))
     with_tie = simulate(stages, "flush", M, steps=1).makespan_s
     without = simulate([s.__class__(**{**s.__dict__, "tie_allreduce_s": 0.0}) for s in stages], "flush", M,
                        steps=1).makespan_s

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from pipeshift.errors import PipeshiftError
-from pipeshift.plan import Plan, as_plan
+from pipeshift.plan import Plan
 from pipeshift.schedule import actions as A
 from pipeshift.schedule.actions import Action, chain_role, pipeline_actions
 from pipeshift.schedule.registry import schedule_kind
@@ -217,9 +217,8 @@ def simulate(
     return SimResult(kind, M, steps, makespan, makespan / steps, makespan / total_mb, steady, bubble, stats, events)
 
 
-def stages_from_plan(plan: Plan | Mapping[str, Any], source: str = "plan.json") -> list[SimStage]:
+def stages_from_plan(plan: Plan) -> list[SimStage]:
     """Per-stage durations and sizes of a plan: the planner's ``costs``, or else its ``predicted.compute_s``."""
-    plan = as_plan(plan, source)
     out = []
     for st in plan.stages:
         c = st.costs
