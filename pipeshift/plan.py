@@ -28,6 +28,9 @@ from pipeshift.errors import InputFileError
 from pipeshift.jsonfile import JsonPath, line_of, read_json_text
 
 PLAN_VERSION = 1
+# A split as the policy and the re-planners see it: each stage's node ids, in pipeline order
+# (:attr:`Plan.node_lists`; :meth:`Plan.with_stages` turns one back into a plan).
+NodeLists = list[list[str]]
 # Node ids are graph.txt's ``nodeN``; anything word-like is accepted (hand-written plans), nothing
 # that could be mistaken for code when codegen writes it into a file.
 NODE_ID_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
@@ -125,7 +128,7 @@ class Plan:
 
     # -- shape ------------------------------------------------------------------------------
     @property
-    def node_lists(self) -> list[list[str]]:
+    def node_lists(self) -> NodeLists:
         return [list(st.nodes) for st in self.stages]
 
     @property

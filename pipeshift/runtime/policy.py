@@ -42,7 +42,7 @@ import numpy as np
 
 from pipeshift.errors import PipeshiftError
 from pipeshift.graph.ir import Graph
-from pipeshift.plan import Plan
+from pipeshift.plan import NodeLists, Plan
 
 # Optimizer state held per parameter byte: SGD none, momentum one buffer, Adam two moments.
 OPTIMIZER_STATE_FACTOR: dict[str, float] = {"sgd": 0.0, "momentum": 1.0, "adam": 2.0, "adamw": 2.0}
@@ -53,10 +53,8 @@ class PlanFormatError(PipeshiftError):
 
 
 # -- plans as node lists ----------------------------------------------------------------
-Stages = list[list[str]]
 
-
-def stages_of(plan: Plan | Sequence[Sequence[str]]) -> Stages:
+def stages_of(plan: Plan | Sequence[Sequence[str]]) -> NodeLists:
     """The node lists of a :class:`Plan`, or node lists a re-planner returned, checked.
 
     A plan was checked when it was parsed; bare node lists must be non-empty lists of strings
@@ -79,7 +77,7 @@ def stages_of(plan: Plan | Sequence[Sequence[str]]) -> Stages:
     return [list(nodes) for nodes in plan]
 
 
-def stage_of_node(stages: Stages) -> dict[str, int]:
+def stage_of_node(stages: NodeLists) -> dict[str, int]:
     return {node: k for k, nodes in enumerate(stages) for node in nodes}
 
 
@@ -169,7 +167,7 @@ class Chain:
         crossing[0] = crossing[n] = 0.0
         return crossing
 
-    def assignment(self, stages: Stages) -> np.ndarray:
+    def assignment(self, stages: NodeLists) -> np.ndarray:
         """(n,) stage index of each chain position; the stages must cover exactly the chain."""
         of = stage_of_node(stages)
         missing = [node for node in self.node_ids if node not in of]
@@ -284,14 +282,14 @@ class ReplanRequest:
     node_times_s: np.ndarray  # (workers, nodes): profiled time × that worker's speed factor
     speed_factors: np.ndarray  # (workers,)
     cut_comm_s: np.ndarray  # (nodes+1,): time of a boundary before position j
-    current_stages: Stages
+    current_stages: NodeLists
     glued: np.ndarray | None = None  # (nodes,) bool: must share a stage with the next node
 
 
-Replanner = Callable[[ReplanRequest], Stages]
+Replanner = Callable[[ReplanRequest], NodeLists]
 
 
-def builtin_replan(request: ReplanRequest) -> Stages:
+def builtin_replan(request: ReplanRequest) -> NodeLists:
     """The exact straight-pipeline DP; a glued node is fused with its successor first."""
     n = len(request.node_ids)
     glued = np.zeros(n, dtype=bool) if request.glued is None else np.asarray(request.glued, dtype=bool)
@@ -349,7 +347,7 @@ class Decision:
     migration_bytes: float | None = None
     migration_cost_s: float | None = None
     moves: list[dict[str, Any]] | None = None
-    new_stages: Stages | None = None
+    new_stages: NodeLists | None = None
     new_predicted_s: list[float] | None = None
     gain_lower_bound_s: float | None = None  # mean gain - z x standard error over the windows judged
     gain_noise_s: float | None = None  # that standard error
@@ -505,7 +503,7 @@ class RepartitionPolicy:
 
 # -- writing the new split back as a plan.json ------------------------------------------
 def replace_stages(
-    plan: Plan, new_stages: Stages, predicted_compute_s: Sequence[float] | None = None,
+    plan: Plan, new_stages: NodeLists, predicted_compute_s: Sequence[float] | None = None,
     node_fqns: Mapping[str, str] | None = None,
 ) -> Plan:
     """``plan`` with new node lists; ranks and replicas stay with the stage."""
