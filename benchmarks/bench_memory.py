@@ -5,9 +5,11 @@
 
 The whole path a user of a too-big model runs: ``pipeshift profile --materialize per-node``
 (the profiler's peak resident memory, above a process that only imported torch and pipeshift,
-against the model's parameter bytes), ``pipeshift plan -n 4 --straight-pipeline``, ``pipeshift
-codegen`` (the graph captured on the meta device), then ``pipeshift launch --local 4 … --optimizer
-adam`` for a few steps: each rank's peak resident memory (``rankR/memory.json``) against the
+against the model's parameter bytes), ``pipeshift plan -n 4 --straight-pipeline --schedule flush
+--memory-size M`` (M: each worker's memory, ``--memory-fraction`` of the whole training state,
+30 % by default: the model needs more than three such workers), ``pipeshift codegen`` (the
+graph captured on the meta device), then ``pipeshift launch --local 4 … --optimizer adam`` for a
+few steps: each rank's peak resident memory (``rankR/memory.json``) against the
 memory the runtime predicts for its stage (the planner's formula with the stage's exact
 weights) plus a fixed runtime overhead, and against the whole model's training state (weights,
 gradients, Adam's two moments: 16 bytes per parameter). A second run switches to a plan with
@@ -136,6 +138,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--memory-fraction", type=float, default=0.3,
+                   help="each worker's memory (the plan's --memory-size) as a share of the whole training state")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     args = p.parse_args()
     if args.quick:
@@ -146,7 +150,9 @@ def main() -> None:
     W = args.workers
     print(f"## Memory of a {params / 1e6:.0f}M-parameter GPT on {W} ranks", flush=True)
     print(f"\nwidth {args.width}, depth {args.depth}, vocabulary {args.vocab}, sequence {args.seq}, microbatch "
-          f"{args.batch}; parameters {gb(param_bytes)} GB, training state with Adam {gb(state)} GB; work dir {work}\n")
+          f"{args.batch}; parameters {gb(param_bytes)} GB, training state with Adam {gb(state)} GB; memory per "
+          f"worker for the plan {gb(args.memory_fraction * state)} GB ({100 * args.memory_fraction:.0f} %); "
+          f"work dir {work}\n")
 
     base = baseline_rss(work)
     t0 = time.perf_counter()
@@ -154,8 +160,9 @@ def main() -> None:
                        "--materialize", "per-node", "--iterations", "2", "--warmup", "1", "--quiet",
                        "--threads", "2"], work, 3600, threads=2)
     prof_s = time.perf_counter() - t0
-    sh([PY, "-m", "pipeshift", "plan", "prof/graph.txt", "-n", str(W), "--straight-pipeline", "-o", "plan"],
-       work, 600)
+    limit = args.memory_fraction * state
+    sh([PY, "-m", "pipeshift", "plan", "prof/graph.txt", "-n", str(W), "--straight-pipeline", "--schedule", "flush",
+        "--microbatches", str(W), "--optimizer-states", "2", "--memory-size", f"{limit:.0f}", "-o", "plan"], work, 600)
     _, codegen_peak = sh([PY, "-m", "pipeshift", "codegen", "plan", "-o", "stages"], work, 600)
     lines = ["### Profiler, one node at a time", "",
              "| | GB | share of parameter bytes |", "|---|---:|---:|",

@@ -188,6 +188,32 @@ def test_a_pipeshift_checkpoint_is_a_weight_source(loaded_run):
     assert ckpt.resolve(workdir / "ck") == source.path
 
 
+def test_a_resuming_rank_hashes_and_reads_only_its_own_stage_files(loaded_run, tmp_path, monkeypatch):
+    import shutil
+
+    workdir, _ = loaded_run
+    root = tmp_path / "ck"
+    shutil.copytree(workdir / "ck", root)
+    where = ckpt.resolve(root)
+    meta = ckpt.read_meta(where)
+    held = meta["stage_keys"]
+    assert set(held) == {"stage0.pt", "stage1.pt"} and set(held["stage0.pt"]).isdisjoint(held["stage1.pt"])
+    assert set(held["stage0.pt"]) | set(held["stage1.pt"]) == set(h.final_weights(root))
+    first = set(held["stage0.pt"])
+    assert ckpt.files_for(meta, first, 0) == {"stage0.pt"}
+    assert ckpt.files_for({**meta, "stage_keys": None}, first, 0) is None  # an older checkpoint: every file
+    hashed: list[str] = []
+    real = ckpt.sha256_file
+    monkeypatch.setattr(ckpt, "sha256_file", lambda f: hashed.append(f.name) or real(f))
+    (where / "stage1.pt").write_bytes(b"damaged")
+    assert ckpt.choose(root, lambda m: ckpt.files_for(m, first, 0))[0] == where
+    assert hashed == ["stage0.pt"]
+    stages = ckpt.stage_files(where, meta, mmap=True, names={"stage0.pt"})  # stage1.pt is not even opened
+    assert set(ckpt.assemble_state_dict(stages, where, partial=True)) == first
+    with pytest.raises(PipeshiftError, match="stage1.pt.*SHA-256"):
+        ckpt.choose(root, lambda m: ckpt.files_for(m, set(held["stage1.pt"]), 1))
+
+
 def test_export_picks_the_format_from_the_output_and_round_trips(loaded_run, tmp_path, capsys):
     from safetensors.torch import load_file
 

@@ -17,6 +17,7 @@ profile are the sums of the nodes'.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -103,14 +104,23 @@ def profile_nodes(model: nn.Module, example_inputs: Sequence[Any], policy: LeafP
     gm = captured.gm.train()
     fx_of = {g.node_id: g.fx_name for g in captured.groups}
     g = torch.Generator().manual_seed(seed)
+    node_fqns = [_group_fqns(captured, i) for i in range(len(captured.groups))]
+    weight_bytes = [_tensor_bytes(_params_of(gm, f)) for f in node_fqns]  # from shapes: the model is on meta
+    largest = max(weight_bytes, default=0)
     out = []
     for i, group in enumerate(tqdm(captured.groups, desc="profiling one node at a time", disable=not progress,
                                    leave=False)):
-        fqns = _group_fqns(captured, i)
+        fqns = node_fqns[i]
+        # A node whose weights and their gradients together would outweigh the largest node's weights
+        # takes its backward in two passes (see _SplitBackward): the profiler's peak stays near the
+        # largest node's weights instead of twice them.
+        split = 2 * weight_bytes[i] > largest
         before = {n for n, t in [*gm.named_parameters(remove_duplicate=False),
                                  *gm.named_buffers(remove_duplicate=False)] if t.device.type == "meta"}
         if fqns:
             materialize(gm, fqns, seed=seed, device=device, keep_others=True)
+        made = {n for n, t in [*gm.named_parameters(remove_duplicate=False),
+                               *gm.named_buffers(remove_duplicate=False)] if t.device.type != "meta"} & before
         runner = GroupRunner(captured)  # resolves attributes now that this node's are real
         local = {fx_of[gid]: _synthetic(meta_env[fx_of[gid]], device, g) for gid in group.inputs}
         resident = {_storage_key(t)[0] for t in [*gm.parameters(), *gm.buffers()] if t.device.type != "meta"}
@@ -119,25 +129,37 @@ def profile_nodes(model: nn.Module, example_inputs: Sequence[Any], policy: LeafP
         saved: dict[int, int] = {}
         from_inputs = {_storage_key(t)[0] for t in flat_tensors(local)}
         for it in range(max(warmup, 1) + iterations):
+            if split and it > 0:  # the last backward gave the weights' storage away: materialise them afresh
+                release(gm, made)
+                materialize(gm, fqns, seed=seed, device=device, keep_others=True)
+                runner = GroupRunner(captured)
             scratch = dict(local)
-            if it == 0:
-                def pack(t: torch.Tensor, saved: dict[int, int] = saved) -> torch.Tensor:
-                    key, nbytes = _storage_key(t)
-                    saved[key] = nbytes
-                    return t
+            splitter = _SplitBackward([p for p in _params_of(gm, fqns) if p.requires_grad]) if split else None
 
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            def pack(t: torch.Tensor, count: bool = it == 0, saved: dict[int, int] = saved,
+                     splitter: _SplitBackward | None = splitter) -> Any:
+                key, nbytes = _storage_key(t)
+                if count:
+                    saved[key] = nbytes
+                return splitter.pack(t, key) if splitter is not None else t
+
+            unpack = splitter.unpack if splitter is not None else (lambda t: t)
+            hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack) if it == 0 or split else None
+            _sync(device)
+            t0 = time.perf_counter()
+            if hooks is not None:
+                with hooks:
                     value = runner.run_group(i, scratch, inputs)
-                t0 = t1 = 0.0
             else:
-                _sync(device)
-                t0 = time.perf_counter()
                 value = runner.run_group(i, scratch, inputs)
-                _sync(device)
-                t1 = time.perf_counter()
+            _sync(device)
+            t1 = time.perf_counter()
             pairs = [(t, torch.randn_like(t)) for t in flat_tensors(value) if t.grad_fn is not None]
             t2 = time.perf_counter()
-            if pairs:
+            if pairs and splitter is not None:
+                leaves = [t for t in flat_tensors(local) if t.requires_grad]
+                splitter.backward([t for t, _ in pairs], [gr for _, gr in pairs], leaves)
+            elif pairs:
                 torch.autograd.backward([t for t, _ in pairs], [gr for _, gr in pairs])
             _sync(device)
             t3 = time.perf_counter()
@@ -148,17 +170,70 @@ def profile_nodes(model: nn.Module, example_inputs: Sequence[Any], policy: LeafP
             if it >= max(warmup, 1):
                 fwd.append((t1 - t0) * 1e3)
                 bwd.append((t3 - t2) * 1e3 if pairs else 0.0)
-            del value, pairs, scratch
+            del value, pairs, scratch, splitter
         kept = {k: n for k, n in saved.items() if k not in resident}
         nbytes = SavedBytes(total=int(sum(kept.values())),
                             from_inputs=int(sum(n for k, n in kept.items() if k in from_inputs)))
         params = [p for p in _params_of(gm, fqns) if p.requires_grad]
         out.append((fwd, bwd, nbytes, optimizer_state_bytes(params)))
-        made = {n for n, t in [*gm.named_parameters(remove_duplicate=False),
-                               *gm.named_buffers(remove_duplicate=False)] if t.device.type != "meta"} & before
         release(gm, made)
         del local, runner
     return captured, out
+
+
+class _SplitBackward:
+    """A node's backward in two passes, so that its weights and their gradients never coexist.
+
+    The weights' own gradients need the node's inputs and output gradient, not the weights'
+    values (a linear layer's is ``grad_out^T @ x``, an embedding's a scatter of ``grad_out``), so
+    the backward first computes the gradients of the node's inputs while the weights are real,
+    then frees the weights' storage and computes the weights' gradients (timed: both passes).
+    Autograd keeps the weights alive through what the forward saved for backward, so the forward
+    runs under :func:`torch.autograd.graph.saved_tensors_hooks` that save a weight (or a view of
+    it) as its shape and position in the weight; unpacked after the weights are freed, it is a
+    broadcast zero of that shape. A parameter object keeps its identity throughout (autograd's
+    gradient edge is the object), only its ``.data`` changes.
+    """
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.params = params
+        self.by_storage = {_storage_key(p)[0]: p for p in params}
+        self.freed = False
+
+    def pack(self, t: torch.Tensor, key: int) -> Any:
+        owner = self.by_storage.get(key)
+        if owner is None:
+            return t
+        return _WeightView(owner, tuple(t.shape), tuple(t.stride()), int(t.storage_offset()))
+
+    def unpack(self, packed: torch.Tensor | _WeightView) -> torch.Tensor:
+        if not isinstance(packed, _WeightView):
+            return packed
+        if self.freed:
+            return torch.zeros((), dtype=packed.owner.dtype, device=packed.owner.device).expand(packed.shape)
+        view: torch.Tensor = packed.owner.detach().as_strided(packed.shape, packed.stride, packed.offset)
+        return view
+
+    def backward(self, outputs: list[torch.Tensor], grads: list[torch.Tensor], leaves: list[torch.Tensor]) -> None:
+        if leaves:
+            torch.autograd.grad(outputs, leaves, grads, retain_graph=True, allow_unused=True)
+        self.freed = True
+        for p in self.params:
+            p.data = torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape)
+        if self.params:
+            torch.autograd.grad(outputs, self.params, grads, allow_unused=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _WeightView:
+    owner: torch.Tensor
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+
+def _tensor_bytes(tensors: Sequence[torch.Tensor]) -> int:
+    return int(sum(t.numel() * t.element_size() for t in tensors))
 
 
 def _params_of(gm: nn.Module, fqns: set[str]) -> list[torch.Tensor]:

@@ -5,9 +5,15 @@ glibc's malloc serves large blocks (gradients, activations) with ``mmap`` and re
 page-faults all of them in again on the next backward. PipeDream's ``1f1b`` steps after *every*
 microbatch, and measured on this project's machines (``benchmarks/bench_runtime.py``; a 6-layer
 512-wide MLP stage at one thread) that costs up to twice the microbatch's compute. Raising the
-mmap and trim thresholds makes freed blocks stay in the heap and be reused: no page faults, and
-stepping every microbatch becomes as cheap as accumulating. The price is that a process's
-resident memory does not shrink after a peak, which a training process does not need.
+mmap threshold makes such blocks come from the heap, and raising the trim threshold keeps them
+there once freed: no page faults, and stepping every microbatch becomes as cheap as accumulating.
+
+The mmap threshold stops at 32 MiB (glibc's own ceiling for its adaptive threshold): blocks
+above it — a big model's vocabulary matrices and their gradients, Adam's moments for them —
+still get their own mappings and go back to the OS when freed. Kept in the heap, such blocks
+fragment it: the next step's allocations do not fit the holes they leave and the heap grows
+instead (``benchmarks/bench_memory.py``: the end ranks of a 405M-parameter GPT, whose 206 MB
+vocabulary matrices were kept in the heap, peaked 0.3–0.5 GB higher than with the cap).
 
 It is process-wide, so the train command applies it at start-up (``--no-malloc-tuning`` opts
 out) and the benchmark applies it to every contender alike.
@@ -21,7 +27,10 @@ import sys
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-_THRESHOLD = 1 << 30
+_MMAP_THRESHOLD = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
+_TRIM_THRESHOLD = 1 << 30
+# torch's CPU allocator madvises tensors of 2 MB and more as huge pages when this is set at start-up
+HUGE_PAGES_ENV = ("THP_MEM_ALLOC_ENABLE", "1")
 
 
 def keep_freed_memory() -> bool:
@@ -35,7 +44,7 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, _THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _THRESHOLD))
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
 
 
 def return_freed_memory() -> bool:

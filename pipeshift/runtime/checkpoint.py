@@ -3,8 +3,9 @@
 Layout of ``--checkpoint-dir D``::
 
     D/latest                  the name of the newest complete checkpoint ("step-00000010")
-    D/step-00000010/meta.json step, schedule, microbatches, ranks, package, data position, and
-                              "files": the SHA-256 of every file below, tied parameters
+    D/step-00000010/meta.json step, schedule, microbatches, ranks, package, data position,
+                              "files": the SHA-256 of every file below, "stage_keys": the
+                              FQNs each stage file holds, tied parameters
     D/step-00000010/stage0.pt {"model": FQN -> tensor, "optimizer": FQN-keyed state, "lr_scheduler": …}
     D/step-00000010/rank0.pt  this rank's RNG states
     D/step-00000010/plan.json the plan in force, when the job can repartition (a restart resumes on it)
@@ -20,7 +21,10 @@ state_dict.
 A checkpoint is checked before it is used (:func:`verify`): every file against its SHA-256, the
 step against the directory's name and each stage file's own step. A resume that finds the newest
 checkpoint damaged falls back to the previous intact one and says so (:func:`choose`); an
-export refuses (it has no business guessing which weights were meant).
+export refuses (it has no business guessing which weights were meant). A resuming rank reads and
+hashes only the files it loads from (:func:`files_for`: the stage files holding its FQNs, by
+``stage_keys``), so a big model's resume costs each rank its own share of the checkpoint; the
+ranks then agree on the checkpoint (the newest one intact for every rank).
 
 A parameter tied across stages is written once, by the first stage holding it, under its
 first name (``tied_parameters`` in meta.json lists its other names).
@@ -32,7 +36,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,8 +137,28 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
     return meta
 
 
-def verify(ckpt: Path, meta: Mapping[str, Any]) -> None:
-    """Refuse a checkpoint whose files or step disagree with its meta.json (one line naming the file)."""
+def files_for(meta: Mapping[str, Any], keys: Collection[str], stage: int | None = None) -> set[str] | None:
+    """The stage files a reader of ``keys`` (FQNs, tied names included) needs; ``None``: every one.
+
+    Only a checkpoint that records ``stage_keys`` can tell (older ones: ``None``). ``stage``
+    adds that stage's file, which holds the LR scheduler's position.
+    """
+    recorded = meta.get("stage_keys")
+    if not isinstance(recorded, dict) or not all(isinstance(v, list) for v in recorded.values()):
+        return None
+    canonical = aliases(meta.get("tied_parameters") or [])
+    wanted = set(keys) | {canonical[k] for k in keys if k in canonical}
+    out = {name for name, held in recorded.items() if wanted & set(held)}
+    if stage is not None:
+        out.add(f"stage{min(stage, meta['num_stages'] - 1)}.pt")
+    return out
+
+
+def verify(ckpt: Path, meta: Mapping[str, Any], names: Collection[str] | None = None) -> None:
+    """Refuse a checkpoint whose files or step disagree with its meta.json (one line naming the file).
+
+    ``names``: hash only these files (the others must still exist); ``None``: every file.
+    """
     path = ckpt / "meta.json"
     named = _STEP_DIR.match(ckpt.name)
     if named and int(named.group(1)) != meta["step"]:
@@ -152,15 +176,20 @@ def verify(ckpt: Path, meta: Mapping[str, Any]) -> None:
             raise InputFileError(path, None, f"'files' names {name!r}, which is not a file of this checkpoint")
         if not f.is_file():
             raise InputFileError(f, None, "file not found: the checkpoint is incomplete")
+        if names is not None and name not in names:
+            continue
         if sha256_file(f) != digest:
             raise InputFileError(f, None, "SHA-256 differs from the one meta.json records: the file is damaged "
                                           "or was changed after the checkpoint was written")
 
 
-def choose(root: str | os.PathLike[str]) -> tuple[Path, dict[str, Any], str]:
+def choose(root: str | os.PathLike[str], needed: Callable[[Mapping[str, Any]], Collection[str] | None] | None = None,
+           at_most: int | None = None) -> tuple[Path, dict[str, Any], str]:
     """The checkpoint a resume continues from: the newest intact one, and a note if it is not the latest.
 
-    ``root`` naming one ``step-N`` directory means exactly that one (no fallback).
+    ``root`` naming one ``step-N`` directory means exactly that one (no fallback). ``needed``
+    (a checkpoint's meta → the files to hash, ``None`` for all) limits the check to what the
+    caller reads; ``at_most``: no checkpoint after that step (ranks agreeing on an older one).
     """
     problem: str | None
     try:
@@ -179,14 +208,17 @@ def choose(root: str | os.PathLike[str]) -> tuple[Path, dict[str, Any], str]:
         named = _STEP_DIR.match(first.name)
         limit = int(named.group(1)) if named else None
         candidates += [d for step, d in sorted(steps, reverse=True) if limit is None or step < limit]
+    if at_most is not None:
+        candidates = [d for d in candidates if (m := _STEP_DIR.match(d.name)) is None or int(m.group(1)) <= at_most]
     for where in candidates:
         try:
             meta = read_meta(where)
-            verify(where, meta)
+            verify(where, meta, needed(meta) if needed is not None else None)
         except PipeshiftError as e:
             problem = problem or str(e)
             continue
-        note = "" if where == first else f"{problem}; resuming from the previous intact checkpoint {where.name}"
+        note = "" if where == first or problem is None else \
+            f"{problem}; resuming from the previous intact checkpoint {where.name}"
         return where, meta, note
     raise PipeshiftError(problem or f"{root}: no intact checkpoint")
 
@@ -201,9 +233,14 @@ def load_file(path: Path, mmap: bool = False) -> Any:
         raise InputFileError(path, None, f"cannot be read as a checkpoint ({type(e).__name__}: {e})") from None
 
 
-def stage_files(ckpt: Path, meta: Mapping[str, Any], mmap: bool = False) -> list[dict[str, Any]]:
-    out = []
+def stage_files(ckpt: Path, meta: Mapping[str, Any], mmap: bool = False,
+                names: Collection[str] | None = None) -> list[dict[str, Any]]:
+    """Every stage file's contents, in stage order; with ``names``, only those files are read (others: empty)."""
+    out: list[dict[str, Any]] = []
     for s in range(meta["num_stages"]):
+        if names is not None and f"stage{s}.pt" not in names:
+            out.append({"model": {}, "optimizer": {}})
+            continue
         data = load_file(ckpt / f"stage{s}.pt", mmap=mmap)
         if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
             raise InputFileError(ckpt / f"stage{s}.pt", None, "no 'model' state_dict inside")
@@ -215,12 +252,13 @@ def stage_files(ckpt: Path, meta: Mapping[str, Any], mmap: bool = False) -> list
 
 
 def assemble_state_dict(stages: list[dict[str, Any]], ckpt: Path | None = None,
-                        ties: Sequence[Mapping[str, Sequence[int]]] = ()) -> dict[str, torch.Tensor]:
+                        ties: Sequence[Mapping[str, Sequence[int]]] = (), partial: bool = False) -> dict[str, torch.Tensor]:
     """One state_dict for the original model: the union of the stages' (disjoint) FQNs.
 
     A tied parameter is stored once, under its canonical name (:mod:`pipeshift.runtime.ties`);
     its other names become the very same tensor here, so saving the result stores it once and
-    ``load_state_dict`` into the original model keeps the tie.
+    ``load_state_dict`` into the original model keeps the tie. ``partial``: only some stage
+    files were read (:func:`files_for`), so a tie whose tensor is in none of them is skipped.
     """
     merged: dict[str, torch.Tensor] = {}
     owner: dict[str, int] = {}
@@ -233,6 +271,8 @@ def assemble_state_dict(stages: list[dict[str, Any]], ckpt: Path | None = None,
             merged[fqn] = tensor
             owner[fqn] = s
     for alias, name in aliases(ties).items():
+        if name not in merged and partial:
+            continue
         if name not in merged:
             raise PipeshiftError(f"{ckpt or 'checkpoint'}: the tied parameter {name!r} is in no stage file")
         merged[alias] = merged[name]

@@ -71,7 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sync-every", type=int, default=0,
                    help="1f1b/2bw: drain the pipeline every K minibatches (0: only where needed)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--optimizer", default="sgd", help="sgd, adam, adamw, or any torch.optim class name")
+    g.add_argument("--optimizer", default="sgd",
+                   help="sgd, adam, adamw, or any torch.optim class name (adam and adamw use torch's fused step "
+                        "where it applies: no per-parameter temporaries; --optim-arg fused=False for the default)")
     g.add_argument("--lr", type=float, default=0.01)
     g.add_argument("--momentum", type=float, default=None)
     g.add_argument("--weight-decay", type=float, default=None)
@@ -421,7 +423,22 @@ def optimizer_factory(args: argparse.Namespace) -> Callable[[Any], torch.optim.O
         cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)
     except (TypeError, ValueError) as e:
         raise PipeshiftError(f"{cls.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}): {e}") from None
-    return lambda params: cls(params, **kwargs)
+    if cls not in _FUSED_BY_DEFAULT or {"fused", "foreach", "differentiable"} & set(kwargs):
+        return lambda params: cls(params, **kwargs)
+    return lambda params: cls(params, **kwargs, **({"fused": True} if _fusable(params) else {}))
+
+
+# The per-parameter ("single tensor") step of Adam and AdamW, torch's default on CPU, allocates two
+# temporaries the size of each parameter (the square root of the second moment, then its quotient);
+# for a 206 MB vocabulary matrix that is 412 MB above the training state, at every step. Their
+# fused kernels update in place. Weights agree with the default step to rounding.
+_FUSED_BY_DEFAULT = (torch.optim.Adam, torch.optim.AdamW)
+
+
+def _fusable(params: list[torch.nn.Parameter]) -> bool:
+    """Whether torch's fused Adam kernel takes these parameters: plain floating-point tensors on CPU or CUDA."""
+    return bool(params) and all(type(p) in (torch.Tensor, torch.nn.Parameter) and p.is_floating_point()
+                                and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def scheduler_factory(args: argparse.Namespace) -> Callable[[torch.optim.Optimizer], Any] | None:

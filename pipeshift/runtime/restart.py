@@ -101,7 +101,7 @@ def resume_plan(checkpoint_dir: str | None, world_size: int, package_plan: Plan 
     root = Path(checkpoint_dir)
     if not (root / ckpt.LATEST).exists() and not (root / "meta.json").exists():
         return None, ""
-    where = ckpt.choose(root)[0]
+    where = ckpt.choose(root, lambda meta: {"plan.json"})[0]  # the stage files are each rank's to check
     saved = where / "plan.json"
     plan = read_plan(saved) if saved.is_file() else None
     base = plan or package_plan

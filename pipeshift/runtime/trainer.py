@@ -304,6 +304,7 @@ class Trainer:
         where = ckpt.step_dir(root, self.step)
         p.comm.where = f"checkpoint after step {self.step}"
         digests: dict[str, str] = {}
+        held: dict[str, list[str]] = {}  # stage file -> the FQNs in it (a resuming rank reads only its own)
         if p.replica == 0:
             # full tensors whatever the TP degree (a collective in a TP group), so any layout loads them
             skip = skipped_keys(p.ties.ties, p.stage_id)  # another stage writes these tied parameters
@@ -311,6 +312,7 @@ class Trainer:
             kept = {k: v for k, v in p.stage.params.items() if k not in skip}
             optimizer = full_tensors(optimizer_state_by_fqn(p.optimizer, kept))
             if p.tp_index == 0:
+                held[f"stage{p.stage_id}.pt"] = sorted(model)
                 digests[f"stage{p.stage_id}.pt"] = ckpt.save_file({
                     "stage": p.stage_id,
                     "step": self.step,
@@ -323,11 +325,13 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state(p.device)
         digests[f"rank{self.rank}.pt"] = ckpt.save_file({"rng": rng, "step": self.step}, where / f"rank{self.rank}.pt")
         # every rank has written once this returns; meta.json records what each wrote
-        everyone = p.comm.all_gather_bytes(json.dumps(digests).encode(),
+        everyone = p.comm.all_gather_bytes(json.dumps({"files": digests, "keys": held}).encode(),
                                            f"waiting for every rank to write checkpoint {where.name}")
         if self.rank == 0:
             for text in everyone:
-                digests.update(json.loads(text))
+                told = json.loads(text)
+                digests.update(told["files"])
+                held.update(told["keys"])
             plan = self.controller.plan if self.controller is not None else None
             if plan is not None:  # the partition in force: a restart resumes on it
                 ckpt.write_json(plan.to_json(), where / "plan.json")
@@ -339,7 +343,7 @@ class Trainer:
                 "schedule": cfg.schedule, "microbatches": cfg.microbatches, "batch_size": cfg.batch_size,
                 "seed": cfg.seed, "data_position": self.step * cfg.microbatches,
                 "switches_applied": list(getattr(self.controller, "applied", [])),
-                "tied_parameters": p.ties.ties,
+                "tied_parameters": p.ties.ties, "stage_keys": held,
                 **self.meta,
             }, where, digests)
             ckpt.mark_latest(root, self.step)
@@ -355,7 +359,13 @@ class Trainer:
             if self.reporter:
                 print(f"--resume: no checkpoint in {root} yet; starting from step 0", file=sys.stderr)
             return
-        where, meta, note = ckpt.choose(root)
+        own_keys = set(p.stage.state_dict())
+
+        def needed(meta: Mapping[str, Any]) -> set[str] | None:
+            stage_files = ckpt.files_for(meta, own_keys, p.stage_id)
+            return None if stage_files is None else stage_files | {f"rank{self.rank}.pt"}
+
+        where, meta, note = self._agree_on_checkpoint(root, needed, *ckpt.choose(root, needed))
         if note and self.rank == 0:
             print(f"pipeshift train: {note}", file=sys.stderr, flush=True)
         for key in ("schedule", "microbatches", "batch_size", "seed"):
@@ -365,9 +375,10 @@ class Trainer:
                     f"{where}/meta.json: written with {key}={meta.get(key)!r} but this run has {mine!r}; "
                     "resuming would not continue the same training"
                 )
-        stages = ckpt.stage_files(where, meta, mmap=True)  # only the pages of this rank's tensors are read
+        names = ckpt.files_for(meta, own_keys, p.stage_id)  # the files holding this rank's tensors (None: all)
+        stages = ckpt.stage_files(where, meta, mmap=True, names=names)  # only their pages are read
         ties = meta["tied_parameters"]
-        state = ckpt.assemble_state_dict(stages, where, ties)
+        state = ckpt.assemble_state_dict(stages, where, ties, partial=names is not None)
         if self.model_keys is not None:
             extra = sorted(set(state) - self.model_keys)
             if extra:
@@ -397,6 +408,26 @@ class Trainer:
             raise PipeshiftError(f"{where} is at step {self.step}, beyond --steps {cfg.steps}")
         # every rank must have read the same checkpoint (a shared filesystem, or identical copies)
         agree(p.comm, self.rank, {"resumed_step": self.step}, None)
+
+    def _agree_on_checkpoint(self, root: Path, needed: Callable[[Mapping[str, Any]], set[str] | None],
+                             where: Path, meta: dict[str, Any], note: str) -> tuple[Path, dict[str, Any], str]:
+        """The checkpoint every rank resumes from: the newest one whose files each rank found intact.
+
+        Each rank checked only its own files, so a damaged file sends its reader alone to an older
+        checkpoint; then everyone takes the oldest choice, and checks its own files there.
+        """
+        p = self.pipeline
+        reason = note
+        while True:
+            told = [json.loads(b) for b in p.comm.all_gather_bytes(
+                json.dumps({"step": meta["step"], "note": note}).encode(),
+                "agreeing on the checkpoint to resume from")]
+            oldest = min(t["step"] for t in told)
+            reason = next((t["note"] for t in told if t["step"] == oldest and t["note"]), reason)
+            if all(t["step"] == oldest for t in told):
+                return where, meta, reason
+            if meta["step"] != oldest:
+                where, meta, note = ckpt.choose(root, needed, at_most=oldest)
 
     def summary(self) -> str:
         rate = statistics.median(self.rates[1:] or self.rates) if self.rates else math.nan
