@@ -30,6 +30,7 @@ from pipeshift.graph.capture import CapturedGraph, LeafPolicy, capture, flat_ten
 from pipeshift.materialize import materialize, release
 from pipeshift.profiler.memory import SavedBytes, _storage_key, optimizer_state_bytes
 from pipeshift.profiler.runner import GroupRunner
+from pipeshift.runtime.allocator import return_freed_memory
 
 META = torch.device("meta")
 
@@ -178,6 +179,10 @@ def profile_nodes(model: nn.Module, example_inputs: Sequence[Any], policy: LeafP
         out.append((fwd, bwd, nbytes, optimizer_state_bytes(params)))
         release(gm, made)
         del local, runner
+        # Freed memory stays with the malloc arena that freed it (the intra-op threads have their
+        # own) for reuse; the next node reuses little of it, so give it back: the peak is then one
+        # node's, not one node's plus what earlier nodes left in other arenas.
+        return_freed_memory()
     return captured, out
 
 
