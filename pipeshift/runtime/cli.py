@@ -425,7 +425,7 @@ def optimizer_factory(args: argparse.Namespace) -> Callable[[Any], torch.optim.O
         raise PipeshiftError(f"{cls.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}): {e}") from None
     if cls not in _FUSED_BY_DEFAULT or {"fused", "foreach", "differentiable"} & set(kwargs):
         return lambda params: cls(params, **kwargs)
-    return lambda params: cls(params, **kwargs, **({"fused": True} if _fusable(params) else {}))
+    return lambda params: cls(params, **{**kwargs, **({"fused": True} if _fusable(params) else {})})
 
 
 # The per-parameter ("single tensor") step of Adam and AdamW, torch's default on CPU, allocates two
