@@ -61,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=400)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="200 requests, one repeat")
     args = p.parse_args(argv)
+    if args.quick:
+        args.requests, args.repeats = 200, 1
     work = Path(tempfile.mkdtemp(prefix="bench-loadgen-"))
     sh([PY, "-m", "pipeshift", "profile", "pipeshift.models:mlp", "--model-arg", "in_features=1024", "--model-arg",
         "width=1024", "--model-arg", "depth=8", "-b", "8", "--threads", "1", "-o", "prof"], work)
