@@ -25,9 +25,9 @@ from pipeshift.spec import ModelSpec
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
+from helpers import REPO  # noqa: E402
 from test_runtime import train as train_ranks  # noqa: E402 - after the importorskip
 
-REPO = Path(__file__).resolve().parents[1]
 SEQ = 16
 
 
