@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeshift.errors import PipeshiftError
+from pipeshift.plan import read_plan
 
 MODEL = "pipeshift.models:resnet18"
 MODEL_ARGS = ["width=8", "image_size=32", "num_classes=10", "data=digits"]
@@ -135,14 +136,15 @@ def run(args: argparse.Namespace) -> int:
     _run(_pipeshift("export", str(ckpt), "-o", str(out / "model.pt"), "--package", str(stages)), log)
 
     # -- report ---------------------------------------------------------------------------
-    doc = json.loads((plan / "plan.json").read_text())
+    planned = read_plan(plan)
     metrics = _read_metrics(run_dir)
     last_rank = max(metrics) if metrics else None
+    predicted = planned.predicted
     print("\n== report ==")
-    print(f"plan: {len(doc['stages'])} stages, predicted {doc['predicted']['time_per_minibatch_s'] * 1e3:.2f} ms "
-          f"per microbatch, {doc['predicted'].get('throughput_samples_per_s', float('nan')):.0f} samples/s")
-    for s in doc["stages"]:
-        print(f"  stage {s['stage_id']}: {len(s['nodes'])} nodes ({s['nodes'][0]}..{s['nodes'][-1]}), ranks {s['ranks']}")
+    print(f"plan: {planned.num_stages} stages, predicted {predicted['time_per_minibatch_s'] * 1e3:.2f} ms "
+          f"per microbatch, {predicted.get('throughput_samples_per_s', float('nan')):.0f} samples/s")
+    for s in planned.stages:
+        print(f"  stage {s.stage_id}: {len(s.nodes)} nodes ({s.nodes[0]}..{s.nodes[-1]}), ranks {list(s.ranks)}")
     if last_rank is not None:
         losses = [(int(r["step"]), float(r["loss"])) for r in metrics[last_rank] if r.get("loss")]
         if losses:
