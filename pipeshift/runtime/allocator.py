@@ -12,8 +12,9 @@ The mmap threshold stops at 32 MiB (glibc's own ceiling for its adaptive thresho
 above it — a big model's vocabulary matrices and their gradients, Adam's moments for them —
 still get their own mappings and go back to the OS when freed. Kept in the heap, such blocks
 fragment it: the next step's allocations do not fit the holes they leave and the heap grows
-instead (``benchmarks/bench_memory.py``: the end ranks of a 405M-parameter GPT, whose 206 MB
-vocabulary matrices were kept in the heap, peaked 0.3–0.5 GB higher than with the cap).
+instead (one process training an end stage of ``benchmarks/bench_memory.py``'s GPT — its 206 MB
+embedding and six blocks, fused Adam, 4 microbatches — peaked at 2.73 GB with a 1 GB threshold
+and 2.59 GB with the cap; the runtime README has the whole benchmark).
 
 It is process-wide, so the train command applies it at start-up (``--no-malloc-tuning`` opts
 out) and the benchmark applies it to every contender alike.
