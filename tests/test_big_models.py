@@ -214,6 +214,47 @@ def test_a_resuming_rank_hashes_and_reads_only_its_own_stage_files(loaded_run, t
         ckpt.choose(root, lambda m: ckpt.files_for(m, set(held["stage1.pt"]), 1))
 
 
+def test_ranks_agree_on_an_older_checkpoint_when_only_one_finds_its_file_damaged(tmp_path):
+    """Rank 0 checks only stage0.pt, which is intact; rank 1 finds stage1.pt damaged: both resume from step 1."""
+    h.package(tmp_path, [6], [[0], [1]])
+    common = ["--microbatches", "2", "--optimizer", "adam", "--checkpoint-every", "1"]
+    code, out = h.launch(tmp_path, 2, ["--steps", "2", *common])
+    assert code == 0, out
+    (tmp_path / "ck" / "step-00000002" / "stage1.pt").write_bytes(b"damaged")
+    code, out = h.launch(tmp_path, 2, ["--steps", "3", "--resume", *common])
+    assert code == 0, out
+    assert "stage1.pt" in out and "previous intact checkpoint step-00000001" in out
+    h.assert_same_weights(h.final_weights(tmp_path / "ck"), _reference_from(None, 3, 2))
+
+
+def test_adam_steps_in_place_by_default_and_matches_the_per_parameter_step():
+    """--optimizer adam takes torch's fused step (no parameter-sized temporaries) unless told otherwise."""
+    import argparse
+
+    from pipeshift.runtime.cli import optimizer_factory
+
+    def made(*optim_args: str) -> torch.optim.Optimizer:
+        args = argparse.Namespace(optimizer="adam", lr=0.01, momentum=None, weight_decay=None,
+                                  optim_arg=list(optim_args))
+        return optimizer_factory(args)([nn.Parameter(torch.zeros(2))])
+
+    assert made().defaults["fused"] is True and not made("fused=False").defaults["fused"]
+    torch.manual_seed(0)
+    model = nn.Linear(8, 4)
+    twin = nn.Linear(8, 4)
+    twin.load_state_dict(model.state_dict())
+    args = argparse.Namespace(optimizer="adam", lr=0.01, momentum=None, weight_decay=None, optim_arg=[])
+    ours, theirs = optimizer_factory(args)(list(model.parameters())), torch.optim.Adam(twin.parameters(), lr=0.01)
+    for _ in range(5):
+        x = torch.randn(3, 8)
+        for m, opt in ((model, ours), (twin, theirs)):
+            m(x).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(a, b, atol=1e-6) and not torch.equal(a, torch.zeros_like(a))
+
+
 def test_export_picks_the_format_from_the_output_and_round_trips(loaded_run, tmp_path, capsys):
     from safetensors.torch import load_file
 
