@@ -17,11 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchmarks.bench_serve import Served
+from benchmarks.common import Spread, load_average, markdown_table, sh
 
-from benchmarks.bench_serve import Served  # noqa: E402
-from benchmarks.common import Spread, load_average, markdown_table, sh  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 PY = sys.executable
 

@@ -25,14 +25,13 @@ import time
 import tracemalloc
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from pipeshift.errors import PipeshiftError
+from pipeshift.graph import Graph, Node, read_graph_txt
+from pipeshift.optimizer.planner import PlanOptions, make_plan, planning_graph
+from pipeshift.optimizer.states import TooManyStates, all_downsets, pipedream_states
+from pipeshift.optimizer.topology import Level, Topology
 
-from pipeshift.errors import PipeshiftError  # noqa: E402
-from pipeshift.graph import Graph, Node, read_graph_txt  # noqa: E402
-from pipeshift.optimizer.planner import PlanOptions, make_plan, planning_graph  # noqa: E402
-from pipeshift.optimizer.states import TooManyStates, all_downsets, pipedream_states  # noqa: E402
-from pipeshift.optimizer.topology import Level, Topology  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 PROFILES = REPO.parent / "shared" / "pipedream-profiles"
 GNMT16_PIPEDREAM_S = 91.0  # issue #4: PipeDream's optimizer, GNMT on 16 workers, on these machines

@@ -42,12 +42,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from benchmarks.common import RunnableSampler, Spread, fmt_gap, load_average, markdown_table, relative_gap  # noqa: E402
-from pipeshift.optimizer.simulator import SimStage, simulate, stages_from_plan  # noqa: E402
-from pipeshift.plan import parse_plan  # noqa: E402
+from benchmarks.common import RunnableSampler, Spread, fmt_gap, load_average, markdown_table, relative_gap
+from pipeshift.optimizer.simulator import SimStage, simulate, stages_from_plan
+from pipeshift.plan import parse_plan
+
+REPO = Path(__file__).resolve().parents[1]
 
 TARGET = 0.10  # the relative gap we aim to stay under
 SCHEDULE = "flush"

@@ -41,10 +41,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from pipeshift.runtime.distributed import free_port
 
-from pipeshift.runtime.distributed import free_port  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 PY = sys.executable
 

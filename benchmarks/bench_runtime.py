@@ -35,12 +35,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from pipeshift.runtime.allocator import keep_freed_memory  # noqa: E402
-from pipeshift.runtime.distributed import free_port  # noqa: E402
-from pipeshift.runtime.pipeline import Pipeline  # noqa: E402
+from pipeshift.runtime.allocator import keep_freed_memory
+from pipeshift.runtime.distributed import free_port
+from pipeshift.runtime.pipeline import Pipeline
+
+REPO = Path(__file__).resolve().parents[1]
 
 PIPELINED = ("pipeshift flush", "pipeshift 1f1b", "pipelining GPipe", "pipelining 1F1B")
 

@@ -33,11 +33,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchmarks.common import Spread, load_average, markdown_table, sh
+from pipeshift.serve.loadtest import load
 
-from benchmarks.common import Spread, load_average, markdown_table, sh  # noqa: E402
-from pipeshift.serve.loadtest import load  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 PY = sys.executable
 

@@ -38,10 +38,10 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from benchmarks.common import Spread, load_average, markdown_table, sh  # noqa: E402
+from benchmarks.common import Spread, load_average, markdown_table, sh
+
+REPO = Path(__file__).resolve().parents[1]
 
 PY = sys.executable
 

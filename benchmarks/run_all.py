@@ -33,12 +33,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.common import load_average, markdown_table
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO / "benchmarks"
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from benchmarks.common import load_average, markdown_table  # noqa: E402
 
 # The sections issue 8 asks for, in report order: benchmark file stem -> section title.
 SECTIONS = {
@@ -134,7 +132,9 @@ def tail(text: str, lines: int = STDERR_TAIL) -> str:
 
 def run_benchmark(path: Path, quick: bool, timeout_s: float, log_dir: Path | None = None) -> Outcome:
     """Run one benchmark in its own process group, so a timeout also ends what it started."""
-    cmd = [sys.executable, str(path.relative_to(REPO) if path.is_relative_to(REPO) else path)]
+    # ours run as modules of the benchmarks package (they import benchmarks.common); others as scripts
+    ours = path.resolve().parent == BENCH_DIR.resolve()
+    cmd = [sys.executable, "-m", f"benchmarks.{path.stem}"] if ours else [sys.executable, str(path)]
     if quick:
         cmd.append("--quick")
     load_before = load_average()
