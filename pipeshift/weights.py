@@ -161,17 +161,44 @@ def _sharded(root: Path, index: Path) -> WeightSource:
     return WeightSource(root, files, "safetensors")
 
 
+class _CheckpointSource(WeightSource):
+    """A pipeshift checkpoint whose meta.json says which stage file holds which FQN.
+
+    Each stage file is hashed against meta.json when first read, so a rank that loads its own
+    stages reads (and checks) only their files, not the whole model.
+    """
+
+    def __init__(self, path: Path, files: Mapping[str, Path], meta: Mapping[str, Any]):
+        super().__init__(path, files, "torch")
+        self._meta = meta
+
+    def _handle(self, path: Path) -> Any:
+        if path not in self._open:
+            from pipeshift.runtime import checkpoint as ckpt
+
+            ckpt.verify(self.path, self._meta, {path.name})  # damaged weights must not become a starting point
+        return super()._handle(path)
+
+
 def _pipeshift_checkpoint(root: Path) -> WeightSource:
     from pipeshift.runtime import checkpoint as ckpt
 
     where = ckpt.resolve(root)
     meta = ckpt.read_meta(where)
-    ckpt.verify(where, meta)  # damaged weights must not become a run's starting point
+    recorded = meta.get("stage_keys")
+    names = [f"stage{s}.pt" for s in range(meta["num_stages"])]
     files: dict[str, Path] = {}
-    for s in range(meta["num_stages"]):
-        path = where / f"stage{s}.pt"
-        for key in _torch_state(path):
-            files.setdefault(key, path)
+    if isinstance(recorded, dict) and set(recorded) == set(names) and all(
+            isinstance(v, list) and all(isinstance(k, str) for k in v) for v in recorded.values()):
+        ckpt.verify(where, meta, set())  # every file is there; each is hashed when a rank first reads it
+        for name in names:
+            for key in recorded[name]:
+                files.setdefault(key, where / name)
+        return _CheckpointSource(where, files, meta)
+    ckpt.verify(where, meta)  # an older checkpoint: its keys are only known by opening every file
+    for name in names:
+        for key in _torch_state(where / name):
+            files.setdefault(key, where / name)
     return WeightSource(where, files, "torch")
 
 

@@ -214,6 +214,29 @@ def test_a_resuming_rank_hashes_and_reads_only_its_own_stage_files(loaded_run, t
         ckpt.choose(root, lambda m: ckpt.files_for(m, set(held["stage1.pt"]), 1))
 
 
+def test_init_from_a_checkpoint_hashes_and_reads_only_the_files_a_rank_loads(loaded_run, tmp_path, monkeypatch):
+    import shutil
+
+    workdir, _ = loaded_run
+    root = tmp_path / "ck"
+    shutil.copytree(workdir / "ck", root)
+    where = ckpt.resolve(root)
+    held = ckpt.read_meta(where)["stage_keys"]
+    final = h.final_weights(root)
+    hashed: list[str] = []
+    real = ckpt.sha256_file
+    monkeypatch.setattr(ckpt, "sha256_file", lambda f: hashed.append(f.name) or real(f))
+    (where / "stage1.pt").write_bytes(b"damaged")
+    source = open_weights(root)  # knows every key from meta.json, opens no stage file
+    assert source.keys() == set(final) and hashed == []
+    first = sorted(held["stage0.pt"])
+    for key in first:
+        assert torch.equal(source.get(key), final[key])
+    assert hashed == ["stage0.pt"]  # once, before its first read
+    with pytest.raises(PipeshiftError, match="stage1.pt.*SHA-256"):
+        source.get(held["stage1.pt"][0])
+
+
 def test_ranks_agree_on_an_older_checkpoint_when_only_one_finds_its_file_damaged(tmp_path):
     """Rank 0 checks only stage0.pt, which is intact; rank 1 finds stage1.pt damaged: both resume from step 1."""
     h.package(tmp_path, [6], [[0], [1]])
