@@ -1,4 +1,4 @@
-"""What the load generator costs: `python benchmarks/bench_loadgen.py [--requests N]`.
+"""What the load generator costs: `python -m benchmarks.bench_loadgen [--requests N]`.
 
 ``pipeshift loadtest`` runs on the cores of the server it measures, so every CPU second it spends
 per request is one the server does not get. This serves a small MLP in one process and sends the

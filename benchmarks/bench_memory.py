@@ -1,7 +1,7 @@
 """Memory of a model bigger than one worker: per-rank peak against prediction, a forced repartition, the per-node profiler.
 
-    python benchmarks/bench_memory.py            # ~400M-parameter GPT (fp32, Adam), 4 local ranks
-    python benchmarks/bench_memory.py --quick    # a ~30M-parameter one, to try the script
+    python -m benchmarks.bench_memory            # ~400M-parameter GPT (fp32, Adam), 4 local ranks
+    python -m benchmarks.bench_memory --quick    # a ~30M-parameter one, to try the script
 
 The whole path a user of a too-big model runs: ``pipeshift profile --materialize per-node``
 (the profiler's peak resident memory, above a process that only imported torch and pipeshift,

@@ -1,4 +1,4 @@
-"""The policy on a noisy machine: `python benchmarks/bench_noisy.py [--quick]`.
+"""The policy on a noisy machine: `python -m benchmarks.bench_noisy [--quick]`.
 
 A background process takes one core on and off (busy for ``--on`` seconds, idle for ``--off``,
 pinned to the last core, killed when the run ends) while two ranks train the zoo MLP with

@@ -1,4 +1,4 @@
-"""Planner speed and quality: `python benchmarks/bench_planner.py [--quick]`.
+"""Planner speed and quality: `python -m benchmarks.bench_planner [--quick]`.
 
 Prints markdown tables:
 

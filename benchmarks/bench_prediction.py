@@ -1,4 +1,4 @@
-"""Predicted against measured: `python benchmarks/bench_prediction.py [--quick]`.
+"""Predicted against measured: `python -m benchmarks.bench_prediction [--quick]`.
 
 PipeDream's users found its predicted stage times and throughput far from what training then
 measured (PipeDream issue #50). This benchmark runs pipeshift's whole chain on zoo models, the

@@ -1,4 +1,4 @@
-"""Repartitioning while training: `python benchmarks/bench_repartition.py [--quick]`.
+"""Repartitioning while training: `python -m benchmarks.bench_repartition [--quick]`.
 
 Two measurements, printed as markdown tables (medians with min–max over repeats; nothing is
 asserted — it reports):

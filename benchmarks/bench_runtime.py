@@ -1,4 +1,4 @@
-"""Runtime throughput: `python benchmarks/bench_runtime.py [--quick]`.
+"""Runtime throughput: `python -m benchmarks.bench_runtime [--quick]`.
 
 Two pipeline stages on two ranks (gloo, one thread each — this machine has two cores), each an
 MLP block sized so that its forward + backward takes ``--stage-ms`` per microbatch. On the

@@ -1,4 +1,4 @@
-"""Serving throughput and tail latency: `python benchmarks/bench_serve.py [--quick]`.
+"""Serving throughput and tail latency: `python -m benchmarks.bench_serve [--quick]`.
 
 One model (the zoo MLP, ``--width`` × ``--depth``), profiled and planned with
 ``pipeshift plan --objective serve``, served four ways with the same front end and the same

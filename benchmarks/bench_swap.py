@@ -1,4 +1,4 @@
-"""Swapping models in and out of one set of serving ranks: `python benchmarks/bench_swap.py [--quick]`.
+"""Swapping models in and out of one set of serving ranks: `python -m benchmarks.bench_swap [--quick]`.
 
 Two measurements through ``pipeshift serve --model … --max-loaded 1`` (the real server, its
 front end and its ranks), each bounded:

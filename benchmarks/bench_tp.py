@@ -1,4 +1,4 @@
-"""Tensor parallelism on this machine: `python benchmarks/bench_tp.py [--quick]`.
+"""Tensor parallelism on this machine: `python -m benchmarks.bench_tp [--quick]`.
 
 Two measurements (gloo on CPU, one thread per rank; nothing is asserted, it reports):
 

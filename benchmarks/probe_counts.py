@@ -1,6 +1,6 @@
 """Count the hostile-input probe's outcomes per category, for this checkout or another one.
 
-``python benchmarks/probe_counts.py [--tree DIR] [--limit S] [--only ID …]`` runs every probe of
+``python -m benchmarks.probe_counts [--tree DIR] [--limit S] [--only ID …]`` runs every probe of
 ``tests/probes.py`` in its own subprocess against the pipeshift in ``--tree`` (default: this
 checkout), so a hang (over ``--limit`` seconds) or a crash counts as what it is, and prints
 one row per category: inputs tried, clean errors, tracebacks, hangs, silent acceptances, code
