@@ -93,13 +93,15 @@ class TieSync:
             if stage_id not in stages:
                 continue
             found: list[torch.nn.Parameter] = []
-            for fqn, held in tie.items():
-                if stage_id in held:
-                    if fqn not in params:
-                        raise PipeshiftError(f"stage {stage_id} should hold the tied parameter {fqn!r}, but its "
-                                             "modules have no parameter of that name")
-                    if all(params[fqn] is not p for p in found):
-                        found.append(params[fqn])
+            names = [fqn for fqn, held in tie.items() if stage_id in held]
+            for fqn in names:
+                # a stage lists a tensor once, under its first name: T5's encoder and decoder
+                # embeddings on one stage are one entry, the other name its alias
+                if fqn in params and all(params[fqn] is not p for p in found):
+                    found.append(params[fqn])
+            if not found:
+                raise PipeshiftError(f"stage {stage_id} should hold the tied parameter {names[0]!r}, but its "
+                                     "modules have no parameter of that name")
             if len(found) > 1:
                 raise PipeshiftError(f"stage {stage_id} holds the tied parameter {next(iter(tie))!r} as "
                                      f"{len(found)} different tensors")
