@@ -330,6 +330,15 @@ def test_gpt2_tied_head_trains_as_one_parameter_and_exports_once(gpt2, tmp_path:
     assert fresh.lm_head.weight is fresh.transformer.wte.weight
 
 
+def test_gpt2_trains_at_a_sequence_length_it_was_not_profiled_at(gpt2, tmp_path: Path) -> None:
+    """Profiled on windows of SEQ tokens, trained on 3 x SEQ: nothing in the stages fixes the length."""
+    longer = [f"seq_len={3 * SEQ}" if f == f"seq_len={SEQ}" else f for f in gpt2["flags"]]
+    assert longer != gpt2["flags"]
+    prepared = {**gpt2, "flags": longer}
+    results = flush_train(prepared, tmp_path, gpt2["stages2"], "--eval-steps", "2")
+    check_trained(prepared, tmp_path, gpt2["stages2"], results)
+
+
 def test_gpt2_plan_counts_the_tie_on_both_holders_and_charges_its_all_reduce(gpt2) -> None:
     prof = json.loads((gpt2["root"] / "prof" / "profile.json").read_text())
     holders = {m["fqn"] for m in prof["nodes"].values() if "transformer.wte.weight" in m.get("shared_parameters", {})}
