@@ -31,7 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_repartition import PY, jsonl, rate, sh, step_times, summary, train
+from benchmarks.bench_repartition import PY, jsonl, rate, sh, step_times, summary, train
 
 NOISE = """
 import os, sys, time

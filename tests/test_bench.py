@@ -251,3 +251,16 @@ def test_runnable_sampler_counts_a_busy_process():
         spinner.wait(timeout=10)
     assert len(s.samples) >= 5
     assert min(s.samples) >= 1  # the spinner is always runnable; the sampler does not count itself
+
+
+def test_every_benchmark_imports_as_a_module_of_the_package():
+    """`python -m benchmarks.NAME` is how they run: a sibling import that only works as a script fails here."""
+    import subprocess
+
+    root = Path(run_all.__file__).resolve().parent
+    names = sorted(p.stem for p in root.glob("*.py") if p.stem != "__init__")
+    code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module('benchmarks.' + name)\n"
+    proc = subprocess.run([sys.executable, "-c", code, *names], cwd=root.parent, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "bench_noisy" in names and "run_all" in names
