@@ -145,3 +145,16 @@ def assert_close(got, want: torch.Tensor, tol: float = 1e-6) -> None:
     assert got.shape == want.shape, (got.shape, want.shape)
     err = float((got - want).abs().max()) if want.numel() else 0.0
     assert err <= tol, f"max abs error {err:.3g} > {tol:g}"
+
+
+def assert_concurrent_predictions_equal(server: Server, model, inputs_of, cases, tol: float = 1e-6,
+                                        clients: int = 4) -> None:
+    """``cases`` sent by ``clients`` threads at once: every answer 200 and equal to ``model`` on its input."""
+    import concurrent.futures as cf
+
+    with cf.ThreadPoolExecutor(clients) as pool:
+        answers = list(pool.map(lambda c: server.predict(inputs_of(*c)), cases))
+    for case, r in zip(cases, answers):
+        assert r.status_code == 200, r.text
+        with torch.no_grad():
+            assert_close(r.json()["outputs"][0], model(inputs_of(*case)), tol=tol)

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from pipeshift.serve import wire
-from serve_helpers import GPT, Server, assert_close, graph_nodes, graph_txt, package, plan_doc, reference
+from serve_helpers import GPT, Server, assert_close, assert_concurrent_predictions_equal, graph_nodes, graph_txt, package, plan_doc, reference
 
 pytestmark = pytest.mark.timeout(400)
 MAX_BATCH = 4
@@ -220,13 +220,7 @@ def test_metrics_parse(three):
 
 def test_two_stages_and_switches_under_load(two, model, nodes):
     check_outputs(two, model)  # 8 batches: the switch comes at batch 12, during the load below
-    cases = [(1 + i % 3, (5, 9)[i % 2], 200 + i) for i in range(60)]
-    with cf.ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(lambda c: two.predict(tokens(*c)), cases))
-    for (n, length, seed), r in zip(cases, answers):
-        assert r.status_code == 200, r.text
-        with torch.no_grad():
-            assert_close(r.json()["outputs"][0], model(tokens(n, length, seed)))
+    assert_concurrent_predictions_equal(two, model, tokens, [(1 + i % 3, (5, 9)[i % 2], 200 + i) for i in range(60)])
     from prometheus_client.parser import text_string_to_metric_families
 
     def switches() -> float:
@@ -237,13 +231,8 @@ def test_two_stages_and_switches_under_load(two, model, nodes):
     # keep a bounded load on until the policy has moved layers off the slowed rank
     deadline, seed = time.monotonic() + 120, 1000
     while "repartitioned (policy)" not in two.log() and time.monotonic() < deadline:
-        cases = [(1 + i % 2, 6, seed + i) for i in range(8)]
+        assert_concurrent_predictions_equal(two, model, tokens, [(1 + i % 2, 6, seed + i) for i in range(8)])
         seed += 8
-        with cf.ThreadPoolExecutor(4) as pool:
-            for (n, length, s), r in zip(cases, pool.map(lambda c: two.predict(tokens(*c)), cases)):
-                assert r.status_code == 200, r.text
-                with torch.no_grad():
-                    assert_close(r.json()["outputs"][0], model(tokens(n, length, s)))
     assert "repartitioned (policy)" in two.log(), two.log()[-3000:]
     decisions = [json.loads(line) for line in (two.workdir / "policy.jsonl").read_text().splitlines()]
     moved = [d for d in decisions if d.get("repartition")]

@@ -10,7 +10,6 @@ sharded. One server launch; a hard timeout.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import os
 import sys
 
@@ -20,7 +19,7 @@ import torch
 import tp_helpers as H
 from helpers import REPO
 from pipeshift.spec import ModelSpec
-from serve_helpers import Server, assert_close
+from serve_helpers import Server, assert_close, assert_concurrent_predictions_equal
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.timeout(900)
@@ -54,12 +53,7 @@ def test_tp_stages_served_sharded_equal_the_unsplit_model(served) -> None:
     assert "stage 0 replica 0 runs on TP group [0, 1] (degree 2): sharded 7 modules" in log, log[-3000:]
     assert "stage 1 replica 0 runs on TP group [2, 3] (degree 2): sharded 8 modules" in log, log[-3000:]
     cases = [(1 + i % 4, (5, 8)[i % 2], 300 + i) for i in range(10)]
-    with cf.ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(lambda c: server.predict(tokens(*c)), cases))
-    for (n, length, seed), r in zip(cases, answers):
-        assert r.status_code == 200, r.text
-        with torch.no_grad():
-            assert_close(r.json()["outputs"][0], model(tokens(n, length, seed)), tol=1e-5)
+    assert_concurrent_predictions_equal(server, model, tokens, cases, tol=1e-5)
     # a batch the model rejects (a token outside the vocabulary) is answered, and the group stays in step
     bad = server.predict(torch.full((1, 4), 10_000))
     assert bad.status_code == 400 and "stage 0" in bad.text, bad.text
