@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 
-from benchmarks.common import Spread, load_average, markdown_table, sh
+from benchmarks.common import Spread, at_once, load_average, markdown_table, sh
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,10 +124,36 @@ def swap_times(server: Server, big: str, small: str, swaps: int) -> tuple[list[f
     return times, per_rank
 
 
+def _copy(start, out, n_bytes: int, repeats: int) -> None:
+    """Copy ``n_bytes`` from a host tensor into a fresh one, as a swap-in does; the fastest repeat's seconds."""
+    import torch
+
+    torch.set_num_threads(1)
+    src = torch.ones(n_bytes // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        start.wait()
+        t0 = time.perf_counter()
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+        del dst
+    out.put(best)
+
+
+def copy_ceiling(n_bytes: int, ranks: int, repeats: int = 3) -> float:
+    """Seconds for ``ranks`` processes to copy ``n_bytes / ranks`` each at once (the slowest one).
+
+    The same allocation and copy as every rank's swap-in, with nothing of pipeshift around it:
+    what S ranks of this machine can do at best, so the swap-in's ratio reads against it.
+    """
+    return max(at_once(_copy, (n_bytes // ranks, repeats), ranks))
+
+
 def part_stages(work: Path, args: argparse.Namespace) -> tuple[list[list[str]], list[str]]:
     big = packages(work, "big", args.width, args.depth, args.stages)
     small = packages(work, "small", 16, 4, args.stages)
-    rows, commands, one = [], [], None
+    rows, commands, one, one_machine = [], [], None, 1.0
     for s in args.stages:
         server = Server(work, {"big": big[s], "small": small[s]}, s, ["--max-loaded", "1"], f"stages{s}")
         try:
@@ -138,11 +164,14 @@ def part_stages(work: Path, args: argparse.Namespace) -> tuple[list[list[str]], 
             server.close()
         spread = Spread.of(times)
         rank_s = Spread.of([max(d.values()) for d in per_rank])
+        machine = copy_ceiling(int(gb * 1e9), s)
         one = spread.median if s == 1 else one
+        one_machine = machine if s == 1 else one_machine
         ratio = spread.median / one if one else None
         rows.append([str(s), f"{gb:.2f}", spread.format(lambda x: f"{x * 1000:.0f}"),
                      rank_s.format(lambda x: f"{x * 1000:.0f}"), f"{gb / spread.median:.2f}",
-                     f"{ratio:.2f}" if ratio else "–", f"{1.3 / s:.2f}"])
+                     f"{ratio:.2f}" if ratio else "–", f"{1.3 / s:.2f}", f"{machine * 1000:.0f}",
+                     f"{machine / one_machine:.2f}"])
     return rows, commands
 
 
@@ -234,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
               f"(--max-loaded 1, alternating with a tiny model; {args.swaps} swap-ins each; load average "
               f"{load_before:.1f} before, {load_average():.1f} after)\n")
         print(markdown_table(["stages (ranks)", "GB", "swap-in ms, median (min–max)", "slowest rank's copy ms",
-                              "GB/s", "vs 1 stage", "goal ≤ 1.3/S"], rows, right=range(1, 7)))
+                              "GB/s", "vs 1 stage", "goal ≤ 1.3/S", "machine: S processes copying GB/S each, ms",
+                              "machine vs 1 process"], rows, right=range(1, 9)))
         print("\nCommands (in the work directory):\n")
         for cmd in commands:
             print(f"* `{cmd}`")

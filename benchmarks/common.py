@@ -154,3 +154,26 @@ def sh(cmd: list[str], cwd: Path) -> None:
     """Run one set-up step, echoing it so a benchmark's report shows how its inputs were made."""
     print(f"    $ {shlex.join(cmd)}", file=sys.stderr, flush=True)
     subprocess.run(cmd, cwd=cwd, check=True, stdout=subprocess.DEVNULL)
+
+
+def at_once(target: Callable[..., None], args: Sequence[Any], k: int, timeout_s: float = 300.0) -> list[Any]:
+    """Run ``target(start, out, *args)`` in ``k`` fresh processes started together; their results.
+
+    Each process sets itself up, waits on ``start`` (a barrier) and puts one result on ``out``:
+    what ``k`` workers of this machine deliver at the same time, with no pipeshift in between.
+    ``target`` must be importable (a module-level function: the processes are spawned).
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    start, out = ctx.Barrier(k), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(start, out, *args)) for _ in range(k)]
+    for proc in procs:
+        proc.start()
+    try:
+        return [out.get(timeout=timeout_s) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()

@@ -137,6 +137,80 @@ def test_one_answer_per_request_in_process():
             assert a[0].reason
 
 
+def _batch_sizes(config, arrivals: list[float]) -> list[int]:
+    """Run the engine alone on a stage that takes 0.3 s a batch; the batch sizes it was given."""
+    import threading
+
+    from torch import nn
+
+    from pipeshift.serve.frontend import Frontend, Request
+    from pipeshift.serve.worker import StageWorker
+
+    sizes: list[int] = []
+
+    class Slow(nn.Module):
+        def forward(self, x):
+            sizes.append(int(x.shape[0]))
+            time.sleep(0.3)
+            return 2 * x
+
+    entries = [(Slow(), ["input0"], ["node1"]), (nn.Identity(), ["node1", "target"], ["loss"])]
+    mailbox = wire.Mailbox()
+    worker = StageWorker(0, entries, [0, 0], {0: [0]}, frontend=0, link=wire.Link(0, mailbox, 10.0, str),
+                         device=torch.device("cpu"), timeout_s=10.0)
+    engine = Frontend(0, 1, worker, mailbox, config)
+    answers: list = []
+    engine.start()
+    dispatcher = threading.Thread(target=engine.run, daemon=True)
+    dispatcher.start()
+    try:
+        t0 = time.monotonic()
+        for i, at in enumerate(arrivals):
+            time.sleep(max(0.0, t0 + at - time.monotonic()))
+            engine.submit(Request([torch.full((1, 3), float(i))], 10.0, answers.append))
+        deadline = time.monotonic() + 20
+        while len(answers) < len(arrivals) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+        dispatcher.join(timeout=10)
+        engine.shutdown_ranks()
+    assert [a.status for a in answers] == [200] * len(arrivals)
+    return sizes
+
+
+def test_a_batch_fills_up_while_every_stage_is_busy():
+    """With a batch in flight on the only stage, later requests wait to fill one batch, not queue small ones."""
+    from pipeshift.serve.frontend import Config
+
+    arrivals = [0.0, 0.05, 0.08, 0.11, 0.14]
+    common = dict(max_batch=4, max_delay_s=0.0, queue_size=16, inflight=2, timeout_s=10.0, ping_interval_s=0.05)
+    # the rule: a short batch goes out only while fewer than one batch is in flight
+    assert _batch_sizes(Config(**common, partial_below=1), arrivals) == [1, 4]
+    # without it the spare slot sends request 1 alone the moment it arrives
+    assert _batch_sizes(Config(**common, partial_below=0), arrivals) == [1, 1, 3]
+    # a batch that cannot fill goes out when the stage comes back, not later
+    assert _batch_sizes(Config(**common, partial_below=1), arrivals[:3]) == [1, 2]
+
+
+def test_json_bodies_parse_and_answer_as_the_standard_library_does():
+    """orjson (when installed) is a fast path only: same values, same refusals, non-finite outputs unchanged."""
+    import json
+
+    from pipeshift.serve import http
+
+    for body in [b'{"inputs": [[[1.5, -2e-7, 3]]]}', b'{"inputs": [[NaN, Infinity]]}',
+                 b'{"inputs": [[123456789012345678901234567890]]}', "{\"t\": \"\u00e9\"}".encode()]:
+        assert repr(http.loads(body)) == repr(json.loads(body))
+    for bad in [b"{not json", b"\xff\xfe"]:
+        with pytest.raises((ValueError, UnicodeDecodeError)):
+            http.loads(bad)
+    outputs = {"outputs": [torch.tensor([[0.1, -2.5e-8, 3.0]]).tolist()]}
+    assert json.loads(http.json_response(outputs).body) == outputs
+    with pytest.raises(ValueError):  # Starlette refuses a non-finite float; orjson must not turn it into null
+        http.json_response({"outputs": [[float("nan")]]})
+
+
 def test_three_stages_equal_the_unsplit_model(three, model):
     check_outputs(three, model)
     # concurrent requests of mixed sizes and lengths, batched together where they match

@@ -68,7 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-delay-ms", type=float, default=5.0,
                    help="wait at most this long after a batch's first request for more (default %(default)s)")
     g.add_argument("--queue", type=int, default=64, help="requests waiting at most; more get 503 (default %(default)s)")
-    g.add_argument("--inflight", type=int, default=None, help="batches in the pipeline at once (default: 2 x stage ranks)")
+    g.add_argument("--inflight", type=int, default=None, help="batches in the pipeline at once (default: one per stage rank and one more, which fills up "
+                   "before it is sent)")
     g = p.add_argument_group("repartitioning while serving (needs a package written by `pipeshift codegen`)")
     g.add_argument("--allow-repartition", action="store_true",
                    help="keep every layer on every rank so that POST /v1/admin/repartition can switch plans")
@@ -434,7 +435,7 @@ def _output_shapes(pkg, example) -> list | None:
 
 
 def _frontend(args, info, pkg, bundle, worker, mailbox, who, policy) -> int:
-    from pipeshift.serve.frontend import Config, Frontend
+    from pipeshift.serve.frontend import Config, Frontend, default_inflight
     from pipeshift.serve.http import build_app
     from pipeshift.serve.metrics import ServeMetrics
 
@@ -446,8 +447,9 @@ def _frontend(args, info, pkg, bundle, worker, mailbox, who, policy) -> int:
         # Python threads a little; under load it gave the two-stage pipeline 132-176 req/s against
         # 93-113 (one process: no change). A front end of its own (--frontend-rank) avoids the issue.
         sys.setswitchinterval(STAGE_SWITCH_INTERVAL_S)
+    inflight, partial_below = (args.inflight, 0) if args.inflight else default_inflight(len(stage_ranks))
     cfg = Config(max_batch=args.max_batch, max_delay_s=args.max_delay_ms / 1000.0, queue_size=args.queue,
-                 inflight=args.inflight or 2 * len(stage_ranks), timeout_s=args.timeout)
+                 inflight=inflight, partial_below=partial_below, timeout_s=args.timeout)
     frontend = Frontend(info.rank, info.world_size, worker, mailbox, cfg, who=who)
     frontend.forced = _forced(args.repartition_at)
     frontend.policy = policy

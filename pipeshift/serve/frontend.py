@@ -43,6 +43,7 @@ from pipeshift.serve.routing import FRONTEND, Routing
 from pipeshift.serve.worker import StageWorker, first_line
 
 READY_WINDOW_S = 5.0
+PARTIAL_POLL_S = 0.0005  # how often a batch waiting to fill checks whether a stage fell idle
 
 
 @dataclasses.dataclass
@@ -90,9 +91,28 @@ class Config:
     max_delay_s: float = 0.005
     queue_size: int = 64
     inflight: int = 4
+    # A batch short of max_batch goes out only while fewer than this many are in flight (a stage is
+    # idle); past that it keeps filling until it is full or a batch comes back. 0: no such wait.
+    partial_below: int = 0
     timeout_s: float = 30.0  # peers
     ping_interval_s: float = 1.0
     exit_grace_s: float = 1.0
+
+
+def default_inflight(stage_ranks: int) -> tuple[int, int]:
+    """``(inflight, partial_below)`` when ``--inflight`` is not given: one batch per stage rank and one more.
+
+    One batch per stage rank keeps every stage busy, but with exactly that many a stage that
+    finishes waits for the answer's round trip (collector, slot, dispatcher) before its next
+    batch; one more hides it. A spare slot alone would let the batcher send a batch as soon as
+    ``--max-delay-ms`` passed, half full, and small batches cost more per sample — so a batch
+    short of ``--max-batch`` goes out only while a stage rank has nothing (fewer than
+    ``stage_ranks`` in flight), and otherwise waits to fill. Measured on the 2-core machine,
+    two-stage pipeline of the zoo MLP (width 1024, depth 32, --max-batch 8) at saturation,
+    before this rule: 316-329 req/s with 2 in flight (8.0 samples a batch), 280-282 with 3 and
+    232-251 with 4 (6.5 a batch).
+    """
+    return stage_ranks + 1, stage_ranks
 
 
 class Frontend:
@@ -235,6 +255,21 @@ class Frontend:
                     n += req.n
                 else:
                     deferred.append(req)
+            while n < cfg.max_batch and self.inflight_batches() >= cfg.partial_below > 0 \
+                    and not self.stopping and self.dead is None:
+                # every stage has a batch: fill this one up rather than queue a small one behind them
+                try:
+                    req = self.queue.get(timeout=PARTIAL_POLL_S)
+                except queue.Empty:
+                    continue
+                if self._expired(req):
+                    continue
+                if req.signature == first.signature and n + req.n <= cfg.max_batch:
+                    batch.append(req)
+                    n += req.n
+                else:
+                    deferred.append(req)
+                    break
             self._held.extend(deferred)
             self._dispatch(batch)
 

@@ -357,7 +357,7 @@ def build_app(frontend, infos: dict[str, Any], metrics):
         if content_type.split(";")[0].strip().lower() in http._SAFETENSORS_TYPES:
             return None
         try:
-            doc = json.loads(body)
+            doc = http.loads(body)
         except (ValueError, UnicodeDecodeError):
             return None  # parse_inputs gives the reason
         return doc.get("model") if isinstance(doc, dict) else None
