@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hmac
 import json
 import re
@@ -135,7 +136,9 @@ async def read_body(request: HTTPRequest, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+@functools.lru_cache(maxsize=None)
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    # once per dtype: making the empty tensor was a tenth of the HTTP thread's time per request
     return torch.empty(0, dtype=dtype).numpy().dtype
 
 
