@@ -57,6 +57,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     g.add_argument("--port", type=int, default=8000, help="port (default %(default)s; 0: any free port)")
     g.add_argument("--port-file", default=None, help="write the port actually bound to this file")
+    g.add_argument("--http", choices=["auto", "h11", "httptools"], default="auto",
+                   help="uvicorn's HTTP parser (default auto: httptools when installed)")
+    g.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
+                   help="uvicorn's event loop (default auto: uvloop when installed)")
     g.add_argument("--token-file", default=None, help=f"file holding the bearer token (default ${TOKEN_ENV})")
     g.add_argument("--name", default=None, help="model name in /v1/models (default: the package directory's)")
     g.add_argument("--max-body-bytes", type=int, default=64 << 20, help="larger bodies get 413 (default 64 MiB)")
@@ -465,11 +469,16 @@ def _frontend(args, info, pkg, bundle, worker, mailbox, who, policy) -> int:
 
 def run_frontend(args, info, frontend, app, what: str) -> int:
     """Serve ``app`` over HTTP while ``frontend`` runs; the exit code once it stopped or failed."""
+    import importlib.util
+
     import uvicorn
 
+    for flag, module in (("--http", args.http), ("--loop", args.loop)):
+        if module not in ("auto", "h11", "asyncio") and importlib.util.find_spec(module) is None:
+            raise PipeshiftError(f"{flag} {module}: {module} is not installed (pip install {module}, or {flag} auto)")
     sock = _listen(args.host, args.port)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                           timeout_keep_alive=30))
+                                           timeout_keep_alive=30, http=args.http, loop=args.loop))
     http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="pipeshift-serve-http", daemon=True)
     frontend.start()
     http.start()
