@@ -6,9 +6,10 @@ Threads, each with one job (the HTTP server runs in a thread of its own, see :mo
   the oldest request, gathers compatible ones (same per-sample shapes and dtypes — no padding)
   until ``max_batch`` samples or ``max_delay_s`` after the first, concatenates them, tells every
   rank of the batch's route about it and sends the raw inputs. Up to ``inflight`` batches are
-  in flight, so every stage works at once. Between batches it carries out repartitions: it
-  stops taking requests (they wait in the queue), lets the in-flight batches finish, sends the
-  plan to every rank and waits for its own stage's switch.
+  in flight, so every stage works at once; while every stage has one, a short batch waits to
+  fill (``partial_below``) rather than follow them half empty. Between batches it carries out
+  repartitions: it stops taking requests (they wait in the queue), lets the in-flight batches
+  finish, sends the plan to every rank and waits for its own stage's switch.
 * **collector**: takes the batches in dispatch order, receives their outputs from the stages
   that make them, cuts them back into requests and answers each.
 * **pinger**: pings every rank every ``ping_interval_s``; a rank's pong (with its counters) is
