@@ -243,11 +243,21 @@ class Frontend:
                         batch.append(req)
                         n += req.n
             until = time.monotonic() + cfg.max_delay_s
+            filling = False  # past the delay with the queue empty, but every stage has a batch
             while n < cfg.max_batch:
+                if filling and not self._every_stage_busy():
+                    break
                 left = until - time.monotonic()
                 try:
-                    req = self.queue.get(timeout=left) if left > 0 else self.queue.get_nowait()
+                    if filling:
+                        req = self.queue.get(timeout=PARTIAL_POLL_S)
+                    else:
+                        req = self.queue.get(timeout=left) if left > 0 else self.queue.get_nowait()
                 except queue.Empty:
+                    if filling or self._every_stage_busy():
+                        # fill this one up rather than queue a small one behind the others
+                        filling = True
+                        continue
                     break
                 if self._expired(req):
                     continue
@@ -256,23 +266,15 @@ class Frontend:
                     n += req.n
                 else:
                     deferred.append(req)
-            while n < cfg.max_batch and self.inflight_batches() >= cfg.partial_below > 0 \
-                    and not self.stopping and self.dead is None:
-                # every stage has a batch: fill this one up rather than queue a small one behind them
-                try:
-                    req = self.queue.get(timeout=PARTIAL_POLL_S)
-                except queue.Empty:
-                    continue
-                if self._expired(req):
-                    continue
-                if req.signature == first.signature and n + req.n <= cfg.max_batch:
-                    batch.append(req)
-                    n += req.n
-                else:
-                    deferred.append(req)
-                    break
+                    if filling:
+                        break
             self._held.extend(deferred)
             self._dispatch(batch)
+
+    def _every_stage_busy(self) -> bool:
+        """Whether a short batch should wait to fill (see ``Config.partial_below``)."""
+        return (self.inflight_batches() >= self.config.partial_below > 0 and not self.stopping
+                and self.dead is None)
 
     def _expired(self, req: Request) -> bool:
         if time.monotonic() < req.deadline:
