@@ -92,41 +92,63 @@ def test_wire_round_trip():
         wire.payload_bytes(torch.zeros(wire.HEADER_LEN, dtype=torch.int64))
 
 
-def test_one_answer_per_request_in_process():
-    """The engine alone (one rank, no processes): 200s, a full queue's 503s, a deadline's 504s — once each."""
+def _engine(config, double) -> tuple:
+    """The engine alone (one rank, no processes) on a one-module stage ``double`` and its dispatcher thread, started."""
     import threading
 
     from torch import nn
 
-    from pipeshift.serve.frontend import Config, Frontend, Request
+    from pipeshift.serve.frontend import Frontend
     from pipeshift.serve.worker import StageWorker
 
-    class Slow(nn.Module):
-        def forward(self, x):
-            time.sleep(0.3)
-            return 2 * x
-
-    entries = [(Slow(), ["input0"], ["node1"]), (nn.Identity(), ["node1", "target"], ["loss"])]
+    entries = [(double, ["input0"], ["node1"]), (nn.Identity(), ["node1", "target"], ["loss"])]
     mailbox = wire.Mailbox()
     worker = StageWorker(0, entries, [0, 0], {0: [0]}, frontend=0, link=wire.Link(0, mailbox, 10.0, str),
                          device=torch.device("cpu"), timeout_s=10.0)
-    engine = Frontend(0, 1, worker, mailbox, Config(max_batch=2, max_delay_s=0.0, queue_size=4, inflight=1,
-                                                    timeout_s=10.0, ping_interval_s=0.05))
-    answers: dict[int, list] = {i: [] for i in range(10)}
-    requests = [Request([torch.full((1, 3), float(i))], 10.0 if i == 0 else 0.15,
-                        lambda outcome, i=i: answers[i].append(outcome)) for i in range(10)]
+    engine = Frontend(0, 1, worker, mailbox, config)
     engine.start()
     dispatcher = threading.Thread(target=engine.run, daemon=True)
     dispatcher.start()
-    for r in requests:
-        engine.submit(r)
-    deadline = time.monotonic() + 30
-    while any(not a for a in answers.values()) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.5)  # a late second answer would show up here
+    return engine, dispatcher
+
+
+def _stop(engine, dispatcher) -> None:
     engine.stop()
     dispatcher.join(timeout=10)
     engine.shutdown_ranks()
+
+
+class _Slow(torch.nn.Module):
+    """Doubles its input after 0.3 s, noting each batch's size."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def forward(self, x):
+        self.sizes.append(int(x.shape[0]))
+        time.sleep(0.3)
+        return 2 * x
+
+
+def test_one_answer_per_request_in_process():
+    """The engine alone (one rank, no processes): 200s, a full queue's 503s, a deadline's 504s — once each."""
+    from pipeshift.serve.frontend import Config, Request
+
+    engine, dispatcher = _engine(Config(max_batch=2, max_delay_s=0.0, queue_size=4, inflight=1, timeout_s=10.0,
+                                        ping_interval_s=0.05), _Slow())
+    answers: dict[int, list] = {i: [] for i in range(10)}
+    requests = [Request([torch.full((1, 3), float(i))], 10.0 if i == 0 else 0.15,
+                        lambda outcome, i=i: answers[i].append(outcome)) for i in range(10)]
+    try:
+        for r in requests:
+            engine.submit(r)
+        deadline = time.monotonic() + 30
+        while any(not a for a in answers.values()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)  # a late second answer would show up here
+    finally:
+        _stop(engine, dispatcher)
     assert all(len(a) == 1 for a in answers.values()), answers
     statuses = {i: a[0].status for i, a in answers.items()}
     assert statuses[0] == 200 and {503, 504} <= set(statuses.values()) <= {200, 503, 504}, statuses
@@ -139,30 +161,11 @@ def test_one_answer_per_request_in_process():
 
 def _batch_sizes(config, arrivals: list[float]) -> list[int]:
     """Run the engine alone on a stage that takes 0.3 s a batch; the batch sizes it was given."""
-    import threading
+    from pipeshift.serve.frontend import Request
 
-    from torch import nn
-
-    from pipeshift.serve.frontend import Frontend, Request
-    from pipeshift.serve.worker import StageWorker
-
-    sizes: list[int] = []
-
-    class Slow(nn.Module):
-        def forward(self, x):
-            sizes.append(int(x.shape[0]))
-            time.sleep(0.3)
-            return 2 * x
-
-    entries = [(Slow(), ["input0"], ["node1"]), (nn.Identity(), ["node1", "target"], ["loss"])]
-    mailbox = wire.Mailbox()
-    worker = StageWorker(0, entries, [0, 0], {0: [0]}, frontend=0, link=wire.Link(0, mailbox, 10.0, str),
-                         device=torch.device("cpu"), timeout_s=10.0)
-    engine = Frontend(0, 1, worker, mailbox, config)
+    slow = _Slow()
+    engine, dispatcher = _engine(config, slow)
     answers: list = []
-    engine.start()
-    dispatcher = threading.Thread(target=engine.run, daemon=True)
-    dispatcher.start()
     try:
         t0 = time.monotonic()
         for i, at in enumerate(arrivals):
@@ -172,11 +175,9 @@ def _batch_sizes(config, arrivals: list[float]) -> list[int]:
         while len(answers) < len(arrivals) and time.monotonic() < deadline:
             time.sleep(0.01)
     finally:
-        engine.stop()
-        dispatcher.join(timeout=10)
-        engine.shutdown_ranks()
+        _stop(engine, dispatcher)
     assert [a.status for a in answers] == [200] * len(arrivals)
-    return sizes
+    return slow.sizes
 
 
 def test_a_batch_fills_up_while_every_stage_is_busy():
