@@ -20,11 +20,10 @@ import time
 import timeit
 from pathlib import Path
 
-from benchmarks.bench_serve import Served
-from benchmarks.common import Spread, load_average, markdown_table, sh
+from benchmarks.bench_serve import Served, mlp_packages
+from benchmarks.common import Spread, load_average, markdown_table
 from pipeshift.serve.loadtest import load
 
-PY = sys.executable
 STACKS = {"h11 + asyncio (pure Python)": ("--http", "h11", "--loop", "asyncio"),
           "httptools + uvloop (default with the serve extra)": ("--http", "auto", "--loop", "auto")}
 
@@ -70,10 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.requests, args.repeats = 1000, 1
     work = Path(tempfile.mkdtemp(prefix="bench-frontend-"))
-    sh([PY, "-m", "pipeshift", "profile", "pipeshift.models:mlp", "--model-arg", "in_features=1024", "--model-arg",
-        "width=64", "--model-arg", "depth=1", "-b", "8", "--threads", "1", "-o", "prof"], work)
-    sh([PY, "-m", "pipeshift", "plan", "prof/graph.txt", "-n", "1", "--objective", "serve", "-q", "-o", "plan"], work)
-    sh([PY, "-m", "pipeshift", "codegen", "plan", "-o", "stages"], work)
+    pkg = mlp_packages(work, in_features=1024, width=64, depth=1, batch=8, plans={"one": ["-n", "1"]})["one"]
     load_before = load_average()
     serving = argparse.Namespace(max_batch=8, max_delay_ms=2.0)
     servers = {}
@@ -82,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     client_cpu: dict[str, list[float]] = {k: [] for k in STACKS}
     try:
         for name, flags in STACKS.items():
-            servers[name] = Served(work, work / "stages", 1, 1, serving, extra=flags)
+            servers[name] = Served(work, pkg, 1, 1, serving, extra=flags)
             load(servers[name].url, concurrency=args.concurrency, requests=200)  # warm-up
         for _ in range(args.repeats):
             for name, served in servers.items():
@@ -117,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(["orjson", "not installed"])
     print(f"\nParsing one request body ({len(body)} bytes, the model's example: 1024 floats), best of 5 × 200:\n")
     print(markdown_table(["parser", "µs per body"], rows, right=(1,)))
-    print(f"\nCommands: `pipeshift serve {work / 'stages'} --local 1 --threads 1 --max-batch 8 --max-delay-ms 2 "
+    print(f"\nCommands: `pipeshift serve {pkg} --local 1 --threads 1 --max-batch 8 --max-delay-ms 2 "
           f"--http h11 --loop asyncio` (and `--http auto --loop auto`), `pipeshift loadtest URL --concurrency "
           f"{args.concurrency} --requests {args.requests}`. Work directory: {work}")
     return 0

@@ -17,12 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.bench_serve import Served
-from benchmarks.common import Spread, load_average, markdown_table, sh
-
-REPO = Path(__file__).resolve().parents[1]
-
-PY = sys.executable
+from benchmarks.bench_serve import Served, mlp_packages
+from benchmarks.common import Spread, load_average, markdown_table
 
 
 async def with_httpx(url: str, body: bytes, n: int, c: int) -> None:
@@ -65,13 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.requests, args.repeats = 200, 1
     work = Path(tempfile.mkdtemp(prefix="bench-loadgen-"))
-    sh([PY, "-m", "pipeshift", "profile", "pipeshift.models:mlp", "--model-arg", "in_features=1024", "--model-arg",
-        "width=1024", "--model-arg", "depth=8", "-b", "8", "--threads", "1", "-o", "prof"], work)
-    sh([PY, "-m", "pipeshift", "plan", "prof/graph.txt", "-n", "1", "--objective", "serve", "-q", "-o", "plan"], work)
-    sh([PY, "-m", "pipeshift", "codegen", "plan", "-o", "stages"], work)
+    pkg = mlp_packages(work, in_features=1024, width=1024, depth=8, batch=8, plans={"one": ["-n", "1"]})["one"]
     load_before = load_average()
     serving = argparse.Namespace(max_batch=8, max_delay_ms=2.0)
-    served = Served(work, work / "stages", 1, 1, serving)
+    served = Served(work, pkg, 1, 1, serving)
     cpu: dict[str, list[float]] = {"httpx": [], "aiohttp": []}
     rate: dict[str, list[float]] = {"httpx": [], "aiohttp": []}
     try:

@@ -47,11 +47,13 @@ REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 
-def prepare(work: Path, args: argparse.Namespace) -> dict[str, Path]:
-    model = ["pipeshift.models:mlp", "--model-arg", f"in_features={args.in_features or args.width}", "--model-arg",
-             f"width={args.width}", "--model-arg", f"depth={args.depth}"]
-    sh([PY, "-m", "pipeshift", "profile", *model, "-b", str(args.max_batch), "--threads", "1", "-o", "prof"], work)
-    plans = {"one": ["-n", "1"], "pipelined": ["-n", "2", "--straight-pipeline"], "replicated": ["-n", "2"]}
+def mlp_packages(work: Path, *, in_features: int, width: int, depth: int, batch: int,
+                 plans: dict[str, list[str]]) -> dict[str, Path]:
+    """Profile the zoo MLP once (one thread, batch ``batch``), then plan for serving and generate a
+    stage package per entry of ``plans`` (name -> ``pipeshift plan`` flags): name -> package."""
+    model = ["pipeshift.models:mlp", "--model-arg", f"in_features={in_features}", "--model-arg", f"width={width}",
+             "--model-arg", f"depth={depth}"]
+    sh([PY, "-m", "pipeshift", "profile", *model, "-b", str(batch), "--threads", "1", "-o", "prof"], work)
     out = {}
     for name, flags in plans.items():
         sh([PY, "-m", "pipeshift", "plan", "prof/graph.txt", *flags, "--objective", "serve", "-q", "-o",
@@ -59,6 +61,12 @@ def prepare(work: Path, args: argparse.Namespace) -> dict[str, Path]:
         sh([PY, "-m", "pipeshift", "codegen", f"plan-{name}", "-o", f"stages-{name}"], work)
         out[name] = work / f"stages-{name}"
     return out
+
+
+def prepare(work: Path, args: argparse.Namespace) -> dict[str, Path]:
+    plans = {"one": ["-n", "1"], "pipelined": ["-n", "2", "--straight-pipeline"], "replicated": ["-n", "2"]}
+    return mlp_packages(work, in_features=args.in_features or args.width, width=args.width, depth=args.depth,
+                        batch=args.max_batch, plans=plans)
 
 
 class Served:
