@@ -72,8 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-delay-ms", type=float, default=5.0,
                    help="wait at most this long after a batch's first request for more (default %(default)s)")
     g.add_argument("--queue", type=int, default=64, help="requests waiting at most; more get 503 (default %(default)s)")
-    g.add_argument("--inflight", type=int, default=None, help="batches in the pipeline at once (default: one per stage rank and one more, which fills up "
-                   "before it is sent)")
+    g.add_argument("--inflight", type=int, default=None,
+                   help="batches in the pipeline at once (default: one per stage rank and one more, which fills "
+                        "up before it is sent)")
     g = p.add_argument_group("repartitioning while serving (needs a package written by `pipeshift codegen`)")
     g.add_argument("--allow-repartition", action="store_true",
                    help="keep every layer on every rank so that POST /v1/admin/repartition can switch plans")

@@ -74,7 +74,7 @@ def json_response(content: Any, status_code: int = 200, headers: dict[str, str] 
     """
     if _orjson is not None:
         try:
-            data = _orjson.dumps(content, option=_orjson.OPT_SERIALIZE_NUMPY)
+            data = _orjson.dumps(content)
         except TypeError:
             data = None
         if data is not None and b"null" not in data:
