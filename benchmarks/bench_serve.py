@@ -1,9 +1,10 @@
 """Serving throughput and tail latency: `python -m benchmarks.bench_serve [--quick]`.
 
-One model (the zoo MLP, ``--width`` × ``--depth``: by default 1024 × 32, about 30 ms per batch
-of 8 on one core, so that the model and not the HTTP work is what there is to split), profiled
-and planned with ``pipeshift plan --objective serve``, served these ways with the same front end
-and the same batching (``--max-batch``, ``--max-delay-ms``):
+One model (the zoo MLP, ``--width`` × ``--depth``: by default 1024 × 32, whose forward costs
+several times a request's HTTP work, so that there is a model to split: the compute ceiling
+below and bench_frontend say how much), profiled and planned with ``pipeshift plan --objective
+serve``, served these ways with the same front end and the same batching (``--max-batch``,
+``--max-delay-ms``):
 
 * **one process, 1 thread** and **one process, 2 threads**: the unsplit model (a one-stage plan,
   ``-n 1``) on one rank;

@@ -108,10 +108,8 @@ def default_inflight(stage_ranks: int) -> tuple[int, int]:
     batch; one more hides it. A spare slot alone would let the batcher send a batch as soon as
     ``--max-delay-ms`` passed, half full, and small batches cost more per sample — so a batch
     short of ``--max-batch`` goes out only while a stage rank has nothing (fewer than
-    ``stage_ranks`` in flight), and otherwise waits to fill. Measured on the 2-core machine,
-    two-stage pipeline of the zoo MLP (width 1024, depth 32, --max-batch 8) at saturation,
-    before this rule: 316-329 req/s with 2 in flight (8.0 samples a batch), 280-282 with 3 and
-    232-251 with 4 (6.5 a batch).
+    ``stage_ranks`` in flight), and otherwise waits to fill. ``benchmarks/bench_serve.py``
+    compares it with plain slots (``--inflight 2``).
     """
     return stage_ranks + 1, stage_ranks
 

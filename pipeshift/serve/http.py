@@ -41,7 +41,7 @@ from pipeshift.serve.frontend import Frontend, Outcome, Request
 
 _SAFETENSORS_TYPES = ("application/octet-stream", "application/x-safetensors", "application/safetensors")
 
-try:  # optional (the ``serve`` extra): parses a request of a thousand floats about ten times faster
+try:  # optional (the ``serve`` extra): parses request bodies faster (benchmarks/bench_frontend.py)
     import orjson as _orjson
 except ImportError:  # pragma: no cover - the extra is installed by the Makefile
     _orjson = None
