@@ -291,9 +291,24 @@ def _serve(args: argparse.Namespace, info) -> int:
                                 source=str(pkg.path / "conf.json"))
         worker = FrontendOnly(info.rank, routing, frontend=args.frontend_rank, link=link)
     if info.rank != args.frontend_rank:
+        freeze_startup_objects()
         worker.run()
         return 0
     return _frontend(args, info, pkg, bundle, worker, mailbox, who, policy)
+
+
+def freeze_startup_objects() -> None:
+    """Exempt what start-up made from the garbage collector's full passes.
+
+    The model, torch and the libraries leave hundreds of thousands of objects that live as long
+    as the process. A full pass walks all of them while holding the interpreter lock, so every
+    thread of this rank, stage and HTTP alike, stalls meanwhile. Frozen, a pass walks only what
+    serving itself allocated since.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 def _exit_with_launcher(rank: int) -> None:
@@ -478,6 +493,7 @@ def run_frontend(args, info, frontend, app, what: str) -> int:
         if module not in ("auto", "h11", "asyncio") and importlib.util.find_spec(module) is None:
             raise PipeshiftError(f"{flag} {module}: {module} is not installed (pip install {module}, or {flag} auto)")
     sock = _listen(args.host, args.port)
+    freeze_startup_objects()
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                            timeout_keep_alive=30, http=args.http, loop=args.loop))
     http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="pipeshift-serve-http", daemon=True)

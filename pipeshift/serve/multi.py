@@ -272,6 +272,9 @@ def serve(args: argparse.Namespace, info) -> int:
     worker = ModelsWorker(info.rank, args.frontend_rank, link, wire.Link(info.rank, mailbox, args.timeout, who),
                           workers, shards, args.timeout, built[0].routing)
     if info.rank != args.frontend_rank:
+        from pipeshift.serve.cli import freeze_startup_objects
+
+        freeze_startup_objects()
         worker.run()
         return 0
     return _frontend(args, info, built, worker, mailbox, who, budgets)
