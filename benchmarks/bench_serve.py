@@ -1,8 +1,9 @@
 """Serving throughput and tail latency: `python -m benchmarks.bench_serve [--quick]`.
 
-One model (the zoo MLP, ``--width`` × ``--depth``: by default 1024 × 32, whose forward costs
-several times a request's HTTP work, so that there is a model to split: the compute ceiling
-below and bench_frontend say how much), profiled and planned with ``pipeshift plan --objective
+One model (``--model``: the zoo MLP, ``--width`` × ``--depth``, by default 1024 × 32, whose forward
+costs several times a request's HTTP work, so that there is a model to split, as the compute
+ceiling below and bench_frontend say; or ``vgg16``, VGG-16 on 32 × 32 images, whose convolutions
+are bound by arithmetic where the MLP's batches of 8 are bound by memory), profiled and planned with ``pipeshift plan --objective
 serve``, served these ways with the same front end and the same batching (``--max-batch``,
 ``--max-delay-ms``):
 
@@ -48,12 +49,10 @@ REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 
-def mlp_packages(work: Path, *, in_features: int, width: int, depth: int, batch: int,
-                 plans: dict[str, list[str]]) -> dict[str, Path]:
-    """Profile the zoo MLP once (one thread, batch ``batch``), then plan for serving and generate a
-    stage package per entry of ``plans`` (name -> ``pipeshift plan`` flags): name -> package."""
-    model = ["pipeshift.models:mlp", "--model-arg", f"in_features={in_features}", "--model-arg", f"width={width}",
-             "--model-arg", f"depth={depth}"]
+def zoo_packages(work: Path, model: list[str], *, batch: int, plans: dict[str, list[str]]) -> dict[str, Path]:
+    """Profile a zoo model (``model``: the spec and its ``--model-arg`` flags) once, one thread,
+    batch ``batch``; then plan for serving and generate a stage package per entry of ``plans``
+    (name -> ``pipeshift plan`` flags): name -> package."""
     sh([PY, "-m", "pipeshift", "profile", *model, "-b", str(batch), "--threads", "1", "-o", "prof"], work)
     out = {}
     for name, flags in plans.items():
@@ -64,10 +63,39 @@ def mlp_packages(work: Path, *, in_features: int, width: int, depth: int, batch:
     return out
 
 
+def mlp_spec(*, in_features: int, width: int, depth: int) -> list[str]:
+    return ["pipeshift.models:mlp", "--model-arg", f"in_features={in_features}", "--model-arg", f"width={width}",
+            "--model-arg", f"depth={depth}"]
+
+
+def mlp_packages(work: Path, *, in_features: int, width: int, depth: int, batch: int,
+                 plans: dict[str, list[str]]) -> dict[str, Path]:
+    """:func:`zoo_packages` of the zoo MLP."""
+    return zoo_packages(work, mlp_spec(in_features=in_features, width=width, depth=depth), batch=batch, plans=plans)
+
+
+# The models --model chooses from: the zoo entry and its size knobs.
+MODELS = {
+    # memory-bound at --max-batch 8: every batch streams 128 MB of weights, whatever its size
+    "mlp": lambda a: ("mlp", {"in_features": a.in_features or a.width, "width": a.width, "depth": a.depth}),
+    # compute-bound: convolutions on 32 x 32 images, a batch's cost grows with its size
+    "vgg16": lambda a: ("vgg16", {"image_size": 32, "num_classes": 10, "hidden": 512}),
+}
+
+
+def model_spec(args: argparse.Namespace) -> list[str]:
+    name, knobs = MODELS[args.model](args)
+    return [f"pipeshift.models:{name}", *[x for k, v in knobs.items() for x in ("--model-arg", f"{k}={v}")]]
+
+
+def describe(args: argparse.Namespace) -> str:
+    name, knobs = MODELS[args.model](args)
+    return f"{name} ({', '.join(f'{k}={v}' for k, v in knobs.items())})"
+
+
 def prepare(work: Path, args: argparse.Namespace) -> dict[str, Path]:
     plans = {"one": ["-n", "1"], "pipelined": ["-n", "2", "--straight-pipeline"], "replicated": ["-n", "2"]}
-    return mlp_packages(work, in_features=args.in_features or args.width, width=args.width, depth=args.depth,
-                        batch=args.max_batch, plans=plans)
+    return zoo_packages(work, model_spec(args), batch=args.max_batch, plans=plans)
 
 
 class Served:
@@ -145,22 +173,23 @@ def measure(servers: list[Served], args: argparse.Namespace) -> list[dict]:
     return out
 
 
-def _forward_loop(start, out, width: int, depth: int, in_features: int, batch: int, seconds: float) -> None:
+def _forward_loop(start, out, name: str, knobs: dict, batch: int, seconds: float) -> None:
     """One process computing the unsplit model's forward on one thread for ``seconds``: samples/s."""
     import torch
 
-    from pipeshift.models.mlp import MLP
+    from pipeshift.models import ZOO
 
     torch.set_num_threads(1)
-    model = MLP(in_features=in_features, width=width, depth=depth, num_classes=10).eval()
-    x = torch.randn(batch, in_features)
+    bundle = ZOO[name](**knobs)
+    model = bundle.model.eval()
+    x = bundle.example_inputs(batch)
     with torch.no_grad():
         for _ in range(3):
-            model(x)
+            model(*x)
         start.wait()
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
-            model(x)
+            model(*x)
             n += batch
     out.put(n / (time.perf_counter() - t0))
 
@@ -172,13 +201,16 @@ def compute_ceiling(args: argparse.Namespace, seconds: float = 4.0) -> dict[int,
     or two ranks. Two processes reach 2x one only on two cores of their own; a virtual machine
     whose two cores share a physical one (or a busy host) gives less, and no pipeline can beat it.
     """
-    shape = (args.width, args.depth, args.in_features or args.width, args.max_batch, seconds)
-    return {k: sum(at_once(_forward_loop, shape, k)) for k in (1, 2)}
+    name, knobs = MODELS[args.model](args)
+    return {k: sum(at_once(_forward_loop, (name, knobs, args.max_batch, seconds), k)) for k in (1, 2)}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer requests, shorter open loops")
+    p.add_argument("--model", choices=sorted(MODELS), default="mlp",
+                   help="the zoo MLP (memory-bound; --width, --depth, --in-features) or VGG-16 on 32 x 32 "
+                        "images (compute-bound); default %(default)s")
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--depth", type=int, default=32)
     p.add_argument("--in-features", type=int, default=None, help="inputs per sample (default: --width)")
@@ -186,12 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-delay-ms", type=float, default=2.0)
     p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--requests", type=int, default=1500)
-    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--requests", type=int, default=None, help="per layout and round (default 1500; vgg16 400)")
+    p.add_argument("--warmup", type=int, default=None, help="per layout (default 200; vgg16 64)")
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
+    slow = args.model == "vgg16"  # a few dozen requests per second: fewer of them take as long
+    args.requests = args.requests or (400 if slow else 1500)
+    args.warmup = args.warmup or (64 if slow else 200)
     if args.quick:
         args.requests, args.warmup, args.duration, args.repeats = 400, 100, 4.0, 1
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-serve-"))
@@ -238,13 +273,18 @@ def main(argv: list[str] | None = None) -> int:
                      Spread.of(ratios).format(lambda x: f"{x:.2f}x"), f"{r['batch']:.1f}",
                      ms(r[0.5].p50_s), ms(r[0.5].p99_s), ms(r[0.9].p50_s), ms(r[0.9].p99_s),
                      f"{r[0.5].p99_s / one_p50:.2f}x" if r[0.5].p99_s and one_p50 else "–"])
-    print(f"MLP width {args.width}, depth {args.depth}; --max-batch {args.max_batch} --max-delay-ms "
+    print(f"{describe(args)}; --max-batch {args.max_batch} --max-delay-ms "
           f"{args.max_delay_ms}; saturation: closed loop of {args.concurrency} clients, {args.requests} requests "
           f"× {args.repeats}; 50 %/90 %: Poisson arrivals for {args.duration:g} s. Load average {load_before:.1f} "
           f"before, {load_average():.1f} after.\n")
     print(markdown_table(["served as", "saturation req/s, median (min–max)", "vs best one-process",
                           "per round: vs that round's best one-process", "samples per batch", "p50 ms @50%", "p99 ms @50%", "p50 ms @90%", "p99 ms @90%",
                           "p99 @50% / one-process p50 @50%"], rows, right=range(1, 10)))
+    pipelined = next((r for label, r in results if label == "pipelined, --local 2"), None)
+    if pipelined is not None and one_p50 and pipelined[0.5].p50_s and pipelined[0.5].p99_s:
+        print(f"\nThe latency goal's ratio, taken apart: the pipelined p50 at 50 % is "
+              f"{pipelined[0.5].p50_s / one_p50:.2f}x the one-process p50, and its own p99 is "
+              f"{pipelined[0.5].p99_s / pipelined[0.5].p50_s:.2f}x its p50; the product is the goal's ratio.")
     print(f"\nCompute ceiling (the model's forward at batch {args.max_batch}, one thread per process, no HTTP): "
           f"one process {ceiling[1]:.0f} samples/s, two at once {ceiling[2]:.0f} samples/s = "
           f"{ceiling[2] / ceiling[1]:.2f}x one. No layout on two ranks can exceed the second figure.")
