@@ -187,8 +187,8 @@ def default_body(base: str, headers: dict[str, str], timeout: float) -> bytes:
 
 
 def _run(main):
-    """Run the generator's event loop: uvloop's when installed (the ``serve`` extra), which spends
-    less CPU per request than asyncio's, on cores the server under test shares."""
+    """Run the generator's event loop on uvloop when installed (the ``serve`` extra), as the server
+    does: the generator shares its cores with the server it measures, and uvloop's loop is compiled."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - the extra is installed by the Makefile
@@ -209,10 +209,10 @@ def load(url: str, *, concurrency: int | None = None, requests: int | None = Non
     headers["Content-Type"] = content_type
     if rate is not None:
         results, seconds = _run(open_loop(base, path, body, headers, rate, duration or 0.0, seed, timeout,
-                                                 max_outstanding))
+                                          max_outstanding))
     else:
         results, seconds = _run(closed_loop(base, path, body, headers, concurrency or 1, requests or 1,
-                                                   timeout))
+                                            timeout))
     results.sort(key=lambda r: r.index)
     return summarise(results, seconds), results
 
