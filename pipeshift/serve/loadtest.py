@@ -193,8 +193,7 @@ def _run(main):
         import uvloop
     except ImportError:  # pragma: no cover - the extra is installed by the Makefile
         return asyncio.run(main)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main)
+    return uvloop.run(main)
 
 
 def load(url: str, *, concurrency: int | None = None, requests: int | None = None, rate: float | None = None,
