@@ -3,9 +3,9 @@
 One model (``--model``: the zoo MLP, ``--width`` × ``--depth``, by default 1024 × 32, whose forward
 costs several times a request's HTTP work, so that there is a model to split, as the compute
 ceiling below and bench_frontend say; or ``vgg16``, VGG-16 on 32 × 32 images, whose convolutions
-are bound by arithmetic where the MLP's batches of 8 are bound by memory), profiled and planned with ``pipeshift plan --objective
-serve``, served these ways with the same front end and the same batching (``--max-batch``,
-``--max-delay-ms``):
+are bound by arithmetic where the MLP's batches of 8 are bound by memory), profiled and planned
+with ``pipeshift plan --objective serve``, served these ways with the same front end and the
+same batching (``--max-batch``, ``--max-delay-ms``):
 
 * **one process, 1 thread** and **one process, 2 threads**: the unsplit model (a one-stage plan,
   ``-n 1``) on one rank;
@@ -63,15 +63,16 @@ def zoo_packages(work: Path, model: list[str], *, batch: int, plans: dict[str, l
     return out
 
 
-def mlp_spec(*, in_features: int, width: int, depth: int) -> list[str]:
-    return ["pipeshift.models:mlp", "--model-arg", f"in_features={in_features}", "--model-arg", f"width={width}",
-            "--model-arg", f"depth={depth}"]
+def zoo_spec(name: str, knobs: dict) -> list[str]:
+    """The ``pipeshift profile`` spec of zoo entry ``name`` with its size knobs."""
+    return [f"pipeshift.models:{name}", *[x for k, v in knobs.items() for x in ("--model-arg", f"{k}={v}")]]
 
 
 def mlp_packages(work: Path, *, in_features: int, width: int, depth: int, batch: int,
                  plans: dict[str, list[str]]) -> dict[str, Path]:
     """:func:`zoo_packages` of the zoo MLP."""
-    return zoo_packages(work, mlp_spec(in_features=in_features, width=width, depth=depth), batch=batch, plans=plans)
+    knobs = {"in_features": in_features, "width": width, "depth": depth}
+    return zoo_packages(work, zoo_spec("mlp", knobs), batch=batch, plans=plans)
 
 
 # The models --model chooses from: the zoo entry and its size knobs.
@@ -83,11 +84,6 @@ MODELS = {
 }
 
 
-def model_spec(args: argparse.Namespace) -> list[str]:
-    name, knobs = MODELS[args.model](args)
-    return [f"pipeshift.models:{name}", *[x for k, v in knobs.items() for x in ("--model-arg", f"{k}={v}")]]
-
-
 def describe(args: argparse.Namespace) -> str:
     name, knobs = MODELS[args.model](args)
     return f"{name} ({', '.join(f'{k}={v}' for k, v in knobs.items())})"
@@ -95,7 +91,7 @@ def describe(args: argparse.Namespace) -> str:
 
 def prepare(work: Path, args: argparse.Namespace) -> dict[str, Path]:
     plans = {"one": ["-n", "1"], "pipelined": ["-n", "2", "--straight-pipeline"], "replicated": ["-n", "2"]}
-    return zoo_packages(work, model_spec(args), batch=args.max_batch, plans=plans)
+    return zoo_packages(work, zoo_spec(*MODELS[args.model](args)), batch=args.max_batch, plans=plans)
 
 
 class Served:
